@@ -1,0 +1,252 @@
+"""Seeded TPE search over the model hyperparameters of an MNIST CNN, repeated over seeds.
+
+    python MNIST-optuna.py                      # the defaults below: about 15 minutes on 2 CPU cores
+    python MNIST-optuna.py --quick              # a smoke run in about a minute
+    python MNIST-optuna.py --seeds 0 1 2 --n-trials 50 --epochs 3 --train-subset all
+
+Each seed gets its own study (<prefix>-seed<N>, TPE seeded with N). Trials are scored on a fixed,
+seeded validation split; the best network is then retrained on train+validation and the test set is
+read once, at the very end.
+"""
+import optuna
+
+import cli
+from cli import check, log
+from data import final_training_set, load_search_data, load_test, resolve_data_dir
+from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, command_line, make_pruner,
+                     make_storage, mean_std, network_of, open_study, params_lines, prepare_out_dir,
+                     print_trial_lines, run_trial, state_counts, write_json, write_trials_csv)
+from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, resolve_device,
+                      retrain_and_test)
+
+# ---- study -------------------------------------------------------------------
+SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
+N_TRIALS = 6                  # trials per seed (per worker, when several share a study)
+N_STARTUP_TRIALS = 3          # random trials before TPE models the space
+PRUNER = "hyperband"          # hyperband | median | none (steps are epochs)
+STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
+STUDY_PREFIX = "mnist-cnn"    # studies are named <prefix>-seed<N>
+# ---- data ----------------------------------------------------------------------
+DATA_DIR = None               # None: $MNIST_DATA_DIR, else ./data (holds MNIST/raw/)
+VAL_SIZE = 10_000             # validation images, a stratified seeded draw from the 60,000
+TRAIN_SUBSET = 10_000         # training images per trial (stratified); None: all 50,000 left
+SPLIT_SEED = 0                # the validation split and subset; the same for every seed's study
+# ---- training of each trial (optimization hyperparameters, fixed here) ----------
+EPOCHS = 3                    # epochs per trial; the pruner's steps
+BATCH_SIZE = 128              # images per step
+LR = 3e-3                     # peak learning rate (one-cycle)
+OPTIMIZER = "adamw"           # adam | adamw | sgd
+WEIGHT_DECAY = 5e-4           # L2 through the optimizer
+SCHEDULE = "onecycle"         # none | cosine | onecycle
+# ---- search space (model hyperparameters) -------------------------------------
+CONV_LAYERS = 4               # conv blocks: conv -> BN -> LeakyReLU, as in the original skeleton
+POOL_AFTER = [2, 4]           # 2x2 max-pool after these conv blocks (1-based)
+CONV_FILTERS = (16, 48, 16)   # (low, high, step) for every conv layer
+KERNEL_SIZES = [3, 5]         # choices for every conv layer
+SLOPE = (1e-3, 0.2)           # LeakyReLU negative slope range per conv layer (log scale)
+BATCH_NORM = [True]           # choices; [True, False] lets the search decide
+DROPOUT = (0.0, 0.5)          # dropout range in the FC head (never before a BatchNorm)
+FC_WIDTH = (64, 256, 64)      # (low, high, step) of the one hidden FC layer
+# ---- final model -------------------------------------------------------------
+FINAL_EPOCHS = 8              # retrain of the overall best on train+validation
+FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
+DEVICE = "auto"               # auto | cpu | cuda | mps
+DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
+OUT_DIR = None                # None: a new timestamped folder under runs/
+
+QUICK = dict(seeds=[0, 1], n_trials=2, n_startup_trials=2, epochs=1, train_subset=5000, val_size=2000,
+             batch_size=64, conv_filters=(8, 16, 8), fc_width=(32, 64, 32), final_epochs=1, final_subset=10000)
+
+
+def build_parser():
+    p = cli.Parser(__doc__)
+    a = p.add_argument
+    a("--quick", action="store_true", help="smoke-run preset: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    a("--seeds", type=cli.nonneg_int, nargs="+", default=SEEDS, help="one study per seed")
+    a("--n-trials", type=cli.positive_int, default=N_TRIALS, help="trials per seed")
+    a("--n-startup-trials", type=cli.nonneg_int, default=N_STARTUP_TRIALS, help="random trials before TPE")
+    a("--pruner", choices=PRUNERS, default=PRUNER)
+    a("--storage", default=STORAGE, help="journal file path or database URL")
+    a("--study-prefix", default=STUDY_PREFIX)
+    a("--data-dir", default=DATA_DIR, help="folder holding MNIST/raw/")
+    a("--val-size", type=cli.positive_int, default=VAL_SIZE)
+    a("--train-subset", type=cli.optional_positive_int, default=TRAIN_SUBSET, help="'all' for every image")
+    a("--split-seed", type=cli.nonneg_int, default=SPLIT_SEED)
+    a("--epochs", type=cli.positive_int, default=EPOCHS)
+    a("--batch-size", type=cli.positive_int, default=BATCH_SIZE)
+    a("--lr", type=cli.positive_float, default=LR)
+    a("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER)
+    a("--weight-decay", type=cli.nonneg_float, default=WEIGHT_DECAY)
+    a("--schedule", choices=SCHEDULES, default=SCHEDULE)
+    a("--conv-layers", type=cli.positive_int, default=CONV_LAYERS)
+    a("--pool-after", type=cli.positive_int, nargs="*", default=POOL_AFTER)
+    a("--conv-filters", type=cli.positive_int, nargs=3, default=CONV_FILTERS, metavar=("LOW", "HIGH", "STEP"))
+    a("--kernel-sizes", type=cli.positive_int, nargs="+", default=KERNEL_SIZES)
+    a("--slope", type=cli.positive_float, nargs=2, default=SLOPE, metavar=("LOW", "HIGH"))
+    a("--batch-norm", type=_bool, nargs="+", default=BATCH_NORM, help="choices among true/false")
+    a("--dropout", type=cli.fraction, nargs=2, default=DROPOUT, metavar=("LOW", "HIGH"))
+    a("--fc-width", type=cli.positive_int, nargs=3, default=FC_WIDTH, metavar=("LOW", "HIGH", "STEP"))
+    a("--final-epochs", type=cli.positive_int, default=FINAL_EPOCHS)
+    a("--final-subset", type=cli.optional_positive_int, default=FINAL_SUBSET, help="'all' for every image")
+    a("--no-final", action="store_true", help="stop after the search summary")
+    a("--device", default=DEVICE, help="auto | cpu | cuda | mps")
+    a("--no-deterministic", dest="deterministic", action="store_false", default=DETERMINISTIC)
+    a("--out-dir", default=OUT_DIR)
+    a("--verbose", action="store_true")
+    a("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def _bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise cli.argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def validate(args):
+    """Checks across flags, before any work starts."""
+    low, high, step = args.conv_filters
+    check(low <= high, f"--conv-filters: low {low} is above high {high}")
+    low, high, step = args.fc_width
+    check(low <= high, f"--fc-width: low {low} is above high {high}")
+    check(args.slope[0] <= args.slope[1], "--slope: low is above high")
+    check(args.dropout[0] <= args.dropout[1], "--dropout: low is above high")
+    check(all(k % 2 == 1 for k in args.kernel_sizes), "--kernel-sizes must be odd (for 'same' padding)")
+    check(all(1 <= p <= args.conv_layers for p in args.pool_after),
+          f"--pool-after names conv blocks 1..{args.conv_layers}")
+    check(len(args.pool_after) <= 4, "--pool-after: at most 4 pools fit a 28x28 image")
+    check(len(set(args.seeds)) == len(args.seeds), "--seeds: each seed once")
+    check(args.train_subset is None or args.train_subset + args.val_size <= 60_000,
+          f"--train-subset {args.train_subset} + --val-size {args.val_size} exceed the 60,000 training images")
+    check(args.final_subset is None or args.final_subset <= 60_000,
+          f"--final-subset {args.final_subset} exceeds the 60,000 training images")
+    check(not (args.verbose and args.quiet), "--verbose and --quiet exclude each other")
+
+
+def suggest_model(trial, args):
+    """The explicit skeleton; only the numbers inside it are searched."""
+    low, high, step = args.conv_filters
+    conv = []
+    for i in range(1, args.conv_layers + 1):
+        conv.append({
+            "channels": trial.suggest_int(f"conv{i}_filters", low, high, step=step),
+            "kernel": _choice(trial, f"conv{i}_kernel", args.kernel_sizes),
+            "slope": trial.suggest_float(f"conv{i}_slope", *args.slope, log=True),
+            "batch_norm": _choice(trial, "batch_norm", args.batch_norm),
+            "pool": i in args.pool_after,
+        })
+    low, high, step = args.fc_width
+    return {"conv": conv, "fc": [trial.suggest_int("fc_width", low, high, step=step)],
+            "dropout": trial.suggest_float("dropout", *args.dropout), "num_classes": 10}
+
+
+def _choice(trial, name, choices):
+    """A categorical only when there is a choice, so a fixed value does not clutter the study."""
+    return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
+
+
+def train_config(args, epochs):
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       weight_decay=args.weight_decay, schedule=args.schedule)
+
+
+def make_objective(args, data, study_seed):
+    def objective(trial):
+        seed = derive_seed(study_seed, trial.number)
+        return run_trial(trial, suggest_model(trial, args), train_config(args, args.epochs), data, seed)
+    return objective
+
+
+def summarise(args, studies, out_dir, wall):
+    """Print the summary block; return (best trial, its seed, summary dict)."""
+    print("\n==== summary ====")
+    per_seed, all_trials, best, best_seed = {}, [], None, None
+    for seed, study in studies:
+        trial = best_or_none(study)
+        all_trials += study.trials
+        if trial is None:
+            print(f"seed {seed}: no complete trial")
+            continue
+        per_seed[seed] = {"value": trial.value, "trial": trial.number, "params": trial.params}
+        print(f"seed {seed}: best val {100 * trial.value:.2f} %  trial {trial.number}  {network_of(trial)}")
+        if best is None or trial.value > best.value:
+            best, best_seed = trial, seed
+    counts = state_counts(all_trials)
+    mean, std = mean_std([v["value"] for v in per_seed.values()])
+    print(f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed")
+    if per_seed:
+        print(f"per-seed best: {100 * mean:.2f} ± {100 * std:.2f} % over {len(per_seed)} seeds")
+    if best is not None:
+        print(f"best trial: val {100 * best.value:.2f} %  seed {best_seed}  trial {best.number}  {network_of(best)}")
+        print("\n".join(params_lines(best.params)))
+    print(f"search wall time: {wall:.1f} s")
+    summary = {"seeds": per_seed, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
+               "best": None if best is None else {"seed": best_seed, "trial": best.number, "value": best.value,
+                                                 "params": best.params},
+               "search_seconds": wall, "command": command_line(), "out_dir": str(out_dir)}
+    write_trials_csv(out_dir / "trials.csv", [("seed", seed, study) for seed, study in studies])
+    if best is not None:
+        write_json(out_dir / "best_params.json", best_params_payload(best, study_seed=best_seed))
+    write_json(out_dir / "summary.json", summary)
+    return best, summary
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_with_preset(argv, "--quick", QUICK)
+    cli.setup_logging(args.verbose, args.quiet)
+    validate(args)
+    device = resolve_device(args.device, args.deterministic)
+    make_pruner(args.pruner, args.epochs)  # unknown names fail here, before any work
+    out_dir = prepare_out_dir(args.out_dir)
+    storage = make_storage(args.storage, out_dir)
+    write_json(out_dir / "config.json", {**vars(args), "command": command_line()})
+    data_dir = resolve_data_dir(args.data_dir)
+    log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
+    data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
+    log.info(f"train {len(data.train_y)} / validation {len(data.val_y)} images; "
+             f"{len(args.seeds)} seeds x {args.n_trials} trials x {args.epochs} epochs")
+
+    clock, studies, interrupted = Stopwatch(), [], False
+    for seed in args.seeds:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
+        study = open_study(f"{args.study_prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, args.epochs))
+        studies.append((seed, study))
+        try:
+            study.optimize(make_objective(args, data, seed), n_trials=args.n_trials, catch=CATCH,
+                           callbacks=[print_trial_lines(f"seed {seed}  ")])
+        except KeyboardInterrupt:
+            interrupted = True
+            break
+    best, summary = summarise(args, studies, out_dir, clock.seconds())
+    if interrupted:
+        print(f"interrupted: finished trials are kept in the storage; rerun the same command with "
+              f"--out-dir {out_dir} to resume")
+        return 130
+    if best is None:
+        print("no trial completed, so there is nothing to retrain")
+        return 1
+    if args.no_final:
+        return 0
+
+    final_cfg = TrainConfig.from_dict({**best.user_attrs["train"], "epochs": args.final_epochs})
+    seed = best.user_attrs["seed"]
+    x, y = final_training_set(data, args.final_subset, seed)
+    log.info(f"\nretraining the best network on {len(y)} train+validation images for {args.final_epochs} epochs")
+    _, history, test_accuracy, seconds = retrain_and_test(
+        best.user_attrs["model"], final_cfg, x, y, seed,
+        test=lambda: load_test(data_dir, device, data.mean, data.std), checkpoint=out_dir / "model.pt",
+        meta={"val_accuracy": best.value, "command": command_line(), "study_seed": summary["best"]["seed"],
+              "trial": best.number, "augment": False})
+    print(f"test accuracy: {100 * test_accuracy:.2f} %   (final training {seconds:.0f} s, {len(y)} images)")
+    write_json(out_dir / "summary.json", {**summary, "test_accuracy": test_accuracy, "final_history": history,
+                                          "final_seconds": seconds})
+    print(f"results: {out_dir}/  (best_params.json, trials.csv, model.pt, summary.json)")
+    print(f"reproduce: {command_line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

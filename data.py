@@ -1,0 +1,225 @@
+"""MNIST on the device: read once, validate, normalise once, split with a seed, batch by slicing."""
+import hashlib
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# sha256 of the canonical MNIST files; anything else is a user's own MNIST-format data set.
+CANONICAL_SHA256 = {
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+IMAGE_SIDE = 28
+NUM_CLASSES = 10
+EVAL_BATCH = 2000
+
+
+class DataError(UserError):
+    """Data that cannot be used; the message is one line that says what to do."""
+
+
+def resolve_data_dir(flag_value):
+    """--data-dir, else $MNIST_DATA_DIR, else ./data (the torchvision root that holds MNIST/raw/)."""
+    return Path(flag_value or os.environ.get("MNIST_DATA_DIR") or "data")
+
+
+def raw_folder(data_dir):
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def _download(data_dir):
+    import torchvision  # only needed here; the hot path never touches torchvision
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        for train in (True, False):
+            torchvision.datasets.MNIST(str(data_dir), train=train, download=True)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def ensure_files(data_dir):
+    """Make sure the four IDX files exist (downloading when the network allows) and are sound."""
+    raw = raw_folder(data_dir)
+    names = [name for pair in FILES.values() for name in pair]
+    if any(not (raw / name).is_file() for name in names):
+        try:
+            _download(data_dir)
+        except Exception as error:  # any failure to fetch becomes the same actionable line
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(
+                f"MNIST not found in {raw}/ (expected {', '.join(names)}) and the download failed "
+                f"({reason}); put the files there or pass --data-dir / set MNIST_DATA_DIR"
+            ) from None
+    for split, (images, labels) in FILES.items():
+        n_images = check_idx(raw / images, IMAGE_MAGIC)
+        n_labels = check_idx(raw / labels, LABEL_MAGIC)
+        if n_images != n_labels:
+            raise DataError(f"{raw / images} holds {n_images} images but {raw / labels} holds {n_labels} labels; "
+                            "restore matching files")
+    for name in names:
+        if sha256(raw / name) != CANONICAL_SHA256[name]:
+            print(f"warning: {raw / name} is not the canonical MNIST file; using it as an MNIST-format data set",
+                  file=sys.stderr)
+    return raw
+
+
+def check_idx(path, magic):
+    """Validate an IDX header against the file size; return the item count."""
+    size = path.stat().st_size
+    header_len = 16 if magic == IMAGE_MAGIC else 8
+    if size < header_len:
+        raise DataError(f"{path} is truncated ({size} bytes); replace it with a complete MNIST file")
+    header = np.fromfile(path, dtype=">u4", count=header_len // 4)
+    if int(header[0]) != magic:
+        raise DataError(f"{path} has magic number {int(header[0])}, expected {magic}; it is not an MNIST IDX "
+                        "file of this kind, replace it")
+    count = int(header[1])
+    if magic == IMAGE_MAGIC:
+        rows, cols = int(header[2]), int(header[3])
+        if (rows, cols) != (IMAGE_SIDE, IMAGE_SIDE):
+            raise DataError(f"{path} holds {rows}x{cols} images; only 28x28 images are supported")
+        expected = header_len + count * rows * cols
+    else:
+        expected = header_len + count
+    if size != expected:
+        raise DataError(f"{path} is {size} bytes but its header promises {count} items ({expected} bytes); "
+                        "the file is truncated or corrupt, replace it")
+    return count
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(data_dir, split):
+    """uint8 images [N, 28, 28] and int64 labels [N] of 'train' or 'test', read by torchvision."""
+    import torchvision
+
+    try:
+        dataset = torchvision.datasets.MNIST(str(data_dir), train=(split == "train"), download=False)
+    except Exception as error:
+        raise DataError(f"cannot read MNIST {split} files in {raw_folder(data_dir)} ({error}); replace them") from None
+    labels = dataset.targets.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(f"MNIST {split} labels in {raw_folder(data_dir)} fall outside 0..9; replace the label file")
+    return dataset.data, labels
+
+
+def stratified_take(labels, size, seed):
+    """Indices of `size` items drawn per class in proportion to the class counts, and the rest.
+
+    The same labels and seed always give the same two index sets, sorted, disjoint, covering everything.
+    """
+    labels = np.asarray(labels)
+    if not 0 <= size <= len(labels):
+        raise DataError(f"cannot take {size} of {len(labels)} images; choose a size from 0 to {len(labels)}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / len(labels)
+    quota = np.floor(exact).astype(int)
+    # hand the leftover items to the classes with the largest remainders (ties by class order)
+    leftover = size - quota.sum()
+    quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
+    taken = []
+    for cls, n in zip(classes, quota):
+        members = np.flatnonzero(labels == cls)
+        taken.append(rng.permutation(members)[:n])
+    taken = np.sort(np.concatenate(taken))
+    rest = np.setdiff1d(np.arange(len(labels)), taken, assume_unique=True)
+    return taken, rest
+
+
+@dataclass
+class SearchData:
+    """Device tensors for a search: normalised images [N, 1, 28, 28] float32 and int64 labels."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    mean: float
+    std: float
+    train_indices: np.ndarray  # positions in the 60,000 training images, for the record
+    val_indices: np.ndarray
+
+
+def normalise(images, mean, std, device):
+    x = images.to(device=device, dtype=torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std).unsqueeze(1).contiguous()
+
+
+def load_search_data(data_dir, device, val_size, train_subset=None, split_seed=0):
+    """The seeded stratified train/validation split, on the device. The test set is not touched."""
+    ensure_files(data_dir)
+    images, labels = read_split(data_dir, "train")
+    if val_size >= len(labels):
+        raise DataError(f"--val-size {val_size} leaves no training images out of {len(labels)}; "
+                        f"choose fewer than {len(labels)}")
+    val_idx, train_idx = stratified_take(labels.numpy(), val_size, split_seed)
+    if train_subset is not None:
+        if train_subset > len(train_idx):
+            raise DataError(f"--train-subset {train_subset} is larger than the {len(train_idx)} training images "
+                            f"left after validation; choose at most {len(train_idx)}")
+        # a second stream so the subset does not depend on how the validation draw consumed the first
+        picked, _ = stratified_take(labels.numpy()[train_idx], train_subset, split_seed + 1_000_003)
+        train_idx = train_idx[picked]
+    # statistics of the training file only, so the test set never shapes the inputs
+    pixels = images.float().div_(255.0)
+    mean, std = pixels.mean().item(), pixels.std().item()
+    x = normalise(images, mean, std, device)
+    y = labels.to(device)
+    t_idx, v_idx = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
+    return SearchData(x[t_idx], y[t_idx], x[v_idx], y[v_idx], mean, std, train_idx, val_idx)
+
+
+def final_training_set(data, size=None, seed=0):
+    """Train + validation (optionally a stratified subset of it) for the retrain of the best config."""
+    x = torch.cat([data.train_x, data.val_x])
+    y = torch.cat([data.train_y, data.val_y])
+    if size is not None and size < len(y):
+        picked, _ = stratified_take(y.cpu().numpy(), size, seed)
+        index = torch.from_numpy(picked).to(y.device)
+        x, y = x[index], y[index]
+    return x, y
+
+
+def load_test(data_dir, device, mean, std):
+    """The test set, normalised with the training statistics. Read only after the search is over."""
+    ensure_files(data_dir)
+    images, labels = read_split(data_dir, "test")
+    return normalise(images, mean, std, device), labels.to(device)
+
+
+def batches(x, y, batch_size, generator=None, drop_last=True):
+    """Mini-batches by slicing a seeded permutation (no permutation without a generator)."""
+    n = len(y)
+    if generator is None:
+        order = None
+    else:
+        order = torch.randperm(n, generator=generator).to(y.device)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        else:
+            index = order[start:start + batch_size]
+            yield x[index], y[index]

@@ -1,0 +1,271 @@
+"""Optuna plumbing shared by both scripts: storage, samplers, pruners, the trial runner, summaries, results.
+
+Training itself lives in training.py; this module only wires a trial to it (report, prune, record why
+a trial stopped) and writes what a run produced.
+"""
+import datetime
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from cli import log
+from errors import UserError
+from models import build_model, describe
+from training import Divergence, TrainConfig, seed_everything, train
+
+PRUNERS = ("hyperband", "median", "none")
+JOURNAL_NAME = "study.journal"
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed dead
+GRACE_SECONDS = 90
+MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
+
+
+# ---- output folder and storage ----------------------------------------------
+
+def prepare_out_dir(out_dir, root="runs"):
+    """The run folder: a new timestamped one under `root`, or the given one.
+
+    An existing folder is reused only when an earlier run of this project made it (so the study in it
+    resumes); any other non-empty folder is refused rather than overwritten.
+    """
+    if out_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path(root) / stamp
+        suffix = 1
+        while out_dir.exists():
+            out_dir = Path(root) / f"{stamp}-{suffix}"
+            suffix += 1
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file; pass a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise UserError(f"--out-dir {out_dir} exists and was not made by this tool; "
+                        "choose a new folder so nothing in it is overwritten")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --out-dir {out_dir} ({error.strerror}); choose a writable folder") from None
+    return out_dir
+
+
+def storage_kind(spec):
+    """'journal' for a file path (or the default), 'rdb' for a database URL; unknown schemes are refused."""
+    if spec is None:
+        return "journal"
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    if not match:
+        return "journal"
+    scheme = match.group(1).split("+")[0].lower()
+    if scheme not in RDB_SCHEMES:
+        raise UserError(f"--storage scheme {match.group(1)!r} is not supported; use a file path (journal), "
+                        "sqlite:///PATH, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
+    return "rdb"
+
+
+def make_storage(spec, out_dir):
+    """An Optuna storage from --storage: None -> a journal file in the run folder; a path -> a journal
+    file (several processes on one machine); a URL -> an RDB (many machines), with heartbeats so a
+    killed worker's trial is marked failed and retried by a live one."""
+    kind = storage_kind(spec)
+    if kind == "journal":
+        path = Path(spec) if spec else Path(out_dir) / JOURNAL_NAME
+        if path.is_dir():
+            raise UserError(f"--storage {path} is a folder; pass a file path for a journal, or a database URL")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            backend = optuna.storages.journal.JournalFileBackend(str(path))
+        except OSError as error:
+            raise UserError(f"cannot open journal file {path} ({error}); pass a writable path") from None
+        return optuna.storages.JournalStorage(backend)
+    try:
+        return optuna.storages.RDBStorage(
+            spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+    except ImportError as error:
+        raise UserError(f"the database driver for {spec.split(':')[0]} is missing ({error}); "
+                        "pip install -r requirements.txt") from None
+    except Exception as error:  # SQLAlchemy raises many kinds; all mean the URL cannot be used
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
+
+
+def make_pruner(name, epochs, n_startup_trials=2, n_warmup_steps=0, interval_steps=1):
+    """hyperband | median | none, in units of reported steps (epochs unless reporting is finer)."""
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps,
+                                           interval_steps=interval_steps)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise UserError(f"pruner {name!r} is unknown; choose one of {', '.join(PRUNERS)}")
+
+
+def open_study(name, storage, sampler, pruner):
+    """Create the study or join/resume the existing one of that name."""
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+# ---- one trial ----------------------------------------------------------------
+
+def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1):
+    """Train the trial's network, report validation accuracy, prune; return the last validation accuracy.
+
+    A diverged loss prunes the trial and an out-of-memory fails it, each with its reason in the
+    trial's user attributes, so the study goes on.
+    """
+    trial.set_user_attr("model", model_config)
+    trial.set_user_attr("train", train_cfg.to_dict())
+    trial.set_user_attr("seed", seed)
+    seed_everything(seed)
+    model = build_model(model_config).to(data.train_x.device)
+
+    def on_report(step, val_accuracy):
+        trial.report(val_accuracy, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} with validation accuracy {val_accuracy:.4f}")
+
+    try:
+        history = train(model, data.train_x, data.train_y, train_cfg, seed, val=(data.val_x, data.val_y),
+                        on_report=on_report, reports_per_epoch=reports_per_epoch)
+    except Divergence as error:
+        trial.set_user_attr("reason", f"diverged: {error}")
+        raise optuna.TrialPruned(str(error)) from None
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        trial.set_user_attr("reason", f"out of memory: {str(error).splitlines()[0] if str(error) else ''}")
+        raise
+    finally:
+        del model
+        release_memory()
+    return history[-1]["val_accuracy"]
+
+
+def release_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+CATCH = (torch.OutOfMemoryError, MemoryError)  # fail the trial, keep the study going
+
+
+# ---- printing -------------------------------------------------------------------
+
+def network_of(trial):
+    model = trial.user_attrs.get("model")
+    return describe(model) + f" drop {model['dropout']:.2f}" if model else "?"
+
+
+def trial_line(trial, label=""):
+    seconds = trial.duration.total_seconds() if trial.duration else float("nan")
+    value = f"val {100 * trial.value:6.2f} %" if trial.value is not None else " " * 12
+    last = max(trial.intermediate_values) if trial.intermediate_values else None
+    where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
+    reason = f"  [{trial.user_attrs['reason']}]" if "reason" in trial.user_attrs else ""
+    return (f"{label}trial {trial.number:3d}  {trial.state.name:8s}{where:10s} {value}  {network_of(trial)}"
+            f"  {seconds:6.1f} s{reason}")
+
+
+def print_trial_lines(label=""):
+    """An Optuna callback that prints one line per finished trial."""
+    def callback(study, trial):
+        log.info(trial_line(trial, label))
+    return callback
+
+
+def state_counts(trials):
+    return {state: sum(t.state == getattr(TrialState, state.upper()) for t in trials)
+            for state in ("complete", "pruned", "fail")}
+
+
+def best_or_none(study):
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    return max(completed, key=lambda t: t.value) if completed else None
+
+
+def params_lines(params, indent="    "):
+    return [f"{indent}{key}: {value}" for key, value in params.items()]
+
+
+def mean_std(values):
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# ---- results files ------------------------------------------------------------
+
+def write_atomic(path, text):
+    """Write text to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, payload):
+    write_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (datetime.datetime, datetime.timedelta)):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def trials_table(studies):
+    """Optuna's trials_dataframe for each (label, study) with the label column first, as one table."""
+    import pandas as pd
+
+    frames = []
+    for label, value, study in studies:
+        frame = study.trials_dataframe()
+        frame.insert(0, label, value)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_trials_csv(path, studies):
+    write_atomic(path, trials_table(studies).to_csv(index=False))
+
+
+def best_params_payload(trial, **extra):
+    """Everything needed to rebuild and retrain the best network, with nothing else."""
+    return {"value": trial.value, "trial": trial.number, "params": trial.params,
+            "model": trial.user_attrs["model"], "train": trial.user_attrs["train"],
+            "seed": trial.user_attrs.get("seed"), **extra}
+
+
+def command_line():
+    return " ".join([Path(sys.executable).name] + sys.argv)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def seconds(self):
+        return time.perf_counter() - self.started
+
+
+def train_config_from(values):
+    try:
+        return TrainConfig.from_dict(values)
+    except TypeError as error:
+        raise UserError(f"bad training settings ({error})") from None

@@ -1,0 +1,250 @@
+"""The one train/evaluate loop, optimizers, L1/L2, LR schedules, seeding, device choice, checkpoints."""
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from data import EVAL_BATCH, batches
+from errors import UserError
+from models import build_model
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "onecycle")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and regularization hyperparameters of one training run."""
+    epochs: int = 3
+    batch_size: int = 128
+    optimizer: str = "adamw"      # adam | adamw | sgd (with momentum)
+    lr: float = 3e-3              # peak learning rate for one-cycle
+    momentum: float = 0.9         # SGD only
+    weight_decay: float = 5e-4    # L2, through the optimizer
+    l1: float = 0.0               # explicit L1 penalty over weights, added to the loss
+    schedule: str = "onecycle"    # none | cosine | onecycle
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("epochs and batch size must be at least 1")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.l1 >= 0 and 0 <= self.label_smoothing < 1):
+            raise UserError("need lr > 0, weight decay >= 0, L1 >= 0 and label smoothing in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Divergence(Exception):
+    """The loss became NaN or infinite."""
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts):
+    """A well-mixed 31-bit seed from integers (for example a study seed and a trial number)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def resolve_device(name, deterministic=True):
+    """torch.device for auto|cpu|cuda|mps, with deterministic kernels unless the user opts out."""
+    if name not in DEVICES:
+        raise UserError(f"--device {name!r} is unknown; choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    if name == "cuda":
+        # cuBLAS needs this set before its first use to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    return torch.device(name)
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def l1_penalty(model):
+    """Sum of |w| over the weights of conv and linear layers (not biases, not norm parameters)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(w.abs().sum() for w in weights)
+
+
+def make_optimizer(model, cfg):
+    params = model.parameters()
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=0.25, anneal_strategy="linear")
+    return None
+
+
+def _autocast(device):
+    # bf16 on CUDA halves memory traffic with no loss scaling; CPU and MPS stay in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        device.type, enabled=False)
+
+
+def _channels_last(device):
+    return device.type == "cuda"
+
+
+@torch.no_grad()
+def predict_logits(model, x, batch_size=EVAL_BATCH):
+    model.eval()
+    device = x.device
+    outputs = []
+    for xb, _ in batches(x, x, batch_size, drop_last=False):
+        if _channels_last(device):
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            outputs.append(model(xb).float())
+    return torch.cat(outputs)
+
+
+def evaluate(model, x, y, batch_size=EVAL_BATCH):
+    """Accuracy in [0, 1]."""
+    return (predict_logits(model, x, batch_size).argmax(1) == y).float().mean().item()
+
+
+def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1):
+    """Train `model` on (x, y); evaluate on `val` (x, y) `reports_per_epoch` times per epoch.
+
+    on_report(step, val_accuracy) is called after each evaluation, step counting from 1; it may raise
+    to stop training (the scripts raise optuna.TrialPruned). Returns the per-epoch history.
+    Raises Divergence when the loss stops being finite.
+    """
+    device = x.device
+    generator = torch.Generator().manual_seed(seed)
+    if _channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = len(y) // cfg.batch_size if len(y) >= cfg.batch_size else 1
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    report_at = {round(steps_per_epoch * (i + 1) / reports_per_epoch) for i in range(reports_per_epoch)}
+    history, step = [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        val_accuracy = None
+        for batch_index, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, generator), start=1):
+            if _channels_last(device):
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+            if cfg.l1 > 0:
+                loss = loss + cfg.l1 * l1_penalty(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            # accumulate on the device; the host reads these once per epoch
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+            if val is not None and batch_index in report_at:
+                step += 1
+                val_accuracy = evaluate(model, *val)
+                if not math.isfinite(loss.item()):
+                    raise Divergence(f"loss is {loss.item()} at epoch {epoch}")
+                model.train()
+                if on_report is not None:
+                    on_report(step, val_accuracy)
+        train_loss = (loss_sum / max(seen, 1)).item()
+        if not math.isfinite(train_loss):
+            raise Divergence(f"training loss is {train_loss} at epoch {epoch}")
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": correct.item() / max(seen, 1),
+                        "val_accuracy": val_accuracy, "seconds": time.perf_counter() - started})
+    return history
+
+
+def save_checkpoint(path, model, train_cfg, meta):
+    """config + state_dict + metadata, written to a temporary file and renamed into place."""
+    path = Path(path)
+    payload = {"config": model.config, "train": train_cfg.to_dict(),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, payload) from a checkpoint written by save_checkpoint."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        model = build_model(payload["config"])
+        model.load_state_dict(payload["state_dict"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__}); "
+                        "pass a model.pt written by MNIST-optuna.py or MNIST-optuna-adv.py") from None
+    return model.to(device), payload
+
+
+def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta):
+    """Retrain a config from scratch on (x, y), evaluate the test set once, save the checkpoint.
+
+    `test` is a zero-argument function that loads the test set, so it is read only here, after the
+    search. Returns (model, history, test_accuracy).
+    """
+    seed_everything(seed)
+    model = build_model(model_config).to(x.device)
+    started = time.perf_counter()
+    history = train(model, x, y, train_cfg, seed)
+    train_seconds = time.perf_counter() - started
+    test_x, test_y = test()
+    test_accuracy = evaluate(model, test_x, test_y)
+    meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
+            "train_images": len(y), "torch": torch.__version__}
+    save_checkpoint(checkpoint, model, train_cfg, meta)
+    return model, history, test_accuracy, train_seconds
