@@ -12,12 +12,12 @@ import optuna
 
 import cli
 from cli import check, log
-from data import final_training_set, load_search_data, load_test, resolve_data_dir
-from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, command_line, make_pruner,
+from data import load_search_data, resolve_data_dir
+from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, command_line, finish_run, make_pruner,
                      make_storage, mean_std, network_of, open_study, params_lines, prepare_out_dir,
-                     print_trial_lines, run_trial, state_counts, write_json, write_trials_csv)
-from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, resolve_device,
-                      retrain_and_test)
+                     print_trial_lines, remaining_trials, requeue_lost_trials, run_trial, start_run,
+                     state_counts, write_json, write_trials_csv)
+from training import OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, resolve_device
 
 # ---- study -------------------------------------------------------------------
 SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
@@ -152,10 +152,10 @@ def train_config(args, epochs):
                        weight_decay=args.weight_decay, schedule=args.schedule)
 
 
-def make_objective(args, data, study_seed):
+def make_objective(args, data, study_seed, run_id):
     def objective(trial):
         seed = derive_seed(study_seed, trial.number)
-        return run_trial(trial, suggest_model(trial, args), train_config(args, args.epochs), data, seed)
+        return run_trial(trial, suggest_model(trial, args), train_config(args, args.epochs), data, seed, run_id)
     return objective
 
 
@@ -189,7 +189,6 @@ def summarise(args, studies, out_dir, wall):
     write_trials_csv(out_dir / "trials.csv", [("seed", seed, study) for seed, study in studies])
     if best is not None:
         write_json(out_dir / "best_params.json", best_params_payload(best, study_seed=best_seed))
-    write_json(out_dir / "summary.json", summary)
     return best, summary
 
 
@@ -202,7 +201,7 @@ def main(argv=None):
     make_pruner(args.pruner, args.epochs)  # unknown names fail here, before any work
     out_dir = prepare_out_dir(args.out_dir)
     storage = make_storage(args.storage, out_dir)
-    write_json(out_dir / "config.json", {**vars(args), "command": command_line()})
+    run_id = start_run(out_dir, vars(args))
     data_dir = resolve_data_dir(args.data_dir)
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
@@ -214,38 +213,17 @@ def main(argv=None):
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
         study = open_study(f"{args.study_prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, args.epochs))
         studies.append((seed, study))
+        requeue_lost_trials(study)
         try:
-            study.optimize(make_objective(args, data, seed), n_trials=args.n_trials, catch=CATCH,
+            study.optimize(make_objective(args, data, seed, run_id), catch=CATCH,
+                           n_trials=remaining_trials(study, args.n_trials, run_id),
                            callbacks=[print_trial_lines(f"seed {seed}  ")])
         except KeyboardInterrupt:
             interrupted = True
             break
     best, summary = summarise(args, studies, out_dir, clock.seconds())
-    if interrupted:
-        print(f"interrupted: finished trials are kept in the storage; rerun the same command with "
-              f"--out-dir {out_dir} to resume")
-        return 130
-    if best is None:
-        print("no trial completed, so there is nothing to retrain")
-        return 1
-    if args.no_final:
-        return 0
-
-    final_cfg = TrainConfig.from_dict({**best.user_attrs["train"], "epochs": args.final_epochs})
-    seed = best.user_attrs["seed"]
-    x, y = final_training_set(data, args.final_subset, seed)
-    log.info(f"\nretraining the best network on {len(y)} train+validation images for {args.final_epochs} epochs")
-    _, history, test_accuracy, seconds = retrain_and_test(
-        best.user_attrs["model"], final_cfg, x, y, seed,
-        test=lambda: load_test(data_dir, device, data.mean, data.std), checkpoint=out_dir / "model.pt",
-        meta={"val_accuracy": best.value, "command": command_line(), "study_seed": summary["best"]["seed"],
-              "trial": best.number, "augment": False})
-    print(f"test accuracy: {100 * test_accuracy:.2f} %   (final training {seconds:.0f} s, {len(y)} images)")
-    write_json(out_dir / "summary.json", {**summary, "test_accuracy": test_accuracy, "final_history": history,
-                                          "final_seconds": seconds})
-    print(f"results: {out_dir}/  (best_params.json, trials.csv, model.pt, summary.json)")
-    print(f"reproduce: {command_line()}")
-    return 0
+    return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted,
+                      meta={"study_seed": summary["best"] and summary["best"]["seed"]})
 
 
 if __name__ == "__main__":

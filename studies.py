@@ -5,14 +5,19 @@ a trial stopped) and writes what a run produced.
 """
 import datetime
 import gc
+import errno
 import json
 import math
 import os
 import re
+import socket
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import uuid
+import warnings
 
 import optuna
 import torch
@@ -23,12 +28,17 @@ from errors import UserError
 from models import build_model, describe
 from training import Divergence, TrainConfig, seed_everything, train
 
+# the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
 PRUNERS = ("hyperband", "median", "none")
 JOURNAL_NAME = "study.journal"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed dead
 GRACE_SECONDS = 90
 MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
+RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+INTERRUPTED, WORKER_DIED = "interrupted", "worker died"
 
 
 # ---- output folder and storage ----------------------------------------------
@@ -57,6 +67,23 @@ def prepare_out_dir(out_dir, root="runs"):
     except OSError as error:
         raise UserError(f"cannot create --out-dir {out_dir} ({error.strerror}); choose a writable folder") from None
     return out_dir
+
+
+def start_run(out_dir, settings):
+    """Record the resolved settings in config.json and return the folder's run id.
+
+    A rerun in the same folder keeps the run id, so it resumes rather than starting over.
+    """
+    path = Path(out_dir) / "config.json"
+    run_id = None
+    if path.is_file():
+        try:
+            run_id = json.loads(path.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
+    run_id = run_id or uuid.uuid4().hex[:12]
+    write_json(path, {**settings, "run_id": run_id, "command": command_line()})
+    return run_id
 
 
 def storage_kind(spec):
@@ -91,7 +118,7 @@ def make_storage(spec, out_dir):
     try:
         return optuna.storages.RDBStorage(
             spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+            heartbeat_stale_trial_callback=RETRY)
     except ImportError as error:
         raise UserError(f"the database driver for {spec.split(':')[0]} is missing ({error}); "
                         "pip install -r requirements.txt") from None
@@ -118,9 +145,70 @@ def open_study(name, storage, sampler, pruner):
                                direction="maximize", load_if_exists=True)
 
 
+def worker_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as error:
+        return error.errno == errno.EPERM
+    return True
+
+
+def _worker_dead(trial):
+    """True when the trial's worker ran on this host and its process is gone."""
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
+
+
+def requeue_lost_trials(study):
+    """Queue again the trials whose worker was interrupted or died, once each.
+
+    RDB storages find dead workers by heartbeat; a journal file has none, so a RUNNING trial whose
+    process on this host is gone is failed here. Both then go through the same retry callback, which
+    re-creates the trial with the same parameters (and grid point) as a WAITING trial.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    requeued = 0
+    for trial in trials:
+        if trial.number in retried:
+            continue
+        if trial.state == TrialState.RUNNING and _worker_dead(trial):
+            study._storage.set_trial_user_attr(trial._trial_id, "reason", WORKER_DIED)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            trial = study._storage.get_trial(trial._trial_id)
+        elif not (trial.state == TrialState.FAIL and trial.user_attrs.get("reason") == INTERRUPTED):
+            continue
+        RETRY(study, trial)
+        requeued += 1
+    if requeued:
+        log.info(f"{study.study_name}: {requeued} interrupted trial(s) queued to run again")
+    return requeued
+
+
+def counted(trial):
+    """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("reason") not in (INTERRUPTED, WORKER_DIED)
+
+
+def remaining_trials(study, n_trials, run_id):
+    """How many trials this run folder still owes the study: --n-trials less those it already finished.
+
+    A fresh run folder (new run id) adds n_trials trials to the study, so several workers add up;
+    rerunning in the same folder resumes and only completes what is left.
+    """
+    done = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run") == run_id and counted(t))
+    return max(0, n_trials - done)
+
+
 # ---- one trial ----------------------------------------------------------------
 
-def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1):
+def run_trial(trial, model_config, train_cfg, data, seed, run_id, reports_per_epoch=1):
     """Train the trial's network, report validation accuracy, prune; return the last validation accuracy.
 
     A diverged loss prunes the trial and an out-of-memory fails it, each with its reason in the
@@ -129,6 +217,10 @@ def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1):
     trial.set_user_attr("model", model_config)
     trial.set_user_attr("train", train_cfg.to_dict())
     trial.set_user_attr("seed", seed)
+    trial.set_user_attr("run", run_id)
+    trial.set_user_attr("worker", worker_id())
+    if trial.user_attrs.get("reason"):  # a retried trial inherits its predecessor's attributes
+        trial.set_user_attr("reason", None)
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
 
@@ -145,6 +237,9 @@ def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1):
         raise optuna.TrialPruned(str(error)) from None
     except (torch.OutOfMemoryError, MemoryError) as error:
         trial.set_user_attr("reason", f"out of memory: {str(error).splitlines()[0] if str(error) else ''}")
+        raise
+    except KeyboardInterrupt:
+        trial.set_user_attr("reason", INTERRUPTED)  # Optuna marks it failed; a rerun queues it again
         raise
     finally:
         del model
@@ -173,7 +268,7 @@ def trial_line(trial, label=""):
     value = f"val {100 * trial.value:6.2f} %" if trial.value is not None else " " * 12
     last = max(trial.intermediate_values) if trial.intermediate_values else None
     where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
-    reason = f"  [{trial.user_attrs['reason']}]" if "reason" in trial.user_attrs else ""
+    reason = f"  [{trial.user_attrs['reason']}]" if trial.user_attrs.get("reason") else ""
     return (f"{label}trial {trial.number:3d}  {trial.state.name:8s}{where:10s} {value}  {network_of(trial)}"
             f"  {seconds:6.1f} s{reason}")
 
@@ -269,3 +364,41 @@ def train_config_from(values):
         return TrainConfig.from_dict(values)
     except TypeError as error:
         raise UserError(f"bad training settings ({error})") from None
+
+
+# ---- after the search ---------------------------------------------------------
+
+def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta):
+    """The common ending of both scripts; returns the exit code.
+
+    Interrupted: say how to resume (130). No complete trial: nothing to retrain (1). Otherwise, unless
+    --no-final, retrain the best network on train+validation, read the test set once, save model.pt.
+    """
+    from data import final_training_set, load_test
+    from training import describe_device, retrain_and_test
+
+    write_json(out_dir / "summary.json", summary)
+    if interrupted:
+        print(f"interrupted: finished trials are kept in the storage; rerun the same command with "
+              f"--out-dir {out_dir} to resume")
+        return 130
+    if best is None:
+        print("no trial completed, so there is nothing to retrain")
+        return 1
+    if args.no_final:
+        return 0
+    final_cfg = TrainConfig.from_dict({**best.user_attrs["train"], "epochs": args.final_epochs})
+    seed = best.user_attrs["seed"]
+    x, y = final_training_set(data, args.final_subset, seed)
+    log.info(f"\nretraining the best network on {len(y)} train+validation images for {args.final_epochs} "
+             f"epochs on {describe_device(device)}")
+    _, history, test_accuracy, seconds = retrain_and_test(
+        best.user_attrs["model"], final_cfg, x, y, seed,
+        test=lambda: load_test(data_dir, device, data.mean, data.std), checkpoint=out_dir / "model.pt",
+        meta={**meta, "val_accuracy": best.value, "trial": best.number, "command": command_line(), "augment": False})
+    print(f"test accuracy: {100 * test_accuracy:.2f} %   (final training {seconds:.0f} s on {len(y)} images)")
+    write_json(out_dir / "summary.json", {**summary, "test_accuracy": test_accuracy, "final_seconds": seconds,
+                                          "final_history": history})
+    print(f"results: {out_dir}/  (best_params.json, trials.csv, model.pt, summary.json)")
+    print(f"reproduce: {command_line()}")
+    return 0

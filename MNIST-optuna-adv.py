@@ -1,0 +1,251 @@
+"""How many fully connected layers, and how wide? A seeded grid over distinct FC heads on a fixed conv
+backbone, with a median pruner, then the best network retrained on the GPU when there is one.
+
+    python MNIST-optuna-adv.py                          # the whole default grid (245 networks)
+    python MNIST-optuna-adv.py --quick                  # a smoke run in about a minute
+    python MNIST-optuna-adv.py --backbone runs/X/best_params.json   # the conv part MNIST-optuna.py found
+
+Each distinct network is one grid point: a depth d and one width per layer 1..d, never the widths of
+layers a network does not have. Rerunning with the same storage and study name resumes the grid.
+"""
+import itertools
+import json
+from pathlib import Path
+
+import optuna
+
+import cli
+from cli import check, log
+from data import load_search_data, resolve_data_dir
+from errors import UserError
+from models import normalise_config
+from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, command_line, finish_run, make_pruner,
+                     make_storage,
+                     network_of, open_study, prepare_out_dir, print_trial_lines, remaining_trials,
+                     requeue_lost_trials, run_trial, start_run, state_counts, write_json, write_trials_csv)
+from training import OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, load_checkpoint, resolve_device
+
+# ---- the fixed convolutional backbone -------------------------------------------
+BACKBONE = [                  # conv -> BN -> LeakyReLU (-> 2x2 max-pool); or --backbone PATH
+    {"channels": 16, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
+    {"channels": 32, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
+]
+# ---- the grid (model hyperparameters of the head) -------------------------------
+FC_DEPTHS = [1, 2, 3, 4]      # numbers of hidden FC layers to try
+FC_WIDTHS = {                 # widths to try at each layer position (1 = first after the backbone)
+    1: [128, 256, 512, 1024, 2048],
+    2: [256, 512, 1024],
+    3: [128, 256, 512],
+    4: [128, 256, 512, 1024],
+}
+DROPOUT = 0.2                 # before every FC layer (no BatchNorm follows it)
+# ---- study ---------------------------------------------------------------------
+SEED = 0                      # grid order, split, each trial's init and batch order
+N_TRIALS = None               # None: the whole grid; else this many networks per run folder
+MEDIAN_STARTUP_TRIALS = 5     # MedianPruner: trials that finish before any pruning
+MEDIAN_WARMUP_STEPS = 0       # MedianPruner: reports of a trial before it may be pruned
+MEDIAN_INTERVAL_STEPS = 1     # MedianPruner: prune checks every this many reports
+REPORTS_PER_EPOCH = 1         # validation reports (pruner steps) per epoch
+STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
+STUDY_NAME = "mnist-fc-grid"  # the study's exact name; workers sharing a storage share it
+# ---- data ----------------------------------------------------------------------
+DATA_DIR = None               # None: $MNIST_DATA_DIR, else ./data (holds MNIST/raw/)
+VAL_SIZE = 10_000             # validation images, a stratified seeded draw from the 60,000
+TRAIN_SUBSET = 10_000         # training images per trial (stratified); None: all 50,000 left
+# ---- training (optimization hyperparameters) ------------------------------------
+EPOCHS = 2                    # epochs per trial
+BATCH_SIZE = 128              # images per step
+LR = 3e-3                     # peak learning rate (one-cycle)
+OPTIMIZER = "adamw"           # adam | adamw | sgd
+WEIGHT_DECAY = 5e-4           # L2 through the optimizer
+L1 = 0.0                      # explicit L1 penalty on weights
+SCHEDULE = "onecycle"         # none | cosine | onecycle
+# ---- final model -------------------------------------------------------------
+FINAL_EPOCHS = 6              # retrain of the best network on train+validation
+FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
+DEVICE = "auto"               # auto (CUDA when available) | cpu | cuda | mps
+DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
+OUT_DIR = None                # None: a new timestamped folder under runs/
+
+QUICK = dict(fc_depths=[1, 2], fc_widths=["32,64", "32,64"], train_subset=4000, val_size=1000, epochs=1,
+             batch_size=64, median_startup_trials=2, final_epochs=1, final_subset=6000)
+
+
+def build_parser():
+    p = cli.Parser(__doc__)
+    a = p.add_argument
+    a("--quick", action="store_true", help="smoke-run preset: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    a("--backbone", default=None, help="best_params.json of MNIST-optuna.py, or a model.pt, for the conv part")
+    a("--fc-depths", type=cli.positive_int, nargs="+", default=FC_DEPTHS)
+    a("--fc-widths", nargs="+", default=[",".join(map(str, FC_WIDTHS[k])) for k in sorted(FC_WIDTHS)],
+      help="comma-separated widths for layer 1, then layer 2, ...")
+    a("--dropout", type=cli.fraction, default=DROPOUT)
+    a("--seed", type=cli.nonneg_int, default=SEED)
+    a("--n-trials", type=cli.optional_positive_int, default=N_TRIALS, help="'all' for the whole grid")
+    a("--median-startup-trials", type=cli.nonneg_int, default=MEDIAN_STARTUP_TRIALS)
+    a("--median-warmup-steps", type=cli.nonneg_int, default=MEDIAN_WARMUP_STEPS)
+    a("--median-interval-steps", type=cli.positive_int, default=MEDIAN_INTERVAL_STEPS)
+    a("--reports-per-epoch", type=cli.positive_int, default=REPORTS_PER_EPOCH)
+    a("--storage", default=STORAGE, help="journal file path or database URL")
+    a("--study-name", default=STUDY_NAME)
+    a("--data-dir", default=DATA_DIR, help="folder holding MNIST/raw/")
+    a("--val-size", type=cli.positive_int, default=VAL_SIZE)
+    a("--train-subset", type=cli.optional_positive_int, default=TRAIN_SUBSET, help="'all' for every image")
+    a("--epochs", type=cli.positive_int, default=EPOCHS)
+    a("--batch-size", type=cli.positive_int, default=BATCH_SIZE)
+    a("--lr", type=cli.positive_float, default=LR)
+    a("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER)
+    a("--weight-decay", type=cli.nonneg_float, default=WEIGHT_DECAY)
+    a("--l1", type=cli.nonneg_float, default=L1)
+    a("--schedule", choices=SCHEDULES, default=SCHEDULE)
+    a("--final-epochs", type=cli.positive_int, default=FINAL_EPOCHS)
+    a("--final-subset", type=cli.optional_positive_int, default=FINAL_SUBSET, help="'all' for every image")
+    a("--no-final", action="store_true", help="stop after the search summary")
+    a("--device", default=DEVICE, help="auto | cpu | cuda | mps")
+    a("--no-deterministic", dest="deterministic", action="store_false", default=DETERMINISTIC)
+    a("--out-dir", default=OUT_DIR)
+    a("--verbose", action="store_true")
+    a("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def parse_widths(texts):
+    widths = []
+    for position, text in enumerate(texts, start=1):
+        try:
+            values = sorted({int(v) for v in text.split(",") if v.strip()})
+        except ValueError:
+            raise UserError(f"--fc-widths layer {position}: {text!r} is not a comma-separated list of integers") from None
+        check(values and all(v >= 1 for v in values), f"--fc-widths layer {position}: need widths >= 1")
+        widths.append(values)
+    return widths
+
+
+def head_grid(depths, widths):
+    """Every distinct FC head, once: for depth d, the product of the widths of layers 1..d only."""
+    heads = []
+    for depth in sorted(set(depths)):
+        check(depth <= len(widths), f"--fc-depths {depth} needs widths for {depth} layers in --fc-widths; "
+                                    f"only {len(widths)} given")
+        heads += ["-".join(map(str, combo)) for combo in itertools.product(*widths[:depth])]
+    return heads
+
+
+def load_backbone(path):
+    """The conv blocks of a best_params.json written by MNIST-optuna.py, or of a model.pt checkpoint."""
+    if path is None:
+        return normalise_config({"conv": BACKBONE, "fc": []})["conv"]
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
+    if path.suffix == ".pt":
+        _, payload = load_checkpoint(path)
+        return payload["config"]["conv"]
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"--backbone {path} is not valid JSON ({error}); pass the best_params.json "
+                        "written by MNIST-optuna.py") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, dict) or "conv" not in model:
+        raise UserError(f"--backbone {path} has no 'model' with 'conv' blocks; pass the best_params.json "
+                        "written by MNIST-optuna.py")
+    return normalise_config({**model, "fc": []})["conv"]
+
+
+def train_config(args, epochs):
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       weight_decay=args.weight_decay, l1=args.l1, schedule=args.schedule)
+
+
+def make_objective(args, backbone, heads, data, run_id):
+    def objective(trial):
+        head = trial.suggest_categorical("fc", heads)
+        widths = [int(w) for w in head.split("-")]
+        config = {"conv": backbone, "fc": widths, "dropout": args.dropout, "num_classes": 10}
+        seed = derive_seed(args.seed, trial.number)
+        return run_trial(trial, config, train_config(args, args.epochs), data, seed, run_id,
+                         reports_per_epoch=args.reports_per_epoch)
+    return objective
+
+
+def grid_points_left(study, heads):
+    """True while a retry waits or some grid point of this grid has not been started by any worker."""
+    space = {"fc": heads}
+    started = set()
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.WAITING:
+            return True
+        if trial.system_attrs.get("search_space") == space:
+            started.add(trial.system_attrs.get("grid_id"))
+    return bool(set(range(len(heads))) - started)
+
+
+def head_of(trial):
+    return f"conv backbone + FC {trial.params.get('fc', '?')}"
+
+
+def main(argv=None):
+    args = build_parser().parse_with_preset(argv, "--quick", QUICK)
+    cli.setup_logging(args.verbose, args.quiet)
+    check(not (args.verbose and args.quiet), "--verbose and --quiet exclude each other")
+    heads = head_grid(args.fc_depths, parse_widths(args.fc_widths))
+    backbone = load_backbone(args.backbone)
+    check(args.train_subset is None or args.train_subset + args.val_size <= 60_000,
+          f"--train-subset {args.train_subset} + --val-size {args.val_size} exceed the 60,000 training images")
+    device = resolve_device(args.device, args.deterministic)
+    out_dir = prepare_out_dir(args.out_dir)
+    storage = make_storage(args.storage, out_dir)
+    run_id = start_run(out_dir, {**vars(args), "backbone_conv": backbone})
+    data_dir = resolve_data_dir(args.data_dir)
+    log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
+    if device.type == "cpu":
+        log.info("no GPU in use: the search and the retrain run on the CPU")
+    data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.seed)
+
+    # GridSampler over the list of distinct heads: its seed fixes the order (trial k gets grid point k),
+    # so every worker of a study must pass the same --seed; the sampler stops the study when the grid is done.
+    sampler = optuna.samplers.GridSampler({"fc": heads}, seed=args.seed)
+    pruner = make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
+                         args.median_interval_steps)
+    study = open_study(args.study_name, storage, sampler, pruner)
+    print(f"grid size: {len(heads)}")
+    requeue_lost_trials(study)
+    done = sum(1 for t in study.trials if t.state.is_finished() and t.params.get("fc") in heads)
+    todo = len(heads) - done if args.n_trials is None else remaining_trials(study, args.n_trials, run_id)
+    if not grid_points_left(study, heads):
+        print("the grid is finished already; going straight to the summary")
+    else:
+        print(f"{done} networks finished before this run; this run trains up to {todo}")
+
+    clock, interrupted = Stopwatch(), False
+    objective = make_objective(args, backbone, heads, data, run_id)
+    try:
+        # one trial at a time, so a worker stops as soon as every grid point is taken instead of letting
+        # GridSampler re-run a network that another worker is still training
+        ran = 0
+        while grid_points_left(study, heads) and (args.n_trials is None or ran < todo):
+            study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[print_trial_lines()])
+            ran += 1
+    except KeyboardInterrupt:
+        interrupted = True
+    wall = clock.seconds()
+
+    best = best_or_none(study)
+    counts = state_counts(study.trials)
+    print("\n==== summary ====")
+    print(f"grid size: {len(heads)}   trials: {counts['complete']} complete, {counts['pruned']} pruned, "
+          f"{counts['fail']} failed")
+    if best is not None:
+        print(f"best trial: val {100 * best.value:.2f} %  trial {best.number}  {head_of(best)}   ({network_of(best)})")
+    print(f"search wall time: {wall:.1f} s")
+    summary = {"grid_size": len(heads), "counts": counts, "search_seconds": wall, "command": command_line(),
+               "best": None if best is None else {"trial": best.number, "value": best.value, "fc": best.params["fc"]}}
+    write_trials_csv(out_dir / "trials.csv", [("seed", args.seed, study)])
+    if best is not None:
+        write_json(out_dir / "best_params.json", best_params_payload(best))
+    return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta={"grid_seed": args.seed})
+
+
+if __name__ == "__main__":
+    cli.run(main)

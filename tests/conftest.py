@@ -1,0 +1,50 @@
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+
+# a tiny search: seconds per trial on 2 cores, still real MNIST
+TINY = ["--train-subset", "1000", "--val-size", "500", "--epochs", "1", "--batch-size", "50",
+        "--final-epochs", "1", "--final-subset", "1000"]
+TINY_CNN = ["--conv-layers", "2", "--pool-after", "1", "2", "--conv-filters", "4", "8", "4",
+            "--kernel-sizes", "3", "--fc-width", "16", "32", "16"]
+TINY_ADV = TINY + ["--backbone", str(ROOT / "tests" / "tiny_backbone.json")]
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not (DATA_DIR / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.fail(f"MNIST not found under {DATA_DIR}; set MNIST_DATA_DIR to the folder holding MNIST/raw/")
+    return DATA_DIR
+
+
+def run_script(script, *args, data_dir=DATA_DIR, timeout=600, env=None):
+    """Run a script as a user would; returns the CompletedProcess with text output."""
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    if data_dir is not None and "--data-dir" not in args:
+        command += ["--data-dir", str(data_dir)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def load_script(name):
+    """Import a hyphenated script as a module (nothing runs at import time)."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_one_line_error(result):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]

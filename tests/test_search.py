@@ -1,0 +1,97 @@
+"""MNIST-optuna.py end to end: the quick preset, the seed lock, and a search blind to the test set."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY, TINY_CNN, assert_one_line_error, load_script, run_script
+
+COLUMNS = ["seed", "number", "state", "value"]
+
+
+def trials(out_dir):
+    frame = pd.read_csv(out_dir / "trials.csv")
+    params = sorted(c for c in frame.columns if c.startswith("params_"))
+    return frame[COLUMNS + params]
+
+
+def test_quick_run_end_to_end(tmp_path):
+    out = tmp_path / "quick"
+    result = run_script("MNIST-optuna.py", "--quick", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    assert "best trial" in result.stdout
+    assert "test accuracy:" in result.stdout
+    for name in ("best_params.json", "trials.csv", "model.pt", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
+    assert 0.5 < summary["test_accuracy"] <= 1
+    best = json.loads((out / "best_params.json").read_text())
+    assert {"params", "model", "train", "seed", "value"} <= best.keys()
+    assert len(trials(out)) == 4 and set(trials(out)["seed"]) == {0, 1}
+
+
+def test_same_seeds_same_trials_other_seed_other_trials(tmp_path):
+    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--n-startup-trials", "2", "--no-final"]
+    runs = {}
+    for name, seeds in (("a", ["5"]), ("b", ["5"]), ("c", ["6"])):
+        result = run_script("MNIST-optuna.py", *args, "--seeds", *seeds, "--out-dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        runs[name] = trials(tmp_path / name)
+    pd.testing.assert_frame_equal(runs["a"], runs["b"])
+    params = [c for c in runs["a"].columns if c.startswith("params_")]
+    assert not runs["a"][params].equals(runs["c"][params])
+
+
+def test_search_never_reads_the_test_set(data_dir, tmp_path):
+    # same training files, test labels shuffled: every trial value must stay the same
+    shuffled = tmp_path / "shuffled"
+    (shuffled / "MNIST" / "raw").mkdir(parents=True)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        shutil.copy(path, shuffled / "MNIST" / "raw" / path.name)
+    labels_path = shuffled / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    content = bytearray(labels_path.read_bytes())
+    labels = np.frombuffer(bytes(content[8:]), dtype=np.uint8).copy()
+    np.random.default_rng(0).shuffle(labels)
+    content[8:] = labels.tobytes()
+    labels_path.chmod(0o644)
+    labels_path.write_bytes(bytes(content))
+
+    args = [*TINY, *TINY_CNN, "--n-trials", "2", "--seeds", "0"]
+    real = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "real")
+    fake = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "fake", data_dir=shuffled)
+    assert real.returncode == 0 and fake.returncode == 0, real.stderr + fake.stderr
+    pd.testing.assert_frame_equal(trials(tmp_path / "real"), trials(tmp_path / "fake"))
+    test_real = json.loads((tmp_path / "real" / "summary.json").read_text())["test_accuracy"]
+    test_fake = json.loads((tmp_path / "fake" / "summary.json").read_text())["test_accuracy"]
+    assert test_fake < 0.3 < test_real  # the test set is read, once, after the search
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--n-trials", "0"], "--n-trials"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--device", "nonsense"], "--device"),
+    (["--storage", "nosuch://x"], "nosuch"),
+    (["--train-subset", "60000"], "--train-subset"),
+    (["--seeds"], "--seeds"),
+    (["--pruner", "bogus"], "--pruner"),
+    (["--conv-filters", "32", "16", "8"], "--conv-filters"),
+])
+def test_bad_flags_get_one_line_and_exit_2(tmp_path, flags, says):
+    result = run_script("MNIST-optuna.py", "--quick", *flags, "--out-dir", tmp_path / "out")
+    assert says in assert_one_line_error(result)
+
+
+def test_an_unrelated_folder_is_never_overwritten(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    result = run_script("MNIST-optuna.py", "--quick", "--out-dir", tmp_path)
+    assert "--out-dir" in assert_one_line_error(result)
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_help_lists_the_constants_as_defaults():
+    script = load_script("MNIST-optuna.py")
+    text = script.build_parser().format_help()
+    assert f"(default: {script.N_TRIALS})" in text and "--final-epochs" in text

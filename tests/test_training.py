@@ -1,0 +1,89 @@
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import training
+from data import load_search_data
+from models import build_model
+from studies import run_trial
+from training import Divergence, TrainConfig, l1_penalty, train
+
+
+@pytest.fixture(scope="module")
+def small(data_dir):
+    return load_search_data(data_dir, torch.device("cpu"), val_size=500, train_subset=1000, split_seed=0)
+
+
+CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
+          "fc": [16], "dropout": 0.1}
+
+
+def test_l1_penalty_is_the_sum_of_absolute_weights_only():
+    model = build_model(CONFIG)
+    for p in model.parameters():
+        nn.init.uniform_(p, -1, 1)  # biases and BN parameters non-zero too, so leaving them out shows
+    expected = 0.0
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            expected += sum(abs(v) for v in module.weight.detach().flatten().tolist())
+    everything = sum(abs(v) for p in model.parameters() for v in p.detach().flatten().tolist())
+    assert l1_penalty(model).item() == pytest.approx(expected, rel=1e-5)
+    assert everything > expected + 1
+
+
+def test_training_learns_and_is_reproducible(small):
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=3e-3)
+    results = []
+    for _ in range(2):
+        training.seed_everything(7)
+        model = build_model(CONFIG)
+        history = train(model, small.train_x, small.train_y, cfg, seed=7, val=(small.val_x, small.val_y))
+        results.append((history, model.state_dict()))
+    (h1, s1), (h2, s2) = results
+    assert h1[-1]["val_accuracy"] > 0.6  # chance is 0.1
+    assert [e["train_loss"] for e in h1] == [e["train_loss"] for e in h2]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("adam", "none"), ("sgd", "cosine"), ("adamw", "onecycle")])
+def test_each_optimizer_and_schedule_trains(small, optimizer, schedule):
+    cfg = TrainConfig(epochs=1, batch_size=50, optimizer=optimizer, schedule=schedule, lr=0.02 if optimizer == "sgd" else 3e-3,
+                      l1=1e-5, label_smoothing=0.1)
+    model = build_model(CONFIG)
+    history = train(model, small.train_x, small.train_y, cfg, seed=0)
+    assert history[0]["train_loss"] < 2.3
+
+
+def test_report_callback_sees_every_step(small):
+    steps = []
+    train(build_model(CONFIG), small.train_x, small.train_y, TrainConfig(epochs=2, batch_size=50), seed=0,
+          val=(small.val_x, small.val_y), on_report=lambda step, acc: steps.append((step, acc)), reports_per_epoch=2)
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    assert all(0 <= a <= 1 for _, a in steps)
+
+
+def test_divergence_prunes_the_trial_with_its_reason(small):
+    trial = optuna.trial.FixedTrial({})
+    cfg = TrainConfig(epochs=1, batch_size=50, lr=1e6, optimizer="sgd", schedule="none")
+    with pytest.raises(optuna.TrialPruned):
+        run_trial(trial, CONFIG, cfg, small, seed=0, run_id="test")
+    assert trial.user_attrs["reason"].startswith("diverged")
+    with pytest.raises(Divergence):
+        train(build_model(CONFIG), small.train_x, small.train_y, cfg, seed=0)
+
+
+def test_checkpoint_round_trip(tmp_path, small):
+    model = build_model(CONFIG)
+    training.save_checkpoint(tmp_path / "m.pt", model, TrainConfig(), {"seed": 1})
+    loaded, payload = training.load_checkpoint(tmp_path / "m.pt")
+    assert payload["meta"]["seed"] == 1 and payload["config"]["fc"] == [16]
+    model.eval(), loaded.eval()
+    assert torch.equal(model(small.val_x[:8]), loaded(small.val_x[:8]))
+
+
+def test_device_choice():
+    assert training.resolve_device("cpu").type == "cpu"
+    assert training.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(training.UserError, match="choose one of"):
+        training.resolve_device("nonsense")
