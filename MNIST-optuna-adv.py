@@ -20,10 +20,10 @@ from data import load_search_data, resolve_data_dir
 from errors import UserError
 from models import normalise_config
 from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, command_line, finish_run, make_pruner,
-                     make_storage,
-                     network_of, open_study, prepare_out_dir, print_trial_lines, remaining_trials,
-                     requeue_lost_trials, run_trial, start_run, state_counts, write_json, write_trials_csv)
-from training import OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, load_checkpoint, resolve_device
+                     make_storage, network_of, open_study, prepare_out_dir, print_trial_lines, progress, remaining_trials,
+                     requeue_lost_trials, run_trial, start_run, state_counts, train_config, write_json,
+                     write_trials_csv)
+from training import derive_seed, describe_device, load_checkpoint, resolve_device
 
 # ---- the fixed convolutional backbone -------------------------------------------
 BACKBONE = [                  # conv -> BN -> LeakyReLU (-> 2x2 max-pool); or --backbone PATH
@@ -58,7 +58,8 @@ BATCH_SIZE = 128              # images per step
 LR = 3e-3                     # peak learning rate (one-cycle)
 OPTIMIZER = "adamw"           # adam | adamw | sgd
 WEIGHT_DECAY = 5e-4           # L2 through the optimizer
-L1 = 0.0                      # explicit L1 penalty on weights
+L1 = 0.0                      # explicit L1 penalty on weights (torch has no built-in)
+LABEL_SMOOTHING = 0.0         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
 # ---- final model -------------------------------------------------------------
 FINAL_EPOCHS = 6              # retrain of the best network on train+validation
@@ -73,8 +74,8 @@ QUICK = dict(fc_depths=[1, 2], fc_widths=["32,64", "32,64"], train_subset=4000, 
 
 def build_parser():
     p = cli.Parser(__doc__)
+    cli.add_shared_flags(p, globals())
     a = p.add_argument
-    a("--quick", action="store_true", help="smoke-run preset: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     a("--backbone", default=None, help="best_params.json of MNIST-optuna.py, or a model.pt, for the conv part")
     a("--fc-depths", type=cli.positive_int, nargs="+", default=FC_DEPTHS)
     a("--fc-widths", nargs="+", default=[",".join(map(str, FC_WIDTHS[k])) for k in sorted(FC_WIDTHS)],
@@ -86,26 +87,7 @@ def build_parser():
     a("--median-warmup-steps", type=cli.nonneg_int, default=MEDIAN_WARMUP_STEPS)
     a("--median-interval-steps", type=cli.positive_int, default=MEDIAN_INTERVAL_STEPS)
     a("--reports-per-epoch", type=cli.positive_int, default=REPORTS_PER_EPOCH)
-    a("--storage", default=STORAGE, help="journal file path or database URL")
     a("--study-name", default=STUDY_NAME)
-    a("--data-dir", default=DATA_DIR, help="folder holding MNIST/raw/")
-    a("--val-size", type=cli.positive_int, default=VAL_SIZE)
-    a("--train-subset", type=cli.optional_positive_int, default=TRAIN_SUBSET, help="'all' for every image")
-    a("--epochs", type=cli.positive_int, default=EPOCHS)
-    a("--batch-size", type=cli.positive_int, default=BATCH_SIZE)
-    a("--lr", type=cli.positive_float, default=LR)
-    a("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER)
-    a("--weight-decay", type=cli.nonneg_float, default=WEIGHT_DECAY)
-    a("--l1", type=cli.nonneg_float, default=L1)
-    a("--schedule", choices=SCHEDULES, default=SCHEDULE)
-    a("--final-epochs", type=cli.positive_int, default=FINAL_EPOCHS)
-    a("--final-subset", type=cli.optional_positive_int, default=FINAL_SUBSET, help="'all' for every image")
-    a("--no-final", action="store_true", help="stop after the search summary")
-    a("--device", default=DEVICE, help="auto | cpu | cuda | mps")
-    a("--no-deterministic", dest="deterministic", action="store_false", default=DETERMINISTIC)
-    a("--out-dir", default=OUT_DIR)
-    a("--verbose", action="store_true")
-    a("--quiet", action="store_true", help="print only the summary")
     return p
 
 
@@ -153,18 +135,13 @@ def load_backbone(path):
     return normalise_config({**model, "fc": []})["conv"]
 
 
-def train_config(args, epochs):
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                       weight_decay=args.weight_decay, l1=args.l1, schedule=args.schedule)
-
-
 def make_objective(args, backbone, heads, data, run_id):
     def objective(trial):
         head = trial.suggest_categorical("fc", heads)
         widths = [int(w) for w in head.split("-")]
         config = {"conv": backbone, "fc": widths, "dropout": args.dropout, "num_classes": 10}
         seed = derive_seed(args.seed, trial.number)
-        return run_trial(trial, config, train_config(args, args.epochs), data, seed, run_id,
+        return run_trial(trial, config, train_config(args), data, seed, run_id,
                          reports_per_epoch=args.reports_per_epoch)
     return objective
 
@@ -188,11 +165,10 @@ def head_of(trial):
 def main(argv=None):
     args = build_parser().parse_with_preset(argv, "--quick", QUICK)
     cli.setup_logging(args.verbose, args.quiet)
-    check(not (args.verbose and args.quiet), "--verbose and --quiet exclude each other")
+    cli.check_shared(args)
+    train_config(args)  # unknown optimizer or schedule names fail here, before any work
     heads = head_grid(args.fc_depths, parse_widths(args.fc_widths))
     backbone = load_backbone(args.backbone)
-    check(args.train_subset is None or args.train_subset + args.val_size <= 60_000,
-          f"--train-subset {args.train_subset} + --val-size {args.val_size} exceed the 60,000 training images")
     device = resolve_device(args.device, args.deterministic)
     out_dir = prepare_out_dir(args.out_dir)
     storage = make_storage(args.storage, out_dir)
@@ -224,9 +200,14 @@ def main(argv=None):
         # one trial at a time, so a worker stops as soon as every grid point is taken instead of letting
         # GridSampler re-run a network that another worker is still training
         ran = 0
-        while grid_points_left(study, heads) and (args.n_trials is None or ran < todo):
-            study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[print_trial_lines()])
-            ran += 1
+        with progress(todo, "grid") as bar:
+            while args.n_trials is None or ran < todo:
+                requeue_lost_trials(study)  # a worker that died meanwhile leaves its network to us
+                if not grid_points_left(study, heads):
+                    break
+                study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[print_trial_lines()])
+                ran += 1
+                bar.update(1)
     except KeyboardInterrupt:
         interrupted = True
     wall = clock.seconds()
@@ -244,7 +225,8 @@ def main(argv=None):
     write_trials_csv(out_dir / "trials.csv", [("seed", args.seed, study)])
     if best is not None:
         write_json(out_dir / "best_params.json", best_params_payload(best))
-    return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta={"grid_seed": args.seed})
+    return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta={"grid_seed": args.seed},
+                      plot_studies=([study], study))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import optuna
 import cli
 from cli import check, log
 from data import load_search_data, resolve_data_dir
-from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, command_line, finish_run, make_pruner,
-                     make_storage, mean_std, network_of, open_study, params_lines, prepare_out_dir,
-                     print_trial_lines, remaining_trials, requeue_lost_trials, run_trial, start_run,
-                     state_counts, write_json, write_trials_csv)
-from training import OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, resolve_device
+from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, command_line, finish_run,
+                     make_pruner, make_storage, mean_std, network_of, open_study, params_lines, prepare_out_dir,
+                     print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial, start_run,
+                     state_counts, train_config, write_json, write_trials_csv)
+from training import derive_seed, describe_device, resolve_device
 
 # ---- study -------------------------------------------------------------------
 SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
@@ -37,11 +37,13 @@ BATCH_SIZE = 128              # images per step
 LR = 3e-3                     # peak learning rate (one-cycle)
 OPTIMIZER = "adamw"           # adam | adamw | sgd
 WEIGHT_DECAY = 5e-4           # L2 through the optimizer
+L1 = 0.0                      # explicit L1 penalty on weights (torch has no built-in)
+LABEL_SMOOTHING = 0.0         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
 # ---- search space (model hyperparameters) -------------------------------------
 CONV_LAYERS = 4               # conv blocks: conv -> BN -> LeakyReLU, as in the original skeleton
 POOL_AFTER = [2, 4]           # 2x2 max-pool after these conv blocks (1-based)
-CONV_FILTERS = (16, 48, 16)   # (low, high, step) for every conv layer
+CONV_FILTERS = (16, 32, 8)    # (low, high, step) for every conv layer
 KERNEL_SIZES = [3, 5]         # choices for every conv layer
 SLOPE = (1e-3, 0.2)           # LeakyReLU negative slope range per conv layer (log scale)
 BATCH_NORM = [True]           # choices; [True, False] lets the search decide
@@ -60,24 +62,14 @@ QUICK = dict(seeds=[0, 1], n_trials=2, n_startup_trials=2, epochs=1, train_subse
 
 def build_parser():
     p = cli.Parser(__doc__)
+    cli.add_shared_flags(p, globals())
     a = p.add_argument
-    a("--quick", action="store_true", help="smoke-run preset: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     a("--seeds", type=cli.nonneg_int, nargs="+", default=SEEDS, help="one study per seed")
     a("--n-trials", type=cli.positive_int, default=N_TRIALS, help="trials per seed")
     a("--n-startup-trials", type=cli.nonneg_int, default=N_STARTUP_TRIALS, help="random trials before TPE")
     a("--pruner", choices=PRUNERS, default=PRUNER)
-    a("--storage", default=STORAGE, help="journal file path or database URL")
     a("--study-prefix", default=STUDY_PREFIX)
-    a("--data-dir", default=DATA_DIR, help="folder holding MNIST/raw/")
-    a("--val-size", type=cli.positive_int, default=VAL_SIZE)
-    a("--train-subset", type=cli.optional_positive_int, default=TRAIN_SUBSET, help="'all' for every image")
     a("--split-seed", type=cli.nonneg_int, default=SPLIT_SEED)
-    a("--epochs", type=cli.positive_int, default=EPOCHS)
-    a("--batch-size", type=cli.positive_int, default=BATCH_SIZE)
-    a("--lr", type=cli.positive_float, default=LR)
-    a("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER)
-    a("--weight-decay", type=cli.nonneg_float, default=WEIGHT_DECAY)
-    a("--schedule", choices=SCHEDULES, default=SCHEDULE)
     a("--conv-layers", type=cli.positive_int, default=CONV_LAYERS)
     a("--pool-after", type=cli.positive_int, nargs="*", default=POOL_AFTER)
     a("--conv-filters", type=cli.positive_int, nargs=3, default=CONV_FILTERS, metavar=("LOW", "HIGH", "STEP"))
@@ -86,14 +78,6 @@ def build_parser():
     a("--batch-norm", type=_bool, nargs="+", default=BATCH_NORM, help="choices among true/false")
     a("--dropout", type=cli.fraction, nargs=2, default=DROPOUT, metavar=("LOW", "HIGH"))
     a("--fc-width", type=cli.positive_int, nargs=3, default=FC_WIDTH, metavar=("LOW", "HIGH", "STEP"))
-    a("--final-epochs", type=cli.positive_int, default=FINAL_EPOCHS)
-    a("--final-subset", type=cli.optional_positive_int, default=FINAL_SUBSET, help="'all' for every image")
-    a("--no-final", action="store_true", help="stop after the search summary")
-    a("--device", default=DEVICE, help="auto | cpu | cuda | mps")
-    a("--no-deterministic", dest="deterministic", action="store_false", default=DETERMINISTIC)
-    a("--out-dir", default=OUT_DIR)
-    a("--verbose", action="store_true")
-    a("--quiet", action="store_true", help="print only the summary")
     return p
 
 
@@ -118,11 +102,7 @@ def validate(args):
           f"--pool-after names conv blocks 1..{args.conv_layers}")
     check(len(args.pool_after) <= 4, "--pool-after: at most 4 pools fit a 28x28 image")
     check(len(set(args.seeds)) == len(args.seeds), "--seeds: each seed once")
-    check(args.train_subset is None or args.train_subset + args.val_size <= 60_000,
-          f"--train-subset {args.train_subset} + --val-size {args.val_size} exceed the 60,000 training images")
-    check(args.final_subset is None or args.final_subset <= 60_000,
-          f"--final-subset {args.final_subset} exceeds the 60,000 training images")
-    check(not (args.verbose and args.quiet), "--verbose and --quiet exclude each other")
+    cli.check_shared(args)
 
 
 def suggest_model(trial, args):
@@ -147,15 +127,10 @@ def _choice(trial, name, choices):
     return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
 
 
-def train_config(args, epochs):
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                       weight_decay=args.weight_decay, schedule=args.schedule)
-
-
 def make_objective(args, data, study_seed, run_id):
     def objective(trial):
         seed = derive_seed(study_seed, trial.number)
-        return run_trial(trial, suggest_model(trial, args), train_config(args, args.epochs), data, seed, run_id)
+        return run_trial(trial, suggest_model(trial, args), train_config(args), data, seed, run_id)
     return objective
 
 
@@ -197,6 +172,7 @@ def main(argv=None):
     args = parser.parse_with_preset(argv, "--quick", QUICK)
     cli.setup_logging(args.verbose, args.quiet)
     validate(args)
+    train_config(args)  # unknown optimizer or schedule names fail here, before any work
     device = resolve_device(args.device, args.deterministic)
     make_pruner(args.pruner, args.epochs)  # unknown names fail here, before any work
     out_dir = prepare_out_dir(args.out_dir)
@@ -214,16 +190,20 @@ def main(argv=None):
         study = open_study(f"{args.study_prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, args.epochs))
         studies.append((seed, study))
         requeue_lost_trials(study)
+        todo = remaining_trials(study, args.n_trials, run_id)
         try:
-            study.optimize(make_objective(args, data, seed, run_id), catch=CATCH,
-                           n_trials=remaining_trials(study, args.n_trials, run_id),
-                           callbacks=[print_trial_lines(f"seed {seed}  ")])
+            with progress(todo, f"seed {seed}") as bar:
+                study.optimize(make_objective(args, data, seed, run_id), n_trials=todo, catch=CATCH,
+                               callbacks=[print_trial_lines(f"seed {seed}  "), lambda s, _: requeue_lost_trials(s),
+                                          lambda s, _: bar.update(1)])
         except KeyboardInterrupt:
             interrupted = True
             break
     best, summary = summarise(args, studies, out_dir, clock.seconds())
+    best_study = next((study for seed, study in studies if summary["best"] and seed == summary["best"]["seed"]), None)
     return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted,
-                      meta={"study_seed": summary["best"] and summary["best"]["seed"]})
+                      meta={"study_seed": summary["best"] and summary["best"]["seed"]},
+                      plot_studies=([study for _, study in studies], best_study))
 
 
 if __name__ == "__main__":

@@ -54,17 +54,71 @@ def optional_positive_int(text):
     return positive_int(text)
 
 
+# flags both scripts have; each default is the script's constant of the given name
+SHARED_FLAGS = [
+    ("--storage", "STORAGE", str, "journal file path or database URL (default: a journal in --out-dir)"),
+    ("--data-dir", "DATA_DIR", str, "folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)"),
+    ("--val-size", "VAL_SIZE", positive_int, "validation images"),
+    ("--train-subset", "TRAIN_SUBSET", optional_positive_int, "training images per trial; 'all' for every one"),
+    ("--epochs", "EPOCHS", positive_int, "epochs per trial"),
+    ("--batch-size", "BATCH_SIZE", positive_int, "images per step"),
+    ("--lr", "LR", positive_float, "peak learning rate"),
+    ("--optimizer", "OPTIMIZER", str, "adam | adamw | sgd"),
+    ("--weight-decay", "WEIGHT_DECAY", nonneg_float, "L2, through the optimizer"),
+    ("--l1", "L1", nonneg_float, "explicit L1 penalty on weights"),
+    ("--label-smoothing", "LABEL_SMOOTHING", fraction, "label smoothing of the loss"),
+    ("--schedule", "SCHEDULE", str, "none | cosine | onecycle"),
+    ("--final-epochs", "FINAL_EPOCHS", positive_int, "epochs of the retrain on train+validation"),
+    ("--final-subset", "FINAL_SUBSET", optional_positive_int, "images of the retrain; 'all' for every one"),
+    ("--device", "DEVICE", str, "auto | cpu | cuda | mps"),
+    ("--out-dir", "OUT_DIR", str, "run folder (default: a new one under runs/)"),
+]
+
+
+def add_shared_flags(parser, constants):
+    """The flags both scripts share, with defaults from the script's constants block."""
+    a = parser.add_argument
+    quick = constants["QUICK"]
+    a("--quick", action="store_true", help="smoke-run preset: " + ", ".join(f"{k}={v}" for k, v in quick.items()))
+    for flag, name, kind, text in SHARED_FLAGS:
+        a(flag, type=kind, default=constants[name], help=text)
+    a("--no-final", action="store_true", help="stop after the search summary")
+    a("--no-deterministic", dest="deterministic", action="store_false", default=constants["DETERMINISTIC"],
+      help="allow non-deterministic (faster) GPU kernels")
+    a("--no-plots", action="store_true", help="skip the PNG plots")
+    a("--verbose", action="store_true", help="more log lines, Optuna's included")
+    a("--quiet", action="store_true", help="print only the summary")
+
+
+def check_shared(args, train_limit=60_000):
+    """Checks across the shared flags, before any work starts."""
+    check(args.train_subset is None or args.train_subset + args.val_size <= train_limit,
+          f"--train-subset {args.train_subset} + --val-size {args.val_size} exceed the {train_limit:,} training images")
+    check(args.final_subset is None or args.final_subset <= train_limit,
+          f"--final-subset {args.final_subset} exceeds the {train_limit:,} training images")
+    check(not (args.verbose and args.quiet), "--verbose and --quiet exclude each other")
+
+
 def check(condition, message):
     """Raise a UserError with `message` unless `condition` holds (for checks across several values)."""
     if not condition:
         raise UserError(message)
 
 
+class _LineHandler(logging.Handler):
+    """Log lines on stdout, written through tqdm so they never tear a progress bar apart."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
 def setup_logging(verbose=False, quiet=False):
     import optuna
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[_LineHandler()], force=True)
     # Optuna's own per-trial lines repeat ours; show them only when asked for more
     optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
 

@@ -102,7 +102,8 @@ class ConvNet(nn.Module):
 
 
 def build_model(config):
-    return ConvNet(config)
+    """The network of `config`, in channels_last memory order to match the data (faster convolutions)."""
+    return ConvNet(config).to(memory_format=torch.channels_last)
 
 
 def count_parameters(model):

@@ -7,6 +7,7 @@ import datetime
 import gc
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -224,9 +225,12 @@ def run_trial(trial, model_config, train_cfg, data, seed, run_id, reports_per_ep
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
 
+    last_step = train_cfg.epochs * reports_per_epoch
+
     def on_report(step, val_accuracy):
         trial.report(val_accuracy, step)
-        if trial.should_prune():
+        # pruning after the last report would only throw away a finished result
+        if step < last_step and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} with validation accuracy {val_accuracy:.4f}")
 
     try:
@@ -244,6 +248,8 @@ def run_trial(trial, model_config, train_cfg, data, seed, run_id, reports_per_ep
     finally:
         del model
         release_memory()
+        if torch.cuda.is_available():  # what a trial leaves behind; flat over many trials means no leak
+            trial.set_user_attr("cuda_memory_mb", torch.cuda.memory_allocated() / 2**20)
     return history[-1]["val_accuracy"]
 
 
@@ -359,25 +365,27 @@ class Stopwatch:
         return time.perf_counter() - self.started
 
 
-def train_config_from(values):
-    try:
-        return TrainConfig.from_dict(values)
-    except TypeError as error:
-        raise UserError(f"bad training settings ({error})") from None
+def train_config(args):
+    """The per-trial training settings of the shared flags."""
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       weight_decay=args.weight_decay, l1=args.l1, label_smoothing=args.label_smoothing,
+                       schedule=args.schedule)
 
 
 # ---- after the search ---------------------------------------------------------
 
-def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta):
+def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta, plot_studies):
     """The common ending of both scripts; returns the exit code.
 
     Interrupted: say how to resume (130). No complete trial: nothing to retrain (1). Otherwise, unless
-    --no-final, retrain the best network on train+validation, read the test set once, save model.pt.
+    --no-final, retrain the best network on train+validation, read the test set once, save model.pt
+    and model.onnx (checked against PyTorch in ONNX Runtime), then the plots.
     """
     from data import final_training_set, load_test
-    from training import describe_device, retrain_and_test
+    from training import describe_device, export_onnx, onnx_parity, retrain_and_test
 
     write_json(out_dir / "summary.json", summary)
+    history = None
     if interrupted:
         print(f"interrupted: finished trials are kept in the storage; rerun the same command with "
               f"--out-dir {out_dir} to resume")
@@ -385,20 +393,42 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
     if best is None:
         print("no trial completed, so there is nothing to retrain")
         return 1
-    if args.no_final:
-        return 0
-    final_cfg = TrainConfig.from_dict({**best.user_attrs["train"], "epochs": args.final_epochs})
-    seed = best.user_attrs["seed"]
-    x, y = final_training_set(data, args.final_subset, seed)
-    log.info(f"\nretraining the best network on {len(y)} train+validation images for {args.final_epochs} "
-             f"epochs on {describe_device(device)}")
-    _, history, test_accuracy, seconds = retrain_and_test(
-        best.user_attrs["model"], final_cfg, x, y, seed,
-        test=lambda: load_test(data_dir, device, data.mean, data.std), checkpoint=out_dir / "model.pt",
-        meta={**meta, "val_accuracy": best.value, "trial": best.number, "command": command_line(), "augment": False})
-    print(f"test accuracy: {100 * test_accuracy:.2f} %   (final training {seconds:.0f} s on {len(y)} images)")
-    write_json(out_dir / "summary.json", {**summary, "test_accuracy": test_accuracy, "final_seconds": seconds,
-                                          "final_history": history})
-    print(f"results: {out_dir}/  (best_params.json, trials.csv, model.pt, summary.json)")
+    if not args.no_final:
+        final_cfg = TrainConfig.from_dict({**best.user_attrs["train"], "epochs": args.final_epochs})
+        seed = best.user_attrs["seed"]
+        x, y = final_training_set(data, args.final_subset, seed)
+        log.info(f"\nretraining the best network on {len(y)} train+validation images for {args.final_epochs} "
+                 f"epochs on {describe_device(device)}")
+        # the search is over: this is the one place the test set is read
+        test = load_test(data_dir, device, data.mean, data.std)
+        with progress(args.final_epochs, "final epochs", "epoch") as bar:
+            model, history, test_accuracy, seconds = retrain_and_test(
+                best.user_attrs["model"], final_cfg, x, y, seed, test, checkpoint=out_dir / "model.pt",
+                meta={**meta, "val_accuracy": best.value, "trial": best.number, "command": command_line(),
+                      "augment": False},
+                on_epoch=lambda record: bar.update(1))
+        print(f"test accuracy: {100 * test_accuracy:.2f} %   (final training {seconds:.0f} s on {len(y)} images)")
+        onnx_path = export_onnx(model, out_dir / "model.onnx")
+        max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
+        print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
+              f"{100 * agreement:.1f} %")
+        summary = {**summary, "test_accuracy": test_accuracy, "final_seconds": seconds, "final_history": history,
+                   "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
+        write_json(out_dir / "summary.json", summary)
+    if not args.no_plots:
+        from plots import write_plots
+
+        written = write_plots(out_dir, *plot_studies, final_history=history)
+        log.info(f"plots: {len(written)} PNG files in {out_dir / 'plots'}")
+    print(f"results: {out_dir}/  (best_params.json, trials.csv, summary.json"
+          f"{'' if args.no_final else ', model.pt, model.onnx'}{'' if args.no_plots else ', plots/'})")
     print(f"reproduce: {command_line()}")
     return 0
+
+
+def progress(total, description, unit="trial"):
+    """A tqdm bar on a terminal at the normal log level; nothing at all in logs, pipes and CI."""
+    from tqdm import tqdm
+
+    show = sys.stdout.isatty() and log.getEffectiveLevel() <= logging.INFO
+    return tqdm(total=total, desc=description, unit=unit, leave=False, disable=not show, file=sys.stdout)

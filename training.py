@@ -1,4 +1,7 @@
 """The one train/evaluate loop, optimizers, L1/L2, LR schedules, seeding, device choice, checkpoints."""
+import contextlib
+import copy
+import io
 import math
 import os
 import random
@@ -12,7 +15,7 @@ from torch import nn
 
 from data import EVAL_BATCH, batches
 from errors import UserError
-from models import build_model
+from models import INPUT_SHAPE, build_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
@@ -130,18 +133,12 @@ def _autocast(device):
         device.type, enabled=False)
 
 
-def _channels_last(device):
-    return device.type == "cuda"
-
-
 @torch.no_grad()
 def predict_logits(model, x, batch_size=EVAL_BATCH):
     model.eval()
     device = x.device
     outputs = []
     for xb, _ in batches(x, x, batch_size, drop_last=False):
-        if _channels_last(device):
-            xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(device):
             outputs.append(model(xb).float())
     return torch.cat(outputs)
@@ -152,17 +149,16 @@ def evaluate(model, x, y, batch_size=EVAL_BATCH):
     return (predict_logits(model, x, batch_size).argmax(1) == y).float().mean().item()
 
 
-def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1):
+def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1, on_epoch=None):
     """Train `model` on (x, y); evaluate on `val` (x, y) `reports_per_epoch` times per epoch.
 
     on_report(step, val_accuracy) is called after each evaluation, step counting from 1; it may raise
-    to stop training (the scripts raise optuna.TrialPruned). Returns the per-epoch history.
+    to stop training (the scripts raise optuna.TrialPruned). on_epoch(record) follows each epoch.
+    Returns the per-epoch history.
     Raises Divergence when the loss stops being finite.
     """
     device = x.device
     generator = torch.Generator().manual_seed(seed)
-    if _channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(y) // cfg.batch_size if len(y) >= cfg.batch_size else 1
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -177,8 +173,6 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1)
         seen = 0
         val_accuracy = None
         for batch_index, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, generator), start=1):
-            if _channels_last(device):
-                xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
@@ -206,6 +200,8 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1)
             raise Divergence(f"training loss is {train_loss} at epoch {epoch}")
         history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": correct.item() / max(seen, 1),
                         "val_accuracy": val_accuracy, "seconds": time.perf_counter() - started})
+        if on_epoch is not None:
+            on_epoch(history[-1])
     return history
 
 
@@ -231,20 +227,46 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), payload
 
 
-def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta):
-    """Retrain a config from scratch on (x, y), evaluate the test set once, save the checkpoint.
+def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta, on_epoch=None):
+    """Retrain a config from scratch on (x, y), evaluate the test set (x, y) once, save the checkpoint.
 
-    `test` is a zero-argument function that loads the test set, so it is read only here, after the
-    search. Returns (model, history, test_accuracy).
+    Returns (model, history, test_accuracy, train_seconds).
     """
     seed_everything(seed)
     model = build_model(model_config).to(x.device)
     started = time.perf_counter()
-    history = train(model, x, y, train_cfg, seed)
+    history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch)
     train_seconds = time.perf_counter() - started
-    test_x, test_y = test()
-    test_accuracy = evaluate(model, test_x, test_y)
+    test_accuracy = evaluate(model, *test)
     meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
             "train_images": len(y), "torch": torch.__version__}
     save_checkpoint(checkpoint, model, train_cfg, meta)
     return model, history, test_accuracy, train_seconds
+
+
+def export_onnx(model, path):
+    """Save the model as ONNX (opset of torch's exporter) with a dynamic batch axis; return the path."""
+    cpu_model = copy.deepcopy(model).cpu().float().eval()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    # the exporter narrates its passes on stdout; the run's own output stays readable without them
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(cpu_model, (torch.zeros(2, *INPUT_SHAPE),), str(tmp), input_names=["image"],
+                          output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
+                          external_data=False, verbose=False)
+    os.replace(tmp, path)
+    return path
+
+
+def onnx_parity(model, path, images):
+    """(max |logit difference|, fraction of equal predicted labels) of ONNX Runtime against PyTorch on CPU."""
+    import onnxruntime
+
+    cpu_model = copy.deepcopy(model).cpu().float().eval()
+    images = images.detach().cpu().float().contiguous()
+    with torch.no_grad():
+        expected = cpu_model(images).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": images.numpy()})[0]
+    return float(np.abs(got - expected).max()), float((got.argmax(1) == expected.argmax(1)).mean())

@@ -1,0 +1,97 @@
+"""Data pipeline, side by side in one run: the original scripts' loader against device-resident batches.
+
+    python benchmarks/pipeline.py --data-dir ../shared/data
+
+(a) original style: torchvision MNIST + ToTensor + Normalize + DataLoader(batch 32, shuffle), as the
+    published scripts fed every trial; (b) this project: tensors normalised once on the device,
+    batches sliced from a seeded permutation. Both feed the same batch size to the same model.
+Prints images/s for data only and with the reference model, and `ratio: N.Nx` for data only.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data import batches, ensure_files, load_search_data, resolve_data_dir  # noqa: E402
+from models import build_model  # noqa: E402
+from training import TrainConfig, make_optimizer, resolve_device  # noqa: E402
+
+# a plain BN CNN in the spirit of DESIGN.md's reference (32-64 channels, one FC layer)
+REFERENCE = {"conv": [{"channels": 32, "kernel": 3, "pool": True}, {"channels": 64, "kernel": 3, "pool": True}],
+             "fc": [128], "dropout": 0.25}
+
+
+def original_loader(data_dir, batch_size):
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    dataset = datasets.MNIST(str(data_dir), train=True, download=False, transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+
+
+def project_batches(data, batch_size, seed=0):
+    return batches(data.all_x, data.all_y, batch_size, torch.Generator().manual_seed(seed))
+
+
+def time_batches(iterator, images, step=None):
+    """Images per second over the first `images` images the iterator yields (plus `step` per batch)."""
+    seen, started = 0, time.perf_counter()
+    for x, y in iterator:
+        if step is not None:
+            step(x, y)
+        seen += len(y)
+        if seen >= images:
+            break
+    return seen / (time.perf_counter() - started)
+
+
+def train_step_fn(device):
+    torch.manual_seed(0)
+    model = build_model(REFERENCE).to(device)
+    optimizer = make_optimizer(model, TrainConfig())
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(x, y):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32, help="the original scripts' batch size")
+    parser.add_argument("--data-images", type=int, default=60_000, help="images per data-only measurement")
+    parser.add_argument("--model-images", type=int, default=6_400, help="images per with-model measurement")
+    args = parser.parse_args()
+    data_dir = resolve_data_dir(args.data_dir)
+    device = resolve_device(args.device)
+    ensure_files(data_dir)
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, batch size {args.batch_size}")
+
+    started = time.perf_counter()
+    data = load_search_data(data_dir, device, val_size=10_000)
+    print(f"project: one-time load + normalise on the device: {time.perf_counter() - started:.2f} s")
+
+    rows = []
+    original = time_batches(original_loader(data_dir, args.batch_size), args.data_images)
+    ours = time_batches(project_batches(data, args.batch_size), args.data_images)
+    rows.append(("data only", original, ours))
+    original_model = time_batches(original_loader(data_dir, args.batch_size), args.model_images, train_step_fn(device))
+    ours_model = time_batches(project_batches(data, args.batch_size), args.model_images, train_step_fn(device))
+    rows.append(("data + reference model training", original_model, ours_model))
+
+    print(f"{'':34s} {'original (img/s)':>18s} {'project (img/s)':>18s} {'ratio':>8s}")
+    for name, a, b in rows:
+        print(f"{name:34s} {a:18,.0f} {b:18,.0f} {b / a:7.1f}x")
+    print(f"ratio: {ours / original:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

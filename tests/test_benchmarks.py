@@ -1,0 +1,23 @@
+"""The benchmarks still run (at toy sizes; their numbers are only meaningful at full size)."""
+import re
+import subprocess
+import sys
+
+from conftest import DATA_DIR, ROOT
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_pipeline_benchmark_prints_a_ratio():
+    result = run("benchmarks/pipeline.py", "--data-dir", DATA_DIR, "--device", "cpu", "--data-images", "3200",
+                 "--model-images", "320")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^ratio: \d+\.\dx$", result.stdout, re.MULTILINE)
+
+
+def test_throughput_benchmark_reports_utilisation():
+    result = run("benchmarks/throughput.py", "--device", "cpu", "--batch-sizes", "32", "--images", "64")
+    assert result.returncode == 0, result.stderr
+    assert "fp32 matmul peak" in result.stdout and result.stdout.count("%") >= 4

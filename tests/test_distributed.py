@@ -1,0 +1,135 @@
+"""Optuna's own distributed mode: several workers on one storage, killed workers, Ctrl-C, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import optuna
+import pytest
+
+from conftest import DATA_DIR, ROOT, TINY, TINY_ADV, TINY_CNN, load_script
+
+adv = load_script("MNIST-optuna-adv.py")
+POSTGRES = os.environ.get("MNIST_OPTUNA_POSTGRES")
+GRID = ["--fc-depths", "1", "2", "--fc-widths", "8,16,32", "8,16"]  # 3 + 6 = 9 networks
+GRID_HEADS = adv.head_grid([1, 2], [[8, 16, 32], [8, 16]])
+
+
+def postgres_or_skip():
+    if POSTGRES:
+        return POSTGRES
+    if os.environ.get("CI"):
+        pytest.fail("CI must provide PostgreSQL: .ci/run sets MNIST_OPTUNA_POSTGRES")
+    pytest.skip("no PostgreSQL here: set MNIST_OPTUNA_POSTGRES=postgresql://… (CI starts one in .ci/run)")
+
+
+@pytest.fixture(params=["journal", "postgresql"])
+def storage(request, tmp_path):
+    if request.param == "journal":
+        return str(tmp_path / "shared.journal")
+    return postgres_or_skip()
+
+
+def start(script, *args):
+    command = [sys.executable, str(ROOT / script), *map(str, args), "--data-dir", str(DATA_DIR)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(worker, timeout=600):
+    output, _ = worker.communicate(timeout=timeout)
+    return worker.returncode, output
+
+
+def load(storage, name):
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def states(study):
+    return [t.state.name for t in study.trials]
+
+
+def test_two_adv_workers_share_one_grid(storage, tmp_path):
+    name = f"grid-{uuid.uuid4().hex[:8]}"
+    common = [*TINY_ADV, *GRID, "--storage", storage, "--study-name", name, "--no-final"]
+    workers = [start("MNIST-optuna-adv.py", *common, "--out-dir", tmp_path / f"w{i}") for i in range(2)]
+    for worker in workers:
+        code, output = finish(worker)
+        assert code == 0, output
+        assert "grid size: 9" in output
+    study = load(storage, name)
+    done = [t.params["fc"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(done) == sorted(GRID_HEADS)  # every network once: none lost, none twice
+
+
+def test_two_tpe_workers_add_up(storage, tmp_path):
+    prefix = f"tpe-{uuid.uuid4().hex[:8]}"
+    common = [*TINY, *TINY_CNN, "--seeds", "0", "--storage", storage, "--study-prefix", prefix, "--no-final"]
+    workers = [start("MNIST-optuna.py", *common, "--n-trials", n, "--out-dir", tmp_path / f"w{n}") for n in (2, 3)]
+    for worker in workers:
+        code, output = finish(worker)
+        assert code == 0, output
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states(load(storage, f"{prefix}-seed0"))) == 2 + 3
+
+
+def wait_for_trial_lines(worker, count):
+    seen = []
+    for line in worker.stdout:
+        seen.append(line)
+        if sum(l.lstrip().startswith(("trial", "seed")) and "trial" in l for l in seen) >= count:
+            return "".join(seen)
+    raise AssertionError("the worker ended before it finished enough trials:\n" + "".join(seen))
+
+
+def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
+    storage = postgres_or_skip()
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    common = [*TINY_ADV, *GRID, "--storage", storage, "--study-name", name, "--no-final"]
+    victim = start("MNIST-optuna-adv.py", *common, "--out-dir", tmp_path / "victim")
+    wait_for_trial_lines(victim, 2)
+    # wait until the victim is inside its next trial, then kill it without warning
+    for _ in range(200):
+        if any(t.state.name == "RUNNING" for t in load(storage, name).trials):
+            break
+        subprocess.run(["sleep", "0.05"])
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed = [t for t in load(storage, name).trials if t.state.name == "RUNNING"]
+    assert len(killed) == 1
+
+    code, output = finish(start("MNIST-optuna-adv.py", *common, "--out-dir", tmp_path / "rescuer"))
+    assert code == 0, output
+    study = load(storage, name)
+    lost = study.trials[killed[0].number]
+    assert lost.state.name == "FAIL" and lost.user_attrs["reason"] == "worker died"
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    assert retries[0].params == lost.params
+    done = [t.params["fc"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(done) == sorted(GRID_HEADS)
+
+
+def test_ctrl_c_keeps_the_study_and_a_rerun_completes_it(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "4", "--no-final", "--out-dir", out]
+    worker = start("MNIST-optuna.py", *args)
+    before = wait_for_trial_lines(worker, 1)
+    worker.send_signal(signal.SIGINT)
+    code, output = finish(worker)
+    assert code == 130, before + output
+    assert "==== summary ====" in output and "rerun the same command" in output
+    assert "Traceback" not in output
+
+    study = load(str(out / "study.journal"), "mnist-cnn-seed0")
+    finished_before = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert 1 <= finished_before < 4
+
+    code, output = finish(start("MNIST-optuna.py", *args))
+    assert code == 0, output
+    study = load(str(out / "study.journal"), "mnist-cnn-seed0")
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+    interrupted = [t for t in study.trials if t.state.name == "FAIL"]
+    assert all(t.user_attrs.get("reason") == "interrupted" for t in interrupted)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
