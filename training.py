@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -221,7 +222,7 @@ def load_checkpoint(path, device="cpu"):
         payload = torch.load(path, map_location=device, weights_only=True)
         model = build_model(payload["config"])
         model.load_state_dict(payload["state_dict"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__}); "
                         "pass a model.pt written by MNIST-optuna.py or MNIST-optuna-adv.py") from None
     return model.to(device), payload
@@ -239,7 +240,7 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     train_seconds = time.perf_counter() - started
     test_accuracy = evaluate(model, *test)
     meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
-            "train_images": len(y), "torch": torch.__version__}
+            "train_images": len(y), "torch": str(torch.__version__)}
     save_checkpoint(checkpoint, model, train_cfg, meta)
     return model, history, test_accuracy, train_seconds
 

@@ -1,11 +1,14 @@
 """What a run leaves for people: plots, ONNX with a parity check, progress bars only on a terminal, the dashboard."""
+import fcntl
 import json
 import os
 import pty
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 import urllib.request
 from pathlib import Path
@@ -39,7 +42,7 @@ def test_onnx_model_matches_pytorch(quick_adv_run):
     out, stdout = quick_adv_run
     assert (out / "model.onnx").stat().st_size > 1_000
     line = next(l for l in stdout.splitlines() if l.startswith("onnx parity: max abs diff"))
-    assert float(line.split()[4]) < 1e-4
+    assert float(line.split()[5]) < 1e-4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["onnx_max_abs_diff"] < 1e-4 and summary["onnx_label_agreement"] == 1.0
 
@@ -56,6 +59,7 @@ def test_backbone_accepts_a_checkpoint(quick_adv_run, tmp_path):
 def run_in_terminal(args, timeout=300):
     """Run a script with stdout on a pseudo-terminal, as in an interactive shell; return all it wrote."""
     controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # 30 rows, 100 columns
     worker = subprocess.Popen([sys.executable, str(ROOT / "MNIST-optuna-adv.py"), *map(str, args)], cwd=ROOT,
                               stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
     os.close(terminal)
@@ -108,7 +112,7 @@ def test_dashboard_lists_the_study(quick_adv_run):
                     pytest.fail("optuna-dashboard exited: " + dashboard.stdout.read())
                 time.sleep(0.5)
         assert body is not None, "optuna-dashboard did not answer within 60 s"
-        assert [study["study_name"] for study in body["studies"]] == ["mnist-fc-grid"]
+        assert [study["study_name"] for study in body["study_summaries"]] == ["mnist-fc-grid"]
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
