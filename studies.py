@@ -116,16 +116,20 @@ def make_storage(spec, out_dir):
         except OSError as error:
             raise UserError(f"cannot open journal file {path} ({error}); pass a writable path") from None
         return optuna.storages.JournalStorage(backend)
-    try:
-        return optuna.storages.RDBStorage(
-            spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=RETRY)
-    except ImportError as error:
-        raise UserError(f"the database driver for {spec.split(':')[0]} is missing ({error}); "
-                        "pip install -r requirements.txt") from None
-    except Exception as error:  # SQLAlchemy raises many kinds; all mean the URL cannot be used
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                              heartbeat_stale_trial_callback=RETRY)
+        except ImportError as error:
+            raise UserError(f"the database driver for {spec.split(':')[0]} is missing ({error}); "
+                            "pip install -r requirements.txt") from None
+        except Exception as error:  # SQLAlchemy raises many kinds; all mean the URL cannot be used (yet)
+            # workers started together on an empty database race to create Optuna's tables; the losers retry
+            if attempt < 2 and ("already exists" in str(error) or "UniqueViolation" in str(error)):
+                time.sleep(1 + attempt)
+                continue
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
 
 
 def make_pruner(name, epochs, n_startup_trials=2, n_warmup_steps=0, interval_steps=1):

@@ -10,6 +10,7 @@ import optuna
 import pytest
 
 from conftest import DATA_DIR, ROOT, TINY, TINY_ADV, TINY_CNN, load_script
+from studies import make_storage
 
 adv = load_script("MNIST-optuna-adv.py")
 POSTGRES = os.environ.get("MNIST_OPTUNA_POSTGRES")
@@ -43,7 +44,7 @@ def finish(worker, timeout=600):
 
 
 def load(storage, name):
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=make_storage(storage, None))
 
 
 def states(study):
