@@ -170,14 +170,14 @@ def main(argv=None):
     heads = head_grid(args.fc_depths, parse_widths(args.fc_widths))
     backbone = load_backbone(args.backbone)
     device = resolve_device(args.device, args.deterministic)
+    data_dir = resolve_data_dir(args.data_dir)
+    data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.seed)
     out_dir = prepare_out_dir(args.out_dir)
     storage = make_storage(args.storage, out_dir)
     run_id = start_run(out_dir, {**vars(args), "backbone_conv": backbone})
-    data_dir = resolve_data_dir(args.data_dir)
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
-    if device.type == "cpu":
-        log.info("no GPU in use: the search and the retrain run on the CPU")
-    data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.seed)
+    if device.type == "cpu" and args.device == "auto":
+        print("no CUDA GPU found: the search and the retrain of the best network run on the CPU")
 
     # GridSampler over the list of distinct heads: its seed fixes the order (trial k gets grid point k),
     # so every worker of a study must pass the same --seed; the sampler stops the study when the grid is done.

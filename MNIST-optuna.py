@@ -1,6 +1,6 @@
 """Seeded TPE search over the model hyperparameters of an MNIST CNN, repeated over seeds.
 
-    python MNIST-optuna.py                      # the defaults below: about 15 minutes on 2 CPU cores
+    python MNIST-optuna.py                      # the defaults below: about 10 minutes on 2 CPU cores
     python MNIST-optuna.py --quick              # a smoke run in about a minute
     python MNIST-optuna.py --seeds 0 1 2 --n-trials 50 --epochs 3 --train-subset all
 
@@ -21,7 +21,7 @@ from training import derive_seed, describe_device, resolve_device
 
 # ---- study -------------------------------------------------------------------
 SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
-N_TRIALS = 6                  # trials per seed (per worker, when several share a study)
+N_TRIALS = 6                  # trials per seed that this run folder adds to each study
 N_STARTUP_TRIALS = 3          # random trials before TPE models the space
 PRUNER = "hyperband"          # hyperband | median | none (steps are epochs)
 STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
@@ -175,12 +175,12 @@ def main(argv=None):
     train_config(args)  # unknown optimizer or schedule names fail here, before any work
     device = resolve_device(args.device, args.deterministic)
     make_pruner(args.pruner, args.epochs)  # unknown names fail here, before any work
+    data_dir = resolve_data_dir(args.data_dir)
+    data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
     out_dir = prepare_out_dir(args.out_dir)
     storage = make_storage(args.storage, out_dir)
     run_id = start_run(out_dir, vars(args))
-    data_dir = resolve_data_dir(args.data_dir)
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
-    data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
     log.info(f"train {len(data.train_y)} / validation {len(data.val_y)} images; "
              f"{len(args.seeds)} seeds x {args.n_trials} trials x {args.epochs} epochs")
 

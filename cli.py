@@ -85,6 +85,7 @@ def add_shared_flags(parser, constants):
     a("--no-final", action="store_true", help="stop after the search summary")
     a("--no-deterministic", dest="deterministic", action="store_false", default=constants["DETERMINISTIC"],
       help="allow non-deterministic (faster) GPU kernels")
+    a("--compile", action="store_true", help="torch.compile each model (worth it on a GPU)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
     a("--verbose", action="store_true", help="more log lines, Optuna's included")
     a("--quiet", action="store_true", help="print only the summary")

@@ -4,8 +4,8 @@ Training itself lives in training.py; this module only wires a trial to it (repo
 a trial stopped) and writes what a run produced.
 """
 import datetime
-import gc
 import errno
+import gc
 import json
 import logging
 import math
@@ -15,10 +15,9 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
-
 import uuid
 import warnings
+from pathlib import Path
 
 import optuna
 import torch
@@ -373,7 +372,7 @@ def train_config(args):
     """The per-trial training settings of the shared flags."""
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, l1=args.l1, label_smoothing=args.label_smoothing,
-                       schedule=args.schedule)
+                       schedule=args.schedule, compile=args.compile)
 
 
 # ---- after the search ---------------------------------------------------------

@@ -35,6 +35,7 @@ class TrainConfig:
     l1: float = 0.0               # explicit L1 penalty over weights, added to the loss
     schedule: str = "onecycle"    # none | cosine | onecycle
     label_smoothing: float = 0.0
+    compile: bool = False         # torch.compile the model: speed on a GPU, the same maths
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -160,6 +161,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
     """
     device = x.device
     generator = torch.Generator().manual_seed(seed)
+    forward = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(y) // cfg.batch_size if len(y) >= cfg.batch_size else 1
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -175,7 +177,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         val_accuracy = None
         for batch_index, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, generator), start=1):
             with _autocast(device):
-                logits = model(xb)
+                logits = forward(xb)
                 loss = loss_fn(logits.float(), yb)
             if cfg.l1 > 0:
                 loss = loss + cfg.l1 * l1_penalty(model)

@@ -96,12 +96,15 @@ def test_median_pruner_prunes_a_crippled_network(tmp_path):
     # a grid seed that does not put the width-1 network among the trials the pruner waits for
     seed = next(s for s in range(100) if optuna.samplers.GridSampler({"fc": heads}, seed=s)._all_grids[-1] == ("1",))
     out = tmp_path / "prune"
+    # two reports per epoch: the pruner may stop a trial at the first, never after the last
     result = run_script("MNIST-optuna-adv.py", *TINY_ADV, "--fc-depths", "1", "--fc-widths", "1,32,64,128",
-                        "--median-startup-trials", "1", "--seed", seed, "--no-final", "--out-dir", out)
+                        "--median-startup-trials", "1", "--reports-per-epoch", "2", "--seed", seed, "--no-final",
+                        "--out-dir", out)
     assert result.returncode == 0, result.stderr
     frame = pd.read_csv(out / "trials.csv")
     crippled = frame[frame["params_fc"].astype(str) == "1"]
     assert crippled["state"].tolist() == ["PRUNED"]
+    assert "COMPLETE" in frame["state"].tolist()
 
 
 @pytest.mark.parametrize("content, says", [("{not json", "not valid JSON"), ('{"model": {}}', "no 'model'")])

@@ -113,7 +113,9 @@ def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
 
 def test_ctrl_c_keeps_the_study_and_a_rerun_completes_it(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "4", "--no-final", "--out-dir", out]
+    # trials of a few seconds, so the signal lands inside the search
+    args = [*TINY, *TINY_CNN, "--train-subset", "5000", "--epochs", "2", "--seeds", "0", "--n-trials", "4",
+            "--no-final", "--out-dir", out]
     worker = start("MNIST-optuna.py", *args)
     before = wait_for_trial_lines(worker, 1)
     worker.send_signal(signal.SIGINT)
