@@ -20,9 +20,9 @@ from data import load_search_data, resolve_data_dir
 from errors import UserError
 from models import normalise_config
 from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, command_line, finish_run, make_pruner,
-                     make_storage, network_of, open_study, prepare_out_dir, print_trial_lines, progress, remaining_trials,
-                     requeue_lost_trials, run_trial, start_run, state_counts, train_config, write_json,
-                     write_trials_csv)
+                     make_storage, network_of, open_study, prepare_out_dir, print_trial_lines, progress,
+                     remaining_trials, requeue_lost_trials, run_trial, start_run, state_counts, train_config,
+                     write_json, write_trials_csv)
 from training import derive_seed, describe_device, load_checkpoint, resolve_device
 
 # ---- the fixed convolutional backbone -------------------------------------------
@@ -97,7 +97,8 @@ def parse_widths(texts):
         try:
             values = sorted({int(v) for v in text.split(",") if v.strip()})
         except ValueError:
-            raise UserError(f"--fc-widths layer {position}: {text!r} is not a comma-separated list of integers") from None
+            raise UserError(f"--fc-widths layer {position}: {text!r} is not a comma-separated list of "
+                            "integers") from None
         check(values and all(v >= 1 for v in values), f"--fc-widths layer {position}: need widths >= 1")
         widths.append(values)
     return widths

@@ -34,6 +34,19 @@ def run_script(script, *args, data_dir=DATA_DIR, timeout=600, env=None):
                           env={**os.environ, **(env or {})})
 
 
+RUN_FILES = ("config.json", "best_params.json", "trials.csv", "summary.json", "model.pt", "model.onnx")
+
+
+def quick_run(script, out_dir):
+    """`script --quick` into out_dir: exits 0, prints the best trial and the test accuracy, writes the files."""
+    result = run_script(script, "--quick", "--out-dir", out_dir)
+    assert result.returncode == 0, result.stderr
+    assert "best trial:" in result.stdout and "test accuracy:" in result.stdout
+    for name in RUN_FILES:
+        assert (Path(out_dir) / name).is_file(), name
+    return result.stdout
+
+
 def load_script(name):
     """Import a hyphenated script as a module (nothing runs at import time)."""
     spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY, TINY_CNN, assert_one_line_error, load_script, run_script
+from conftest import TINY, TINY_CNN, assert_one_line_error, load_script, quick_run, run_script
 
 COLUMNS = ["seed", "number", "state", "value"]
 
@@ -19,12 +19,7 @@ def trials(out_dir):
 
 def test_quick_run_end_to_end(tmp_path):
     out = tmp_path / "quick"
-    result = run_script("MNIST-optuna.py", "--quick", "--out-dir", out)
-    assert result.returncode == 0, result.stderr
-    assert "best trial" in result.stdout
-    assert "test accuracy:" in result.stdout
-    for name in ("best_params.json", "trials.csv", "model.pt", "summary.json"):
-        assert (out / name).is_file(), name
+    quick_run("MNIST-optuna.py", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
     assert 0.5 < summary["test_accuracy"] <= 1

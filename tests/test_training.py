@@ -48,8 +48,8 @@ def test_training_learns_and_is_reproducible(small):
 
 @pytest.mark.parametrize("optimizer, schedule", [("adam", "none"), ("sgd", "cosine"), ("adamw", "onecycle")])
 def test_each_optimizer_and_schedule_trains(small, optimizer, schedule):
-    cfg = TrainConfig(epochs=1, batch_size=50, optimizer=optimizer, schedule=schedule, lr=0.02 if optimizer == "sgd" else 3e-3,
-                      l1=1e-5, label_smoothing=0.1)
+    cfg = TrainConfig(epochs=1, batch_size=50, optimizer=optimizer, schedule=schedule, l1=1e-5, label_smoothing=0.1,
+                      lr=0.02 if optimizer == "sgd" else 3e-3)
     model = build_model(CONFIG)
     history = train(model, small.train_x, small.train_y, cfg, seed=0)
     assert history[0]["train_loss"] < 2.3
