@@ -9,8 +9,6 @@ Each distinct network is one grid point: a depth d and one width per layer 1..d,
 layers a network does not have. Rerunning with the same storage and study name resumes the grid.
 """
 import itertools
-import json
-from pathlib import Path
 
 import optuna
 
@@ -19,11 +17,11 @@ from cli import check, log
 from data import load_search_data, resolve_data_dir
 from errors import UserError
 from models import normalise_config
-from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, command_line, finish_run, make_pruner,
-                     make_storage, network_of, open_study, prepare_out_dir, print_trial_lines, progress,
-                     remaining_trials, requeue_lost_trials, run_trial, start_run, state_counts, train_config,
-                     write_json, write_trials_csv)
-from training import derive_seed, describe_device, load_checkpoint, resolve_device
+from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
+                     load_network, make_pruner, make_storage, network_of, open_study, prepare_out_dir,
+                     print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial, start_run,
+                     state_counts, train_config, write_json, write_trials_csv)
+from training import derive_seed, describe_device, resolve_device
 
 # ---- the fixed convolutional backbone -------------------------------------------
 BACKBONE = [                  # conv -> BN -> LeakyReLU (-> 2x2 max-pool); or --backbone PATH
@@ -59,11 +57,13 @@ LR = 3e-3                     # peak learning rate (one-cycle)
 OPTIMIZER = "adamw"           # adam | adamw | sgd
 WEIGHT_DECAY = 5e-4           # L2 through the optimizer
 L1 = 0.0                      # explicit L1 penalty on weights (torch has no built-in)
+AUGMENT = False               # small random affine per batch on the device (results are labelled)
 LABEL_SMOOTHING = 0.0         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
 # ---- final model -------------------------------------------------------------
 FINAL_EPOCHS = 6              # retrain of the best network on train+validation
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
+ENSEMBLE = 0                  # K > 1: also retrain the K best distinct networks and average their softmax
 DEVICE = "auto"               # auto (CUDA when available) | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
@@ -115,35 +115,20 @@ def head_grid(depths, widths):
 
 
 def load_backbone(path):
-    """The conv blocks of a best_params.json written by MNIST-optuna.py, or of a model.pt checkpoint."""
+    """The conv blocks of --backbone (a best_params.json or model.pt), or of BACKBONE."""
     if path is None:
         return normalise_config({"conv": BACKBONE, "fc": []})["conv"]
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
-    if path.suffix == ".pt":
-        _, payload = load_checkpoint(path)
-        return payload["config"]["conv"]
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"--backbone {path} is not valid JSON ({error}); pass the best_params.json "
-                        "written by MNIST-optuna.py") from None
-    model = payload.get("model") if isinstance(payload, dict) else None
-    if not isinstance(model, dict) or "conv" not in model:
-        raise UserError(f"--backbone {path} has no 'model' with 'conv' blocks; pass the best_params.json "
-                        "written by MNIST-optuna.py")
-    return normalise_config({**model, "fc": []})["conv"]
+    return load_network(path)["conv"]
 
 
 def make_objective(args, backbone, heads, data, run_id):
     def objective(trial):
+        claim(trial, run_id)
         head = trial.suggest_categorical("fc", heads)
         widths = [int(w) for w in head.split("-")]
         config = {"conv": backbone, "fc": widths, "dropout": args.dropout, "num_classes": 10}
         seed = derive_seed(args.seed, trial.number)
-        return run_trial(trial, config, train_config(args), data, seed, run_id,
-                         reports_per_epoch=args.reports_per_epoch)
+        return run_trial(trial, config, train_config(args), data, seed, reports_per_epoch=args.reports_per_epoch)
     return objective
 
 
@@ -227,7 +212,7 @@ def main(argv=None):
     if best is not None:
         write_json(out_dir / "best_params.json", best_params_payload(best))
     return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta={"grid_seed": args.seed},
-                      plot_studies=([study], study))
+                      plot_studies=([study], study), trials=study.trials)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,25 @@
     python MNIST-optuna.py                      # the defaults below: about 10 minutes on 2 CPU cores
     python MNIST-optuna.py --quick              # a smoke run in about a minute
     python MNIST-optuna.py --seeds 0 1 2 --n-trials 50 --epochs 3 --train-subset all
+    python MNIST-optuna.py --stage optim --backbone runs/X/best_params.json   # stage 2: its training
+    python MNIST-optuna.py --evaluate runs/X/model.pt                          # test accuracy, size, MACs
 
-Each seed gets its own study (<prefix>-seed<N>, TPE seeded with N). Trials are scored on a fixed,
-seeded validation split; the best network is then retrained on train+validation and the test set is
-read once, at the very end.
+Each seed gets its own study (<prefix>-seed<N>, TPE seeded with N; stage 2: <prefix>-optim-seed<N>).
+Trials are scored on a fixed, seeded validation split; the best network is then retrained on
+train+validation and the test set is read once, at the very end.
 """
 import optuna
 
 import cli
 from cli import check, log
 from data import load_search_data, resolve_data_dir
-from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, command_line, finish_run,
-                     make_pruner, make_storage, mean_std, network_of, open_study, params_lines, prepare_out_dir,
-                     print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial, start_run,
-                     state_counts, train_config, write_json, write_trials_csv)
-from training import derive_seed, describe_device, resolve_device
+from models import describe
+from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
+                     load_network, make_pruner, make_storage, mean_std, network_of, open_study, params_lines,
+                     prepare_out_dir, print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial,
+                     start_run, state_counts, train_config, write_json, write_trials_csv)
+from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, evaluate_checkpoint,
+                      resolve_device)
 
 # ---- study -------------------------------------------------------------------
 SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
@@ -49,9 +53,22 @@ SLOPE = (1e-3, 0.2)           # LeakyReLU negative slope range per conv layer (l
 BATCH_NORM = [True]           # choices; [True, False] lets the search decide
 DROPOUT = (0.0, 0.5)          # dropout range in the FC head (never before a BatchNorm)
 FC_WIDTH = (64, 256, 64)      # (low, high, step) of the one hidden FC layer
+# ---- stage 2: the optimization hyperparameters of a fixed network ------------------
+STAGE = "model"               # model: search the network (stage 1) | optim: search how to train --backbone
+BACKBONE = None               # stage 2: a best_params.json (or model.pt) whose network stays fixed
+OPTIM_OPTIMIZERS = ["adamw", "sgd"]  # choices
+OPTIM_LR = (5e-4, 2e-2)       # peak learning rate range (log scale)
+OPTIM_SCHEDULES = ["onecycle", "cosine"]  # choices
+OPTIM_WEIGHT_DECAY = (1e-6, 1e-2)  # L2 range (log scale)
+OPTIM_L1 = (1e-7, 1e-4)       # L1 range (log scale), when the trial uses L1 at all
+OPTIM_BATCH_SIZES = [64, 128, 256]  # choices
+OPTIM_LABEL_SMOOTHING = (0.0, 0.15)  # range
+OPTIM_EPOCHS = (2, 5)         # epochs per trial; the upper end is the pruner's last step
 # ---- final model -------------------------------------------------------------
 FINAL_EPOCHS = 8              # retrain of the overall best on train+validation
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
+ENSEMBLE = 0                  # K > 1: also retrain the K best distinct configs and average their softmax
+AUGMENT = False               # small random affine per batch on the device (results are labelled)
 DEVICE = "auto"               # auto | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
@@ -78,6 +95,17 @@ def build_parser():
     a("--batch-norm", type=_bool, nargs="+", default=BATCH_NORM, help="choices among true/false")
     a("--dropout", type=cli.fraction, nargs=2, default=DROPOUT, metavar=("LOW", "HIGH"))
     a("--fc-width", type=cli.positive_int, nargs=3, default=FC_WIDTH, metavar=("LOW", "HIGH", "STEP"))
+    a("--stage", choices=("model", "optim"), default=STAGE)
+    a("--backbone", default=BACKBONE, help="stage 2: best_params.json or model.pt of the network to keep")
+    a("--optim-optimizers", choices=OPTIMIZERS, nargs="+", default=OPTIM_OPTIMIZERS)
+    a("--optim-lr", type=cli.positive_float, nargs=2, default=OPTIM_LR, metavar=("LOW", "HIGH"))
+    a("--optim-schedules", choices=SCHEDULES, nargs="+", default=OPTIM_SCHEDULES)
+    a("--optim-weight-decay", type=cli.positive_float, nargs=2, default=OPTIM_WEIGHT_DECAY, metavar=("LOW", "HIGH"))
+    a("--optim-l1", type=cli.positive_float, nargs=2, default=OPTIM_L1, metavar=("LOW", "HIGH"))
+    a("--optim-batch-sizes", type=cli.positive_int, nargs="+", default=OPTIM_BATCH_SIZES)
+    a("--optim-label-smoothing", type=cli.fraction, nargs=2, default=OPTIM_LABEL_SMOOTHING, metavar=("LOW", "HIGH"))
+    a("--optim-epochs", type=cli.positive_int, nargs=2, default=OPTIM_EPOCHS, metavar=("LOW", "HIGH"))
+    a("--evaluate", metavar="PATH", help="print a checkpoint's test accuracy, parameters and MACs, then exit")
     return p
 
 
@@ -103,6 +131,10 @@ def validate(args):
     check(len(args.pool_after) <= 4, "--pool-after: at most 4 pools fit a 28x28 image")
     check(len(set(args.seeds)) == len(args.seeds), "--seeds: each seed once")
     cli.check_shared(args)
+    for flag in ("optim_lr", "optim_weight_decay", "optim_l1", "optim_label_smoothing", "optim_epochs"):
+        low, high = getattr(args, flag)
+        check(low <= high, f"--{flag.replace('_', '-')}: low {low} is above high {high}")
+    check(args.stage == "model" or args.backbone, "--stage optim needs --backbone PATH (a best_params.json)")
 
 
 def suggest_model(trial, args):
@@ -127,10 +159,29 @@ def _choice(trial, name, choices):
     return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
 
 
-def make_objective(args, data, study_seed, run_id):
+def suggest_training(trial, args):
+    """Stage 2: the optimization and regularization hyperparameters of one trial."""
+    use_l1 = trial.suggest_categorical("use_l1", [False, True])
+    return TrainConfig(
+        epochs=trial.suggest_int("epochs", *args.optim_epochs),
+        batch_size=_choice(trial, "batch_size", args.optim_batch_sizes),
+        optimizer=_choice(trial, "optimizer", args.optim_optimizers),
+        lr=trial.suggest_float("lr", *args.optim_lr, log=True),
+        schedule=_choice(trial, "schedule", args.optim_schedules),
+        weight_decay=trial.suggest_float("weight_decay", *args.optim_weight_decay, log=True),
+        l1=trial.suggest_float("l1", *args.optim_l1, log=True) if use_l1 else 0.0,
+        label_smoothing=trial.suggest_float("label_smoothing", *args.optim_label_smoothing),
+        augment=args.augment, compile=args.compile)
+
+
+def make_objective(args, data, study_seed, run_id, network=None):
+    """Stage 1 searches the network with fixed training; stage 2 the training of a fixed `network`."""
     def objective(trial):
+        claim(trial, run_id)
         seed = derive_seed(study_seed, trial.number)
-        return run_trial(trial, suggest_model(trial, args), train_config(args), data, seed, run_id)
+        if network is None:
+            return run_trial(trial, suggest_model(trial, args), train_config(args), data, seed)
+        return run_trial(trial, network, suggest_training(trial, args), data, seed)
     return objective
 
 
@@ -167,6 +218,15 @@ def summarise(args, studies, out_dir, wall):
     return best, summary
 
 
+def print_evaluation(path, data_dir, device):
+    clock = Stopwatch()
+    accuracy, parameters, macs, meta = evaluate_checkpoint(path, data_dir, device)
+    label = " (with augmentation)" if meta.get("augment") else ""
+    print(f"test accuracy: {100 * accuracy:.2f} %{label}   parameters: {parameters:,}   MMAC/image: {macs / 1e6:.1f}"
+          f"   ({clock.seconds():.1f} s)")
+    return 0
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_with_preset(argv, "--quick", QUICK)
@@ -174,26 +234,33 @@ def main(argv=None):
     validate(args)
     train_config(args)  # unknown optimizer or schedule names fail here, before any work
     device = resolve_device(args.device, args.deterministic)
-    make_pruner(args.pruner, args.epochs)  # unknown names fail here, before any work
     data_dir = resolve_data_dir(args.data_dir)
+    if args.evaluate:
+        return print_evaluation(args.evaluate, data_dir, device)
+    network = load_network(args.backbone) if args.stage == "optim" else None
+    max_steps = args.optim_epochs[1] if network else args.epochs
+    make_pruner(args.pruner, max_steps)  # unknown names fail here, before any work
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
     out_dir = prepare_out_dir(args.out_dir)
     storage = make_storage(args.storage, out_dir)
     run_id = start_run(out_dir, vars(args))
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
-    log.info(f"train {len(data.train_y)} / validation {len(data.val_y)} images; "
-             f"{len(args.seeds)} seeds x {args.n_trials} trials x {args.epochs} epochs")
+    what = f"the training of {describe(network)}" if network else "the network"
+    log.info(f"stage {args.stage}: searching {what}; train {len(data.train_y)} / validation {len(data.val_y)} "
+             f"images; {len(args.seeds)} seed(s) x {args.n_trials} trials"
+             f"{' (with augmentation)' if args.augment else ''}")
 
     clock, studies, interrupted = Stopwatch(), [], False
+    prefix = f"{args.study_prefix}-optim" if network else args.study_prefix
     for seed in args.seeds:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
-        study = open_study(f"{args.study_prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, args.epochs))
+        study = open_study(f"{prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, max_steps))
         studies.append((seed, study))
         requeue_lost_trials(study)
         todo = remaining_trials(study, args.n_trials, run_id)
         try:
             with progress(todo, f"seed {seed}") as bar:
-                study.optimize(make_objective(args, data, seed, run_id), n_trials=todo, catch=CATCH,
+                study.optimize(make_objective(args, data, seed, run_id, network), n_trials=todo, catch=CATCH,
                                callbacks=[print_trial_lines(f"seed {seed}  "), lambda s, _: requeue_lost_trials(s),
                                           lambda s, _: bar.update(1)])
         except KeyboardInterrupt:
@@ -202,8 +269,9 @@ def main(argv=None):
     best, summary = summarise(args, studies, out_dir, clock.seconds())
     best_study = next((study for seed, study in studies if summary["best"] and seed == summary["best"]["seed"]), None)
     return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted,
-                      meta={"study_seed": summary["best"] and summary["best"]["seed"]},
-                      plot_studies=([study for _, study in studies], best_study))
+                      meta={"study_seed": summary["best"] and summary["best"]["seed"], "stage": args.stage},
+                      plot_studies=([study for _, study in studies], best_study),
+                      trials=[t for _, study in studies for t in study.trials])
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ SHARED_FLAGS = [
     ("--schedule", "SCHEDULE", str, "none | cosine | onecycle"),
     ("--final-epochs", "FINAL_EPOCHS", positive_int, "epochs of the retrain on train+validation"),
     ("--final-subset", "FINAL_SUBSET", optional_positive_int, "images of the retrain; 'all' for every one"),
+    ("--ensemble", "ENSEMBLE", nonneg_int, "K > 1: retrain the K best distinct configs, average their softmax"),
     ("--device", "DEVICE", str, "auto | cpu | cuda | mps"),
     ("--out-dir", "OUT_DIR", str, "run folder (default: a new one under runs/)"),
 ]
@@ -85,6 +86,8 @@ def add_shared_flags(parser, constants):
     a("--no-final", action="store_true", help="stop after the search summary")
     a("--no-deterministic", dest="deterministic", action="store_false", default=constants["DETERMINISTIC"],
       help="allow non-deterministic (faster) GPU kernels")
+    a("--augment", action="store_true", default=constants["AUGMENT"],
+      help="small random affine per batch on the device, in trials and retrain (results are labelled)")
     a("--compile", action="store_true", help="torch.compile each model (worth it on a GPU)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
     a("--verbose", action="store_true", help="more log lines, Optuna's included")
@@ -113,6 +116,7 @@ class _LineHandler(logging.Handler):
         from tqdm import tqdm
 
         tqdm.write(self.format(record), file=sys.stdout)
+        sys.stdout.flush()  # a line per trial shows up at once in a redirected log too
 
 
 def setup_logging(verbose=False, quiet=False):

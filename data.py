@@ -163,6 +163,11 @@ class SearchData:
     all_x: torch.Tensor        # every training image (train + validation, beyond any subset): the final retrain
     all_y: torch.Tensor
 
+    @property
+    def background(self):
+        """The normalised value of a blank (0) pixel."""
+        return -self.mean / self.std
+
 
 def normalise(images, mean, std, device):
     """[N, 1, 28, 28] float32 in channels_last order, which convolutions run faster on (CPU and GPU)."""
@@ -204,6 +209,13 @@ def final_training_set(data, size=None, seed=0):
     return data.all_x[index], data.all_y[index]
 
 
+def training_statistics(data_dir):
+    """Mean and std of the training file's pixels in [0, 1]: the normalisation every split uses."""
+    ensure_files(data_dir)
+    pixels = read_split(data_dir, "train")[0].float().div_(255.0)
+    return pixels.mean().item(), pixels.std().item()
+
+
 def load_test(data_dir, device, mean, std):
     """The test set, normalised with the training statistics. Read only after the search is over."""
     ensure_files(data_dir)
@@ -225,3 +237,25 @@ def batches(x, y, batch_size, generator=None, drop_last=True):
         else:
             index = order[start:start + batch_size]
             yield x[index], y[index]
+
+
+def random_affine(x, generator, background, degrees=10.0, shift=2.0, scale=(0.9, 1.1)):
+    """A small random affine per image (rotation, shift in pixels, scale), for a whole batch on its device.
+
+    `generator` lives on x's device and makes the draw reproducible; `background` is the normalised
+    value of a blank pixel, so what shifts in from the border is background, not mean grey.
+    """
+    n, device = len(x), x.device
+
+    def uniform(low, high):
+        return torch.rand(n, device=device, generator=generator) * (high - low) + low
+
+    angle = uniform(-degrees, degrees) * (torch.pi / 180)
+    zoom = uniform(*scale)
+    # affine_grid maps output to input coordinates in [-1, 1]; one pixel is 2 / side of that range
+    tx, ty = (uniform(-shift, shift) * 2 / x.shape[-1] for _ in range(2))
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    moved = torch.nn.functional.grid_sample(x - background, grid, padding_mode="zeros", align_corners=False)
+    return (moved + background).contiguous(memory_format=torch.channels_last)

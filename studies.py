@@ -212,7 +212,16 @@ def remaining_trials(study, n_trials, run_id):
 
 # ---- one trial ----------------------------------------------------------------
 
-def run_trial(trial, model_config, train_cfg, data, seed, run_id, reports_per_epoch=1):
+def claim(trial, run_id):
+    """Mark a trial as this worker's and this run folder's; the objective's first act, so that a worker
+    killed at any later point leaves a trial that requeue_lost_trials recognises."""
+    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("run", run_id)
+    if trial.user_attrs.get("reason"):  # a retried trial inherits its predecessor's attributes
+        trial.set_user_attr("reason", None)
+
+
+def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1):
     """Train the trial's network, report validation accuracy, prune; return the last validation accuracy.
 
     A diverged loss prunes the trial and an out-of-memory fails it, each with its reason in the
@@ -221,10 +230,6 @@ def run_trial(trial, model_config, train_cfg, data, seed, run_id, reports_per_ep
     trial.set_user_attr("model", model_config)
     trial.set_user_attr("train", train_cfg.to_dict())
     trial.set_user_attr("seed", seed)
-    trial.set_user_attr("run", run_id)
-    trial.set_user_attr("worker", worker_id())
-    if trial.user_attrs.get("reason"):  # a retried trial inherits its predecessor's attributes
-        trial.set_user_attr("reason", None)
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
 
@@ -238,7 +243,7 @@ def run_trial(trial, model_config, train_cfg, data, seed, run_id, reports_per_ep
 
     try:
         history = train(model, data.train_x, data.train_y, train_cfg, seed, val=(data.val_x, data.val_y),
-                        on_report=on_report, reports_per_epoch=reports_per_epoch)
+                        on_report=on_report, reports_per_epoch=reports_per_epoch, background=data.background)
     except Divergence as error:
         trial.set_user_attr("reason", f"diverged: {error}")
         raise optuna.TrialPruned(str(error)) from None
@@ -372,20 +377,21 @@ def train_config(args):
     """The per-trial training settings of the shared flags."""
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, l1=args.l1, label_smoothing=args.label_smoothing,
-                       schedule=args.schedule, compile=args.compile)
+                       schedule=args.schedule, augment=args.augment, compile=args.compile)
 
 
 # ---- after the search ---------------------------------------------------------
 
-def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta, plot_studies):
+def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted, meta, plot_studies, trials=()):
     """The common ending of both scripts; returns the exit code.
 
     Interrupted: say how to resume (130). No complete trial: nothing to retrain (1). Otherwise, unless
     --no-final, retrain the best network on train+validation, read the test set once, save model.pt
-    and model.onnx (checked against PyTorch in ONNX Runtime), then the plots.
+    and model.onnx (checked against PyTorch in ONNX Runtime); with --ensemble K, also retrain the K best
+    distinct configurations of `trials` and report their averaged softmax. Then the plots.
     """
     from data import final_training_set, load_test
-    from training import describe_device, export_onnx, onnx_parity, retrain_and_test
+    from training import describe_device, export_onnx, onnx_parity, predict_logits, retrain_and_test
 
     write_json(out_dir / "summary.json", summary)
     history = None
@@ -397,26 +403,34 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
         print("no trial completed, so there is nothing to retrain")
         return 1
     if not args.no_final:
-        final_cfg = TrainConfig.from_dict({**best.user_attrs["train"], "epochs": args.final_epochs})
-        seed = best.user_attrs["seed"]
-        x, y = final_training_set(data, args.final_subset, seed)
-        log.info(f"\nretraining the best network on {len(y)} train+validation images for {args.final_epochs} "
-                 f"epochs on {describe_device(device)}")
+        label = " (with augmentation)" if args.augment else ""
+        x, y = final_training_set(data, args.final_subset, best.user_attrs["seed"])
+        log.info(f"\nretraining on {len(y)} train+validation images for {args.final_epochs} epochs{label} "
+                 f"on {describe_device(device)}")
         # the search is over: this is the one place the test set is read
         test = load_test(data_dir, device, data.mean, data.std)
-        with progress(args.final_epochs, "final epochs", "epoch") as bar:
-            model, history, test_accuracy, seconds = retrain_and_test(
-                best.user_attrs["model"], final_cfg, x, y, seed, test, checkpoint=out_dir / "model.pt",
-                meta={**meta, "val_accuracy": best.value, "trial": best.number, "command": command_line(),
-                      "augment": False},
-                on_epoch=lambda record: bar.update(1))
-        print(f"test accuracy: {100 * test_accuracy:.2f} %   (final training {seconds:.0f} s on {len(y)} images)")
+        meta = {**meta, "command": command_line(), "mean": data.mean, "std": data.std}
+
+        def retrain(trial, checkpoint):
+            cfg = TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": args.final_epochs,
+                                         "augment": args.augment, "compile": args.compile})
+            with progress(args.final_epochs, "final epochs", "epoch") as bar:
+                return retrain_and_test(trial.user_attrs["model"], cfg, x, y, trial.user_attrs["seed"], test,
+                                        checkpoint, {**meta, "val_accuracy": trial.value, "trial": trial.number},
+                                        on_epoch=lambda record: bar.update(1), background=data.background)
+
+        model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
+        print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
+              f"(final training {seconds:.0f} s on {len(y)} images)")
         onnx_path = export_onnx(model, out_dir / "model.onnx")
         max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
         print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
               f"{100 * agreement:.1f} %")
-        summary = {**summary, "test_accuracy": test_accuracy, "final_seconds": seconds, "final_history": history,
-                   "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
+        summary = {**summary, "test_accuracy": test_accuracy, "augment": args.augment, "final_seconds": seconds,
+                   "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
+        if args.ensemble > 1:
+            summary["ensemble"] = ensemble(top_distinct(best, trials, args.ensemble), model, test, retrain, out_dir,
+                                           predict_logits, label)
         write_json(out_dir / "summary.json", summary)
     if not args.no_plots:
         from plots import write_plots
@@ -427,6 +441,60 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
           f"{'' if args.no_final else ', model.pt, model.onnx'}{'' if args.no_plots else ', plots/'})")
     print(f"reproduce: {command_line()}")
     return 0
+
+
+def _config_key(trial):
+    return json.dumps([trial.user_attrs.get("model"), trial.user_attrs.get("train")], sort_keys=True)
+
+
+def top_distinct(best, trials, k):
+    """`best`, then the next best complete trials whose (network, training) differ from all before, k in all."""
+    members, seen = [best], {_config_key(best)}
+    for trial in sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value):
+        if len(members) < k and _config_key(trial) not in seen:
+            seen.add(_config_key(trial))
+            members.append(trial)
+    return members
+
+
+def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label):
+    """Retrain the members after the first (the best, retrained already) and average their softmax on the test set."""
+    test_x, test_y = test
+    probabilities, results = 0, []
+    for index, trial in enumerate(members):
+        model = best_model if index == 0 else retrain(trial, out_dir / f"ensemble-{index}.pt")[0]
+        logits = predict_logits(model, test_x)
+        accuracy = (logits.argmax(1) == test_y).float().mean().item()
+        probabilities = probabilities + torch.softmax(logits, 1)
+        results.append({"trial": trial.number, "seed": trial.user_attrs["seed"], "val_accuracy": trial.value,
+                        "test_accuracy": accuracy})
+        print(f"ensemble member {index}: trial {trial.number}  val {100 * trial.value:.2f} %  "
+              f"test accuracy: {100 * accuracy:.2f} %{label}")
+    accuracy = (probabilities.argmax(1) == test_y).float().mean().item()
+    print(f"ensemble of {len(members)} (averaged softmax): test accuracy: {100 * accuracy:.2f} %{label}")
+    return {"members": results, "test_accuracy": accuracy}
+
+
+def load_network(path):
+    """The model config in a best_params.json written by either script, or in a model.pt checkpoint."""
+    from models import normalise_config
+    from training import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
+    if path.suffix == ".pt":
+        return normalise_config(load_checkpoint(path)[1]["config"])
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"--backbone {path} is not valid JSON ({error}); pass the best_params.json "
+                        "written by MNIST-optuna.py") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, dict) or "conv" not in model:
+        raise UserError(f"--backbone {path} has no 'model' with 'conv' blocks; pass the best_params.json "
+                        "written by MNIST-optuna.py")
+    return normalise_config({"fc": [], **model})
 
 
 def progress(total, description, unit="trial"):

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import EVAL_BATCH, batches
+from data import EVAL_BATCH, batches, random_affine
 from errors import UserError
-from models import INPUT_SHAPE, build_model
+from models import INPUT_SHAPE, build_model, count_macs, count_parameters
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
@@ -35,6 +35,7 @@ class TrainConfig:
     l1: float = 0.0               # explicit L1 penalty over weights, added to the loss
     schedule: str = "onecycle"    # none | cosine | onecycle
     label_smoothing: float = 0.0
+    augment: bool = False         # small random affine per image, on the device (results are labelled)
     compile: bool = False         # torch.compile the model: speed on a GPU, the same maths
 
     def __post_init__(self):
@@ -151,16 +152,18 @@ def evaluate(model, x, y, batch_size=EVAL_BATCH):
     return (predict_logits(model, x, batch_size).argmax(1) == y).float().mean().item()
 
 
-def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1, on_epoch=None):
+def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1, on_epoch=None, background=0.0):
     """Train `model` on (x, y); evaluate on `val` (x, y) `reports_per_epoch` times per epoch.
 
     on_report(step, val_accuracy) is called after each evaluation, step counting from 1; it may raise
     to stop training (the scripts raise optuna.TrialPruned). on_epoch(record) follows each epoch.
+    With cfg.augment, each batch is moved by data.random_affine; `background` is a blank pixel's value.
     Returns the per-epoch history.
     Raises Divergence when the loss stops being finite.
     """
     device = x.device
     generator = torch.Generator().manual_seed(seed)
+    augment_generator = torch.Generator(device=device).manual_seed(seed + 1) if cfg.augment else None
     forward = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(y) // cfg.batch_size if len(y) >= cfg.batch_size else 1
@@ -176,6 +179,8 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         seen = 0
         val_accuracy = None
         for batch_index, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, generator), start=1):
+            if augment_generator is not None:
+                xb = random_affine(xb, augment_generator, background)
             with _autocast(device):
                 logits = forward(xb)
                 loss = loss_fn(logits.float(), yb)
@@ -230,7 +235,7 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), payload
 
 
-def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta, on_epoch=None):
+def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta, on_epoch=None, background=0.0):
     """Retrain a config from scratch on (x, y), evaluate the test set (x, y) once, save the checkpoint.
 
     Returns (model, history, test_accuracy, train_seconds).
@@ -238,13 +243,24 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     seed_everything(seed)
     model = build_model(model_config).to(x.device)
     started = time.perf_counter()
-    history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch)
+    history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch, background=background)
     train_seconds = time.perf_counter() - started
     test_accuracy = evaluate(model, *test)
     meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
-            "train_images": len(y), "torch": str(torch.__version__)}
+            "train_images": len(y), "augment": train_cfg.augment, "torch": str(torch.__version__)}
     save_checkpoint(checkpoint, model, train_cfg, meta)
     return model, history, test_accuracy, train_seconds
+
+
+def evaluate_checkpoint(path, data_dir, device):
+    """Test accuracy, parameter count, MACs per image and the checkpoint's metadata."""
+    from data import load_test, training_statistics
+
+    model, payload = load_checkpoint(path, device)
+    meta = payload.get("meta", {})
+    mean, std = (meta["mean"], meta["std"]) if "mean" in meta else training_statistics(data_dir)
+    accuracy = evaluate(model, *load_test(data_dir, device, mean, std))
+    return accuracy, count_parameters(model), count_macs(model), meta
 
 
 def export_onnx(model, path):
