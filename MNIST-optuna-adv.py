@@ -175,7 +175,10 @@ def main(argv=None):
     requeue_lost_trials(study)
     done = sum(1 for t in study.trials if t.state.is_finished() and t.params.get("fc") in heads)
     todo = len(heads) - done if args.n_trials is None else remaining_trials(study, args.n_trials, run_id)
-    if not grid_points_left(study, heads):
+    if args.retrain_only:
+        print("--retrain-only: no new trials")
+        todo, args.n_trials = 0, 0
+    elif not grid_points_left(study, heads):
         print("the grid is finished already; going straight to the summary")
     else:
         print(f"{done} networks finished before this run; this run trains up to {todo}")

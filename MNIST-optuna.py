@@ -257,7 +257,7 @@ def main(argv=None):
         study = open_study(f"{prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, max_steps))
         studies.append((seed, study))
         requeue_lost_trials(study)
-        todo = remaining_trials(study, args.n_trials, run_id)
+        todo = 0 if args.retrain_only else remaining_trials(study, args.n_trials, run_id)
         try:
             with progress(todo, f"seed {seed}") as bar:
                 study.optimize(make_objective(args, data, seed, run_id, network), n_trials=todo, catch=CATCH,

@@ -84,6 +84,8 @@ def add_shared_flags(parser, constants):
     for flag, name, kind, text in SHARED_FLAGS:
         a(flag, type=kind, default=constants[name], help=text)
     a("--no-final", action="store_true", help="stop after the search summary")
+    a("--retrain-only", action="store_true",
+      help="run no new trials: summarise the study in --storage / --out-dir and retrain its best")
     a("--no-deterministic", dest="deterministic", action="store_false", default=constants["DETERMINISTIC"],
       help="allow non-deterministic (faster) GPU kernels")
     a("--augment", action="store_true", default=constants["AUGMENT"],
