@@ -2,7 +2,7 @@
 backbone, with a median pruner, then the best network retrained on the GPU when there is one.
 
     python MNIST-optuna-adv.py                          # the whole default grid (245 networks)
-    python MNIST-optuna-adv.py --quick                  # a smoke run in about a minute
+    python MNIST-optuna-adv.py --quick                  # a smoke run, about 15 seconds
     python MNIST-optuna-adv.py --backbone runs/X/best_params.json   # the conv part MNIST-optuna.py found
 
 Each distinct network is one grid point: a depth d and one width per layer 1..d, never the widths of

@@ -1,7 +1,7 @@
 """Seeded TPE search over the model hyperparameters of an MNIST CNN, repeated over seeds.
 
     python MNIST-optuna.py                      # the defaults below: about 10 minutes on 2 CPU cores
-    python MNIST-optuna.py --quick              # a smoke run in about a minute
+    python MNIST-optuna.py --quick              # a smoke run, about 20 seconds
     python MNIST-optuna.py --seeds 0 1 2 --n-trials 50 --epochs 3 --train-subset all
     python MNIST-optuna.py --stage optim --backbone runs/X/best_params.json   # stage 2: its training
     python MNIST-optuna.py --evaluate runs/X/model.pt                          # test accuracy, size, MACs
@@ -19,7 +19,7 @@ from models import describe
 from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
                      load_network, make_pruner, make_storage, mean_std, network_of, open_study, params_lines,
                      prepare_out_dir, print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial,
-                     start_run, state_counts, train_config, write_json, write_trials_csv)
+                     start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
 from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, evaluate_checkpoint,
                       resolve_device)
 
@@ -185,8 +185,8 @@ def make_objective(args, data, study_seed, run_id, network=None):
     return objective
 
 
-def summarise(args, studies, out_dir, wall):
-    """Print the summary block; return (best trial, its seed, summary dict)."""
+def summarise(args, studies, out_dir, wall, describe_trial):
+    """Print the summary block; return (best trial, summary dict)."""
     print("\n==== summary ====")
     per_seed, all_trials, best, best_seed = {}, [], None, None
     for seed, study in studies:
@@ -196,7 +196,7 @@ def summarise(args, studies, out_dir, wall):
             print(f"seed {seed}: no complete trial")
             continue
         per_seed[seed] = {"value": trial.value, "trial": trial.number, "params": trial.params}
-        print(f"seed {seed}: best val {100 * trial.value:.2f} %  trial {trial.number}  {network_of(trial)}")
+        print(f"seed {seed}: best val {100 * trial.value:.2f} %  trial {trial.number}  {describe_trial(trial)}")
         if best is None or trial.value > best.value:
             best, best_seed = trial, seed
     counts = state_counts(all_trials)
@@ -205,7 +205,8 @@ def summarise(args, studies, out_dir, wall):
     if per_seed:
         print(f"per-seed best: {100 * mean:.2f} ± {100 * std:.2f} % over {len(per_seed)} seeds")
     if best is not None:
-        print(f"best trial: val {100 * best.value:.2f} %  seed {best_seed}  trial {best.number}  {network_of(best)}")
+        print(f"best trial: val {100 * best.value:.2f} %  seed {best_seed}  trial {best.number}  "
+              f"{describe_trial(best)}")
         print("\n".join(params_lines(best.params)))
     print(f"search wall time: {wall:.1f} s")
     summary = {"seeds": per_seed, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
@@ -251,6 +252,7 @@ def main(argv=None):
              f"{' (with augmentation)' if args.augment else ''}")
 
     clock, studies, interrupted = Stopwatch(), [], False
+    describe_trial = training_of if network else network_of
     prefix = f"{args.study_prefix}-optim" if network else args.study_prefix
     for seed in args.seeds:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
@@ -261,12 +263,13 @@ def main(argv=None):
         try:
             with progress(todo, f"seed {seed}") as bar:
                 study.optimize(make_objective(args, data, seed, run_id, network), n_trials=todo, catch=CATCH,
-                               callbacks=[print_trial_lines(f"seed {seed}  "), lambda s, _: requeue_lost_trials(s),
+                               callbacks=[print_trial_lines(f"seed {seed}  ", describe_trial),
+                                          lambda s, _: requeue_lost_trials(s),
                                           lambda s, _: bar.update(1)])
         except KeyboardInterrupt:
             interrupted = True
             break
-    best, summary = summarise(args, studies, out_dir, clock.seconds())
+    best, summary = summarise(args, studies, out_dir, clock.seconds(), describe_trial)
     best_study = next((study for seed, study in studies if summary["best"] and seed == summary["best"]["seed"]), None)
     return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted,
                       meta={"study_seed": summary["best"] and summary["best"]["seed"], "stage": args.stage},

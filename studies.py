@@ -8,7 +8,6 @@ import errno
 import gc
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -181,8 +180,11 @@ def requeue_lost_trials(study):
         if trial.number in retried:
             continue
         if trial.state == TrialState.RUNNING and _worker_dead(trial):
-            study._storage.set_trial_user_attr(trial._trial_id, "reason", WORKER_DIED)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, "reason", WORKER_DIED)
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another live worker got there first and requeues it
             trial = study._storage.get_trial(trial._trial_id)
         elif not (trial.state == TrialState.FAIL and trial.user_attrs.get("reason") == INTERRUPTED):
             continue
@@ -277,20 +279,30 @@ def network_of(trial):
     return describe(model) + f" drop {model['dropout']:.2f}" if model else "?"
 
 
-def trial_line(trial, label=""):
+def training_of(trial):
+    """The optimization hyperparameters of a trial in one short phrase (stage 2's key params)."""
+    t = trial.user_attrs.get("train")
+    if not t:
+        return "?"
+    l1 = f" L1 {t['l1']:.0e}" if t["l1"] else ""
+    return (f"{t['optimizer']} lr {t['lr']:.1e} {t['schedule']} wd {t['weight_decay']:.0e}{l1} "
+            f"bs {t['batch_size']} ls {t['label_smoothing']:.2f} {t['epochs']} ep")
+
+
+def trial_line(trial, label="", describe_trial=network_of):
     seconds = trial.duration.total_seconds() if trial.duration else float("nan")
     value = f"val {100 * trial.value:6.2f} %" if trial.value is not None else " " * 12
     last = max(trial.intermediate_values) if trial.intermediate_values else None
     where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
     reason = f"  [{trial.user_attrs['reason']}]" if trial.user_attrs.get("reason") else ""
-    return (f"{label}trial {trial.number:3d}  {trial.state.name:8s}{where:10s} {value}  {network_of(trial)}"
+    return (f"{label}trial {trial.number:3d}  {trial.state.name:8s}{where:10s} {value}  {describe_trial(trial)}"
             f"  {seconds:6.1f} s{reason}")
 
 
-def print_trial_lines(label=""):
+def print_trial_lines(label="", describe_trial=network_of):
     """An Optuna callback that prints one line per finished trial."""
     def callback(study, trial):
-        log.info(trial_line(trial, label))
+        log.info(trial_line(trial, label, describe_trial))
     return callback
 
 
@@ -309,8 +321,9 @@ def params_lines(params, indent="    "):
 
 
 def mean_std(values):
+    """(mean, sample std) of the values; (None, None) for none, so the results files stay valid JSON."""
     if not values:
-        return float("nan"), float("nan")
+        return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -329,8 +342,6 @@ def write_json(path, payload):
 
 
 def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     if isinstance(value, (datetime.datetime, datetime.timedelta)):
         return str(value)
     if isinstance(value, Path):
