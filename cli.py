@@ -1,6 +1,7 @@
 """Command-line plumbing shared by both scripts: flags from constants, presets, one-line errors."""
 import argparse
 import logging
+import signal
 import sys
 
 from errors import UserError
@@ -132,6 +133,9 @@ def setup_logging(verbose=False, quiet=False):
 
 def run(main, argv=None):
     """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130."""
+    # a shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops a search
+    # as Ctrl-C does (trial recorded, summary printed) even when it runs under nohup ... &
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main(argv)
     except UserError as error:

@@ -66,7 +66,7 @@ def ensure_files(data_dir):
                 f"MNIST not found in {raw}/ (expected {', '.join(names)}) and the download failed "
                 f"({reason}); put the files there or pass --data-dir / set MNIST_DATA_DIR"
             ) from None
-    for split, (images, labels) in FILES.items():
+    for images, labels in FILES.values():
         n_images = check_idx(raw / images, IMAGE_MAGIC)
         n_labels = check_idx(raw / labels, LABEL_MAGIC)
         if n_images != n_labels:

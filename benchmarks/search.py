@@ -21,7 +21,8 @@ MAIN = ["--seeds", "0", "--n-trials", "16", "--n-startup-trials", "4", "--epochs
           "--kernel-sizes", "3", "5", "--fc-width", "32", "128", "32", "--lr", "3e-3", "--no-final", "--no-plots",
           "--quiet"]
 ADV = ["--fc-depths", "1", "2", "--fc-widths", "16,32,64,128,256", "32,64,128", "--epochs", "4",
-       "--train-subset", "4000", "--val-size", "4000", "--median-startup-trials", "4", "--no-final", "--no-plots", "--quiet"]
+       "--train-subset", "4000", "--val-size", "4000", "--median-startup-trials", "4", "--no-final", "--no-plots",
+       "--quiet"]
 VARIANTS = {
     "main": ("MNIST-optuna.py", MAIN, {"none": ["--pruner", "none"], "hyperband": ["--pruner", "hyperband"],
                                        "median": ["--pruner", "median"]}),

@@ -78,7 +78,7 @@ def wait_for_trial_lines(worker, count):
     seen = []
     for line in worker.stdout:
         seen.append(line)
-        if sum(l.lstrip().startswith(("trial", "seed")) and "trial" in l for l in seen) >= count:
+        if sum(text.lstrip().startswith(("trial", "seed")) and "trial" in text for text in seen) >= count:
             return "".join(seen)
     raise AssertionError("the worker ended before it finished enough trials:\n" + "".join(seen))
 

@@ -41,7 +41,7 @@ def test_plots_are_valid_pngs(quick_adv_run):
 def test_onnx_model_matches_pytorch(quick_adv_run):
     out, stdout = quick_adv_run
     assert (out / "model.onnx").stat().st_size > 1_000
-    line = next(l for l in stdout.splitlines() if l.startswith("onnx parity: max abs diff"))
+    line = next(text for text in stdout.splitlines() if text.startswith("onnx parity: max abs diff"))
     assert float(line.split()[5]) < 1e-4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["onnx_max_abs_diff"] < 1e-4 and summary["onnx_label_agreement"] == 1.0

@@ -50,9 +50,9 @@ def test_augmentation_is_seeded_and_identity_without_motion():
 
 def test_stage_two_ensemble_augment_and_evaluate(tmp_path):
     out = tmp_path / "optim"
-    result = run_script("MNIST-optuna.py", *TINY, "--stage", "optim", "--seeds", "0",
-                        "--backbone", ROOT / "tests" / "tiny_backbone.json", "--n-trials", "3", "--optim-epochs", "1", "2", "--ensemble", "2", "--augment",
-                        "--no-plots", "--out-dir", out)
+    result = run_script("MNIST-optuna.py", *TINY, "--stage", "optim", "--seeds", "0", "--n-trials", "3",
+                        "--backbone", ROOT / "tests" / "tiny_backbone.json", "--optim-epochs", "1", "2",
+                        "--ensemble", "2", "--augment", "--no-plots", "--out-dir", out)
     assert result.returncode == 0, result.stderr
     best = json.loads((out / "best_params.json").read_text())
     assert {"lr", "optimizer", "weight_decay", "batch_size", "epochs", "label_smoothing"} <= best["params"].keys()
