@@ -190,9 +190,7 @@ def load_search_data(data_dir, device, val_size, train_subset=None, split_seed=0
         # a second stream so the subset does not depend on how the validation draw consumed the first
         picked, _ = stratified_take(labels.numpy()[train_idx], train_subset, split_seed + 1_000_003)
         train_idx = train_idx[picked]
-    # statistics of the training file only, so the test set never shapes the inputs
-    pixels = images.float().div_(255.0)
-    mean, std = pixels.mean().item(), pixels.std().item()
+    mean, std = pixel_statistics(images)
     x = normalise(images, mean, std, device)
     y = labels.to(device)
     t_idx, v_idx = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
@@ -209,11 +207,17 @@ def final_training_set(data, size=None, seed=0):
     return data.all_x[index], data.all_y[index]
 
 
-def training_statistics(data_dir):
-    """Mean and std of the training file's pixels in [0, 1]: the normalisation every split uses."""
-    ensure_files(data_dir)
-    pixels = read_split(data_dir, "train")[0].float().div_(255.0)
+def pixel_statistics(images):
+    """Mean and std of uint8 images scaled to [0, 1]."""
+    pixels = images.float().div_(255.0)
     return pixels.mean().item(), pixels.std().item()
+
+
+def training_statistics(data_dir):
+    """The normalisation every split uses: statistics of the training file only, so the test set never
+    shapes the inputs."""
+    ensure_files(data_dir)
+    return pixel_statistics(read_split(data_dir, "train")[0])
 
 
 def load_test(data_dir, device, mean, std):

@@ -23,9 +23,11 @@ import torch
 from optuna.trial import TrialState
 
 from cli import log
+from data import final_training_set, load_test
 from errors import UserError
-from models import build_model, describe
-from training import Divergence, TrainConfig, seed_everything, train
+from models import build_model, describe, normalise_config
+from training import (Divergence, TrainConfig, describe_device, export_onnx, load_checkpoint, onnx_parity,
+                      predict_logits, retrain_and_test, seed_everything, train)
 
 # the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -401,9 +403,6 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
     and model.onnx (checked against PyTorch in ONNX Runtime); with --ensemble K, also retrain the K best
     distinct configurations of `trials` and report their averaged softmax. Then the plots.
     """
-    from data import final_training_set, load_test
-    from training import describe_device, export_onnx, onnx_parity, predict_logits, retrain_and_test
-
     write_json(out_dir / "summary.json", summary)
     history = None
     if interrupted:
@@ -488,9 +487,6 @@ def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label)
 
 def load_network(path):
     """The model config in a best_params.json written by either script, or in a model.pt checkpoint."""
-    from models import normalise_config
-    from training import load_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")

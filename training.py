@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import EVAL_BATCH, batches, random_affine
+from data import EVAL_BATCH, batches, load_test, random_affine, training_statistics
 from errors import UserError
 from models import INPUT_SHAPE, build_model, count_macs, count_parameters
 
@@ -254,8 +254,6 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
 
 def evaluate_checkpoint(path, data_dir, device):
     """Test accuracy, parameter count, MACs per image and the checkpoint's metadata."""
-    from data import load_test, training_statistics
-
     model, payload = load_checkpoint(path, device)
     meta = payload.get("meta", {})
     mean, std = (meta["mean"], meta["std"]) if "mean" in meta else training_statistics(data_dir)
