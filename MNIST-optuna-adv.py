@@ -124,12 +124,42 @@ def load_backbone(path):
 def make_objective(args, backbone, heads, data, run_id):
     def objective(trial):
         claim(trial, run_id)
+        own_grid_point(trial, heads)
         head = trial.suggest_categorical("fc", heads)
         widths = [int(w) for w in head.split("-")]
         config = {"conv": backbone, "fc": widths, "dropout": args.dropout, "num_classes": 10}
         seed = derive_seed(args.seed, trial.number)
         return run_trial(trial, config, train_config(args), data, seed, reports_per_epoch=args.reports_per_epoch)
     return objective
+
+
+class GridTaken(Exception):
+    """Every grid point is held by another worker's trial; this one has nothing left to train."""
+
+
+def own_grid_point(trial, heads):
+    """Make this trial's grid point its own before it is trained.
+
+    GridSampler maps trial number k to grid point k, and an RDB storage can give two concurrent workers
+    the same trial number (Optuna numbers a trial by counting the rows before it). The trial created
+    first keeps the point; a later one moves to the first point no live trial holds.
+    """
+    storage, space = trial.study._storage, {"fc": heads}
+    frozen = storage.get_trial(trial._trial_id)
+    mine = frozen.system_attrs.get("grid_id")
+    if mine is None or frozen.system_attrs.get("search_space") != space:
+        return
+    holders = [t for t in trial.study.get_trials(deepcopy=False)
+               if t._trial_id != trial._trial_id and t.system_attrs.get("search_space") == space
+               and t.state != optuna.trial.TrialState.FAIL]  # a failed point is free for its retry
+    if not any(t.system_attrs.get("grid_id") == mine and t._trial_id < trial._trial_id for t in holders):
+        return
+    free = sorted(set(range(len(heads))) - {t.system_attrs.get("grid_id") for t in holders} - {mine})
+    if not free:
+        trial.set_user_attr("reason", "grid point taken by a concurrent worker; nothing left to train")
+        raise GridTaken(heads[0])
+    storage.set_trial_system_attr(trial._trial_id, "grid_id", free[0])
+    trial._cached_frozen_trial.system_attrs["grid_id"] = free[0]  # what GridSampler reads when suggesting
 
 
 def grid_points_left(study, heads):
@@ -194,7 +224,7 @@ def main(argv=None):
                 requeue_lost_trials(study)  # a worker that died meanwhile leaves its network to us
                 if not grid_points_left(study, heads):
                     break
-                study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[print_trial_lines()])
+                study.optimize(objective, n_trials=1, catch=(*CATCH, GridTaken), callbacks=[print_trial_lines()])
                 ran += 1
                 bar.update(1)
     except KeyboardInterrupt:
