@@ -53,10 +53,24 @@ def _download(data_dir):
         socket.setdefaulttimeout(previous)
 
 
+_CHECKED = set()  # (folder, sizes and mtimes) already validated in this process
+
+
 def ensure_files(data_dir):
-    """Make sure the four IDX files exist (downloading when the network allows) and are sound."""
+    """Make sure the four IDX files exist (downloading when the network allows) and are sound.
+
+    The checks (and the warning for non-canonical files) run once per process for unchanged files,
+    so reading the test set after the search does not hash everything again.
+    """
     raw = raw_folder(data_dir)
     names = [name for pair in FILES.values() for name in pair]
+    if all((raw / name).is_file() for name in names):
+        stamp = (str(raw.resolve()), tuple((raw / n).stat().st_size for n in names),
+                 tuple((raw / n).stat().st_mtime_ns for n in names))
+        if stamp in _CHECKED:
+            return raw
+    else:
+        stamp = None
     if any(not (raw / name).is_file() for name in names):
         try:
             _download(data_dir)
@@ -76,6 +90,8 @@ def ensure_files(data_dir):
         if sha256(raw / name) != CANONICAL_SHA256[name]:
             print(f"warning: {raw / name} is not the canonical MNIST file; using it as an MNIST-format data set",
                   file=sys.stderr)
+    if stamp is not None:
+        _CHECKED.add(stamp)
     return raw
 
 
