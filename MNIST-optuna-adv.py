@@ -63,6 +63,7 @@ SCHEDULE = "onecycle"         # none | cosine | onecycle
 # ---- final model -------------------------------------------------------------
 FINAL_EPOCHS = 6              # retrain of the best network on train+validation
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
+FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct networks and average their softmax
 DEVICE = "auto"               # auto (CUDA when available) | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed

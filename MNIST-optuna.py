@@ -17,7 +17,7 @@ from cli import check, log
 from data import load_search_data, resolve_data_dir
 from models import describe
 from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
-                     load_network, make_pruner, make_storage, mean_std, network_of, open_study, params_lines,
+                     read_backbone, make_pruner, make_storage, mean_std, network_of, open_study, params_lines,
                      prepare_out_dir, print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial,
                      start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
 from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, evaluate_checkpoint,
@@ -67,6 +67,7 @@ OPTIM_EPOCHS = (2, 5)         # epochs per trial; the upper end is the pruner's 
 # ---- final model -------------------------------------------------------------
 FINAL_EPOCHS = 8              # retrain of the overall best on train+validation
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
+FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct configs and average their softmax
 AUGMENT = False               # small random affine per batch on the device (results are labelled)
 DEVICE = "auto"               # auto | cpu | cuda | mps
@@ -174,6 +175,39 @@ def suggest_training(trial, args):
         augment=args.augment, compile=args.compile)
 
 
+def recipe_params(train, args):
+    """(stage-2 params that give back `train`, the backbone's own recipe, None) or (None, why it is outside the space)."""
+    t = TrainConfig.from_dict(train)
+    params = {"use_l1": t.l1 > 0, "epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay,
+              "label_smoothing": t.label_smoothing, **({"l1": t.l1} if t.l1 > 0 else {})}
+    ranges = {"epochs": args.optim_epochs, "lr": args.optim_lr, "weight_decay": args.optim_weight_decay,
+              "l1": args.optim_l1, "label_smoothing": args.optim_label_smoothing}
+    for name, (low, high) in ranges.items():
+        if name in params and not low <= params[name] <= high:
+            return None, f"its {name} {params[name]} is outside {low}..{high}"
+    for name, choices in (("batch_size", args.optim_batch_sizes), ("optimizer", args.optim_optimizers),
+                          ("schedule", args.optim_schedules)):
+        value = getattr(t, name)
+        if value not in choices:
+            return None, f"its {name} {value} is not among {' '.join(map(str, choices))}"
+        if len(choices) > 1:  # as in suggest_training: a fixed choice is not a parameter
+            params[name] = value
+    return params, None
+
+
+def enqueue_recipe(study, recipe, args):
+    """Stage 2's first trial is the backbone's own recipe, so stage 2 can only match or beat it on validation."""
+    if recipe is None:
+        log.info("stage optim: the backbone carries no training recipe to start from")
+        return
+    params, why = recipe_params(recipe, args)
+    if params is None:
+        log.info(f"stage optim: the backbone's recipe is not tried first: {why}")
+        return
+    study.enqueue_trial(params, skip_if_exists=True)  # once per study, resumes and extra workers included
+    log.info(f"stage optim: the backbone's own recipe is among the trials ({', '.join(f'{k} {v}' for k, v in params.items())})")
+
+
 def make_objective(args, data, study_seed, run_id, network=None):
     """Stage 1 searches the network with fixed training; stage 2 the training of a fixed `network`."""
     def objective(trial):
@@ -238,7 +272,7 @@ def main(argv=None):
     data_dir = resolve_data_dir(args.data_dir)
     if args.evaluate:
         return print_evaluation(args.evaluate, data_dir, device)
-    network = load_network(args.backbone) if args.stage == "optim" else None
+    network, recipe = read_backbone(args.backbone) if args.stage == "optim" else (None, None)
     max_steps = args.optim_epochs[1] if network else args.epochs
     make_pruner(args.pruner, max_steps)  # unknown names fail here, before any work
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
@@ -260,6 +294,8 @@ def main(argv=None):
         studies.append((seed, study))
         requeue_lost_trials(study)
         todo = 0 if args.retrain_only else remaining_trials(study, args.n_trials, run_id)
+        if network and todo:
+            enqueue_recipe(study, recipe, args)
         try:
             with progress(todo, f"seed {seed}") as bar:
                 study.optimize(make_objective(args, data, seed, run_id, network), n_trials=todo, catch=CATCH,

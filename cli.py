@@ -71,6 +71,7 @@ SHARED_FLAGS = [
     ("--schedule", "SCHEDULE", str, "none | cosine | onecycle"),
     ("--final-epochs", "FINAL_EPOCHS", positive_int, "epochs of the retrain on train+validation"),
     ("--final-subset", "FINAL_SUBSET", optional_positive_int, "images of the retrain; 'all' for every one"),
+    ("--final-seeds", "FINAL_SEEDS", positive_int, "retrain the best N times with different seeds; report mean ± std"),
     ("--ensemble", "ENSEMBLE", nonneg_int, "K > 1: retrain the K best distinct configs, average their softmax"),
     ("--device", "DEVICE", str, "auto | cpu | cuda | mps"),
     ("--out-dir", "OUT_DIR", str, "run folder (default: a new one under runs/)"),

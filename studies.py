@@ -27,7 +27,7 @@ from data import final_training_set, load_test
 from errors import UserError
 from models import build_model, describe, normalise_config
 from training import (Divergence, TrainConfig, describe_device, export_onnx, load_checkpoint, onnx_parity,
-                      predict_logits, retrain_and_test, seed_everything, train)
+                      derive_seed, predict_logits, retrain_and_test, seed_everything, train)
 
 # the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -421,13 +421,14 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
         test = load_test(data_dir, device, data.mean, data.std)
         meta = {**meta, "command": command_line(), "mean": data.mean, "std": data.std}
 
-        def retrain(trial, checkpoint):
+        def retrain(trial, checkpoint, repeat=0):
             cfg = TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": args.final_epochs,
                                          "augment": args.augment, "compile": args.compile})
+            info = {**meta, "val_accuracy": trial.value, "trial": trial.number, "repeat": repeat}
             with progress(args.final_epochs, "final epochs", "epoch") as bar:
-                return retrain_and_test(trial.user_attrs["model"], cfg, x, y, trial.user_attrs["seed"], test,
-                                        checkpoint, {**meta, "val_accuracy": trial.value, "trial": trial.number},
-                                        on_epoch=lambda record: bar.update(1), background=data.background)
+                return retrain_and_test(trial.user_attrs["model"], cfg, x, y, repeat_seed(trial, repeat), test,
+                                        checkpoint, info, on_epoch=lambda record: bar.update(1),
+                                        background=data.background)
 
         model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
         print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
@@ -438,6 +439,9 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
               f"{100 * agreement:.1f} %")
         summary = {**summary, "test_accuracy": test_accuracy, "augment": args.augment, "final_seconds": seconds,
                    "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
+        if args.final_seeds > 1:
+            summary["final_seeds"] = repeat_seeds(best, args.final_seeds, test_accuracy, seconds, retrain, out_dir,
+                                                  label)
         if args.ensemble > 1:
             summary["ensemble"] = ensemble(top_distinct(best, trials, args.ensemble), model, test, retrain, out_dir,
                                            predict_logits, label)
@@ -451,6 +455,28 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
           f"{'' if args.no_final else ', model.pt, model.onnx'}{'' if args.no_plots else ', plots/'})")
     print(f"reproduce: {command_line()}")
     return 0
+
+
+def repeat_seed(trial, repeat):
+    """Repeat 0 of a final retrain uses the trial's own seed; repeat k > 0 a seed derived from it and k."""
+    return trial.user_attrs["seed"] if repeat == 0 else derive_seed(trial.user_attrs["seed"], repeat)
+
+
+def repeat_seeds(best, n, first_accuracy, first_seconds, retrain, out_dir, label):
+    """The final recipe trained n times in all (repeat 0 is model.pt): how much the seed alone moves it."""
+    runs = [{"repeat": 0, "seed": repeat_seed(best, 0), "test_accuracy": first_accuracy,
+             "train_seconds": first_seconds}]
+    for repeat in range(1, n):
+        _, _, accuracy, seconds = retrain(best, out_dir / f"seed-{repeat}.pt", repeat)
+        runs.append({"repeat": repeat, "seed": repeat_seed(best, repeat), "test_accuracy": accuracy,
+                     "train_seconds": seconds})
+        print(f"final recipe, repeat {repeat}: test accuracy: {100 * accuracy:.2f} %{label}   "
+              f"(final training {seconds:.0f} s)")
+    accuracies = [100 * run["test_accuracy"] for run in runs]
+    mean, std = mean_std(accuracies)
+    print(f"final recipe over {n} seeds: test accuracy {mean:.2f} ± {std:.2f} %{label}   "
+          f"(min {min(accuracies):.2f}, max {max(accuracies):.2f})")
+    return {"runs": runs, "mean": mean / 100, "std": std / 100}
 
 
 def _config_key(trial):
@@ -487,11 +513,17 @@ def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label)
 
 def load_network(path):
     """The model config in a best_params.json written by either script, or in a model.pt checkpoint."""
+    return read_backbone(path)[0]
+
+
+def read_backbone(path):
+    """(model config, training recipe dict or None) from a best_params.json or a model.pt checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
     if path.suffix == ".pt":
-        return normalise_config(load_checkpoint(path)[1]["config"])
+        payload = load_checkpoint(path)[1]
+        return normalise_config(payload["config"]), payload.get("train")
     try:
         payload = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -501,7 +533,8 @@ def load_network(path):
     if not isinstance(model, dict) or "conv" not in model:
         raise UserError(f"--backbone {path} has no 'model' with 'conv' blocks; pass the best_params.json "
                         "written by MNIST-optuna.py")
-    return normalise_config({"fc": [], **model})
+    train = payload.get("train")
+    return normalise_config({"fc": [], **model}), train if isinstance(train, dict) else None
 
 
 def progress(total, description, unit="trial"):
