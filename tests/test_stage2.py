@@ -2,11 +2,16 @@
 import json
 import re
 
+import optuna
 import pytest
 import torch
 
-from conftest import TINY, TINY_CNN, ROOT, run_script
+from conftest import TINY, TINY_CNN, ROOT, load_script, run_script
 from data import random_affine
+
+main = load_script("MNIST-optuna.py")
+RECIPE = {"epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "momentum": 0.9, "weight_decay": 5e-4,
+          "l1": 0.0, "schedule": "onecycle", "label_smoothing": 0.05, "augment": False, "compile": False}
 
 
 def batch():
@@ -72,3 +77,62 @@ def test_stage_two_ensemble_augment_and_evaluate(tmp_path):
 def test_stage_two_needs_a_backbone(tmp_path):
     result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--stage", "optim", "--out-dir", tmp_path / "x")
     assert result.returncode == 2 and "--backbone" in result.stderr and "Traceback" not in result.stderr
+
+
+def journal_study(out, name):
+    backend = optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+
+
+def backbone_with_recipe(tmp_path, **changes):
+    payload = json.loads((ROOT / "tests" / "tiny_backbone.json").read_text())
+    path = tmp_path / "backbone.json"
+    path.write_text(json.dumps({**payload, "train": {**RECIPE, **changes}}))
+    return path
+
+
+def test_stage_two_tries_the_backbone_recipe_first_once_and_repeats_the_final_seeds(tmp_path):
+    out, backbone = tmp_path / "optim", backbone_with_recipe(tmp_path)
+    command = [*TINY, "--stage", "optim", "--seeds", "0", "--backbone", backbone, "--optim-epochs", "1", "2",
+               "--no-plots", "--out-dir", out]
+    result = run_script("MNIST-optuna.py", *command, "--n-trials", "2", "--final-seeds", "3")
+    assert result.returncode == 0, result.stderr
+    study = journal_study(out, "mnist-cnn-optim-seed0")
+    # trial 0 trained exactly the backbone's recipe (what the trial recorded, not only what was asked)
+    assert study.trials[0].state.name == "COMPLETE"
+    assert {k: study.trials[0].user_attrs["train"][k] for k in RECIPE} == RECIPE
+    summary = json.loads((out / "summary.json").read_text())
+
+    runs = summary["final_seeds"]["runs"]
+    assert [run["repeat"] for run in runs] == [0, 1, 2] and len({run["seed"] for run in runs}) == 3
+    assert runs[0]["test_accuracy"] == summary["test_accuracy"]
+    assert runs[0]["seed"] == study.best_trial.user_attrs["seed"]
+    assert (out / "seed-1.pt").is_file() and (out / "seed-2.pt").is_file()
+    accuracies = [100 * run["test_accuracy"] for run in runs]
+    assert 100 * summary["final_seeds"]["mean"] == pytest.approx(sum(accuracies) / 3)
+    assert re.search(r"final recipe over 3 seeds: test accuracy \d+\.\d\d ± \d+\.\d\d %", result.stdout)
+    for repeat in (1, 2):  # each repeat's checkpoint holds the accuracy it was reported with
+        checkpoint = torch.load(out / f"seed-{repeat}.pt", weights_only=True)
+        assert checkpoint["meta"]["repeat"] == repeat
+        assert checkpoint["meta"]["test_accuracy"] == runs[repeat]["test_accuracy"]
+
+    # resuming with more trials adds trials but never the recipe a second time
+    again = run_script("MNIST-optuna.py", *command, "--n-trials", "3", "--no-final")
+    assert again.returncode == 0, again.stderr
+    study = journal_study(out, "mnist-cnn-optim-seed0")
+    assert len(study.trials) == 3
+    assert sum(t.user_attrs["train"]["lr"] == RECIPE["lr"] and t.user_attrs["train"]["label_smoothing"]
+               == RECIPE["label_smoothing"] for t in study.trials) == 1
+
+
+def test_a_recipe_outside_the_stage_two_space_is_not_enqueued():
+    args = main.build_parser().parse_args(["--optim-lr", "1e-3", "1e-2", "--optim-epochs", "1", "5"])
+    params, why = main.recipe_params(RECIPE, args)
+    assert why is None and params["lr"] == RECIPE["lr"] and params["optimizer"] == "adamw"
+    assert "use_l1" in params and "l1" not in params
+    params, why = main.recipe_params({**RECIPE, "lr": 0.5}, args)
+    assert params is None and "lr" in why
+    params, why = main.recipe_params({**RECIPE, "batch_size": 100}, args)
+    assert params is None and "batch_size" in why
+    fixed = main.build_parser().parse_args(["--optim-optimizers", "adamw", "--optim-epochs", "1", "5"])
+    assert "optimizer" not in main.recipe_params(RECIPE, fixed)[0]  # a fixed choice is not a parameter
