@@ -136,3 +136,15 @@ def test_a_recipe_outside_the_stage_two_space_is_not_enqueued():
     assert params is None and "batch_size" in why
     fixed = main.build_parser().parse_args(["--optim-optimizers", "adamw", "--optim-epochs", "1", "5"])
     assert "optimizer" not in main.recipe_params(RECIPE, fixed)[0]  # a fixed choice is not a parameter
+
+
+def test_the_same_command_gives_the_same_weights_with_augmentation(tmp_path):
+    """What the README promises for the shipped model: rerun its command, get its weights, bit for bit."""
+    args = [*TINY, *TINY_CNN, "--n-trials", "2", "--seeds", "3", "--augment", "--no-plots"]
+    states = []
+    for name in ("a", "b"):
+        result = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        states.append(torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
