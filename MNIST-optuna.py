@@ -17,8 +17,8 @@ from cli import check, log
 from data import load_search_data, resolve_data_dir
 from models import describe
 from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
-                     read_backbone, make_pruner, make_storage, mean_std, network_of, open_study, params_lines,
-                     prepare_out_dir, print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial,
+                     make_pruner, make_storage, mean_std, network_of, open_study, params_lines, prepare_out_dir,
+                     print_trial_lines, progress, read_backbone, remaining_trials, requeue_lost_trials, run_trial,
                      start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
 from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, evaluate_checkpoint,
                       resolve_device)
@@ -176,7 +176,8 @@ def suggest_training(trial, args):
 
 
 def recipe_params(train, args):
-    """(stage-2 params that give back `train`, the backbone's own recipe, None) or (None, why it is outside the space)."""
+    """(the stage-2 params that give back `train`, a backbone's own recipe, None), or (None, why it lies outside
+    the stage-2 space)."""
     t = TrainConfig.from_dict(train)
     params = {"use_l1": t.l1 > 0, "epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay,
               "label_smoothing": t.label_smoothing, **({"l1": t.l1} if t.l1 > 0 else {})}
@@ -205,7 +206,8 @@ def enqueue_recipe(study, recipe, args):
         log.info(f"stage optim: the backbone's recipe is not tried first: {why}")
         return
     study.enqueue_trial(params, skip_if_exists=True)  # once per study, resumes and extra workers included
-    log.info(f"stage optim: the backbone's own recipe is among the trials ({', '.join(f'{k} {v}' for k, v in params.items())})")
+    recipe_text = ", ".join(f"{name} {value}" for name, value in params.items())
+    log.info(f"stage optim: the backbone's own recipe is among the trials ({recipe_text})")
 
 
 def make_objective(args, data, study_seed, run_id, network=None):

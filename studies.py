@@ -26,8 +26,8 @@ from cli import log
 from data import final_training_set, load_test
 from errors import UserError
 from models import build_model, describe, normalise_config
-from training import (Divergence, TrainConfig, describe_device, export_onnx, load_checkpoint, onnx_parity,
-                      derive_seed, predict_logits, retrain_and_test, seed_everything, train)
+from training import (Divergence, TrainConfig, derive_seed, describe_device, export_onnx, load_checkpoint,
+                      onnx_parity, predict_logits, retrain_and_test, seed_everything, train)
 
 # the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
