@@ -228,7 +228,9 @@ def main(argv=None):
                 study.optimize(objective, n_trials=1, catch=(*CATCH, GridTaken), callbacks=[print_trial_lines()])
                 ran += 1
                 bar.update(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as error:  # Ctrl-C, possibly surfacing as a library's error
+        if not cli.interrupted_by_user(error):
+            raise
         interrupted = True
     wall = clock.seconds()
 

@@ -304,7 +304,9 @@ def main(argv=None):
                                callbacks=[print_trial_lines(f"seed {seed}  ", describe_trial),
                                           lambda s, _: requeue_lost_trials(s),
                                           lambda s, _: bar.update(1)])
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception) as error:  # Ctrl-C, possibly surfacing as a library's error
+            if not cli.interrupted_by_user(error):
+                raise
             interrupted = True
             break
     best, summary = summarise(args, studies, out_dir, clock.seconds(), describe_trial)

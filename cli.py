@@ -132,17 +132,33 @@ def setup_logging(verbose=False, quiet=False):
     optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
 
 
+_INTERRUPT = {"requested": False}
+
+
+def _on_sigint(signum, frame):
+    _INTERRUPT["requested"] = True
+    raise KeyboardInterrupt
+
+
+def interrupted_by_user(error):
+    """Ctrl-C itself, or an error it caused by landing inside a library's own cleanup (seen: Optuna's
+    journal-file lock, whose release then fails with FileNotFoundError instead of KeyboardInterrupt)."""
+    return isinstance(error, KeyboardInterrupt) or _INTERRUPT["requested"]
+
+
 def run(main, argv=None):
     """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130."""
     # a shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops a search
     # as Ctrl-C does (trial recorded, summary printed) even when it runs under nohup ... &
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         code = main(argv)
     except UserError as error:
         sys.stderr.write(f"error: {error}\n")
         code = 2
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if isinstance(error, SystemExit) or not interrupted_by_user(error):
+            raise
         sys.stderr.write("interrupted\n")
         code = 130
     sys.exit(code or 0)

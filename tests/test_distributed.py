@@ -136,3 +136,30 @@ def test_ctrl_c_keeps_the_study_and_a_rerun_completes_it(tmp_path):
     assert all(t.user_attrs.get("reason") == "interrupted" for t in interrupted)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
+
+
+SIGINT_INSIDE_CLEANUP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import cli
+
+def main(argv):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C lands inside a library's lock release ...
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    raise FileNotFoundError("lock file already gone")  # ... whose cleanup then fails instead
+{tail}
+"""
+
+
+@pytest.mark.parametrize("signal_first", [True, False])
+def test_ctrl_c_that_surfaces_as_a_library_error_still_exits_130(signal_first):
+    tail = "cli.run(main)" if signal_first else "cli.run(lambda argv: open('/nonexistent/x'))"
+    code = SIGINT_INSIDE_CLEANUP.format(root=str(ROOT), tail=tail)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if signal_first:  # the user asked to stop: one line, 130, no traceback
+        assert result.returncode == 130 and result.stderr.strip() == "interrupted", result.stderr
+    else:  # the same error without Ctrl-C is a real bug and must stay visible
+        assert result.returncode == 1 and "FileNotFoundError" in result.stderr
