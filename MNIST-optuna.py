@@ -160,18 +160,28 @@ def _choice(trial, name, choices):
     return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
 
 
+def optim_space(args):
+    """Stage 2's space, once for the sampler and for the recipe check: (ranges, choices) by parameter name."""
+    ranges = {"epochs": args.optim_epochs, "lr": args.optim_lr, "weight_decay": args.optim_weight_decay,
+              "l1": args.optim_l1, "label_smoothing": args.optim_label_smoothing}
+    choices = {"batch_size": args.optim_batch_sizes, "optimizer": args.optim_optimizers,
+               "schedule": args.optim_schedules}
+    return ranges, choices
+
+
 def suggest_training(trial, args):
     """Stage 2: the optimization and regularization hyperparameters of one trial."""
+    ranges, choices = optim_space(args)
     use_l1 = trial.suggest_categorical("use_l1", [False, True])
     return TrainConfig(
-        epochs=trial.suggest_int("epochs", *args.optim_epochs),
-        batch_size=_choice(trial, "batch_size", args.optim_batch_sizes),
-        optimizer=_choice(trial, "optimizer", args.optim_optimizers),
-        lr=trial.suggest_float("lr", *args.optim_lr, log=True),
-        schedule=_choice(trial, "schedule", args.optim_schedules),
-        weight_decay=trial.suggest_float("weight_decay", *args.optim_weight_decay, log=True),
-        l1=trial.suggest_float("l1", *args.optim_l1, log=True) if use_l1 else 0.0,
-        label_smoothing=trial.suggest_float("label_smoothing", *args.optim_label_smoothing),
+        epochs=trial.suggest_int("epochs", *ranges["epochs"]),
+        batch_size=_choice(trial, "batch_size", choices["batch_size"]),
+        optimizer=_choice(trial, "optimizer", choices["optimizer"]),
+        lr=trial.suggest_float("lr", *ranges["lr"], log=True),
+        schedule=_choice(trial, "schedule", choices["schedule"]),
+        weight_decay=trial.suggest_float("weight_decay", *ranges["weight_decay"], log=True),
+        l1=trial.suggest_float("l1", *ranges["l1"], log=True) if use_l1 else 0.0,
+        label_smoothing=trial.suggest_float("label_smoothing", *ranges["label_smoothing"]),
         augment=args.augment, compile=args.compile)
 
 
@@ -179,19 +189,17 @@ def recipe_params(train, args):
     """(the stage-2 params that give back `train`, a backbone's own recipe, None), or (None, why it lies outside
     the stage-2 space)."""
     t = TrainConfig.from_dict(train)
+    ranges, choices = optim_space(args)
     params = {"use_l1": t.l1 > 0, "epochs": t.epochs, "lr": t.lr, "weight_decay": t.weight_decay,
               "label_smoothing": t.label_smoothing, **({"l1": t.l1} if t.l1 > 0 else {})}
-    ranges = {"epochs": args.optim_epochs, "lr": args.optim_lr, "weight_decay": args.optim_weight_decay,
-              "l1": args.optim_l1, "label_smoothing": args.optim_label_smoothing}
     for name, (low, high) in ranges.items():
         if name in params and not low <= params[name] <= high:
             return None, f"its {name} {params[name]} is outside {low}..{high}"
-    for name, choices in (("batch_size", args.optim_batch_sizes), ("optimizer", args.optim_optimizers),
-                          ("schedule", args.optim_schedules)):
+    for name, options in choices.items():
         value = getattr(t, name)
-        if value not in choices:
-            return None, f"its {name} {value} is not among {' '.join(map(str, choices))}"
-        if len(choices) > 1:  # as in suggest_training: a fixed choice is not a parameter
+        if value not in options:
+            return None, f"its {name} {value} is not among {' '.join(map(str, options))}"
+        if len(options) > 1:  # as in suggest_training: a fixed choice is not a parameter
             params[name] = value
     return params, None
 

@@ -472,11 +472,11 @@ def repeat_seeds(best, n, first_accuracy, first_seconds, retrain, out_dir, label
                      "train_seconds": seconds})
         print(f"final recipe, repeat {repeat}: test accuracy: {100 * accuracy:.2f} %{label}   "
               f"(final training {seconds:.0f} s)")
-    accuracies = [100 * run["test_accuracy"] for run in runs]
+    accuracies = [run["test_accuracy"] for run in runs]
     mean, std = mean_std(accuracies)
-    print(f"final recipe over {n} seeds: test accuracy {mean:.2f} ± {std:.2f} %{label}   "
-          f"(min {min(accuracies):.2f}, max {max(accuracies):.2f})")
-    return {"runs": runs, "mean": mean / 100, "std": std / 100}
+    print(f"final recipe over {n} seeds: test accuracy {100 * mean:.2f} ± {100 * std:.2f} %{label}   "
+          f"(min {100 * min(accuracies):.2f}, max {100 * max(accuracies):.2f})")
+    return {"runs": runs, "mean": mean, "std": std}
 
 
 def _config_key(trial):
