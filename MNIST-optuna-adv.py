@@ -61,6 +61,7 @@ AUGMENT = False               # small random affine per batch on the device (res
 LABEL_SMOOTHING = 0.0         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
 # ---- final model -------------------------------------------------------------
+PROMOTE = 0                   # N > 1: the N best distinct heads retrained like the final model, chosen on validation
 FINAL_EPOCHS = 6              # retrain of the best network on train+validation
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)

@@ -15,12 +15,13 @@ import optuna
 import cli
 from cli import check, log
 from data import load_search_data, resolve_data_dir
-from models import describe
-from studies import (CATCH, PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
-                     make_pruner, make_storage, mean_std, network_of, open_study, params_lines, prepare_out_dir,
+from models import build_model, count_macs, describe
+from studies import (PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
+                     make_pruner, make_storage, mean_std, network_of, open_study, optimize_until, params_lines, prepare_out_dir,
                      print_trial_lines, progress, read_backbone, remaining_trials, requeue_lost_trials, run_trial,
                      start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
-from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, evaluate_checkpoint,
+from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, ensemble_accuracy,
+                      evaluate_checkpoints,
                       resolve_device)
 
 # ---- study -------------------------------------------------------------------
@@ -42,13 +43,15 @@ LR = 3e-3                     # peak learning rate (one-cycle)
 OPTIMIZER = "adamw"           # adam | adamw | sgd
 WEIGHT_DECAY = 5e-4           # L2 through the optimizer
 L1 = 0.0                      # explicit L1 penalty on weights (torch has no built-in)
-LABEL_SMOOTHING = 0.0         # label smoothing of the cross-entropy
+LABEL_SMOOTHING = 0.1         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
 # ---- search space (model hyperparameters) -------------------------------------
-CONV_LAYERS = 4               # conv blocks: conv -> BN -> LeakyReLU, as in the original skeleton
+CONV_LAYERS = 5               # conv blocks: conv -> BN -> LeakyReLU, as in the original skeleton
 POOL_AFTER = [2, 4]           # 2x2 max-pool after these conv blocks (1-based)
-CONV_FILTERS = (16, 32, 8)    # (low, high, step) for every conv layer
+CONV_FILTERS = (16, 64, 16)   # (low, high, step) of the filters of the blocks before the first pool
+FILTER_GROWTH = 2             # each pool multiplies that range: 16-64, then 32-128, then 64-256 filters
 KERNEL_SIZES = [3, 5]         # choices for every conv layer
+MAX_MMAC = 32                 # compute budget: a network over this many million MACs per image is never trained
 SLOPE = (1e-3, 0.2)           # LeakyReLU negative slope range per conv layer (log scale)
 BATCH_NORM = [True]           # choices; [True, False] lets the search decide
 DROPOUT = (0.0, 0.5)          # dropout range in the FC head (never before a BatchNorm)
@@ -65,7 +68,8 @@ OPTIM_BATCH_SIZES = [64, 128, 256]  # choices
 OPTIM_LABEL_SMOOTHING = (0.0, 0.15)  # range
 OPTIM_EPOCHS = (2, 5)         # epochs per trial; the upper end is the pruner's last step
 # ---- final model -------------------------------------------------------------
-FINAL_EPOCHS = 8              # retrain of the overall best on train+validation
+PROMOTE = 3                   # the N best distinct trials retrained like the final model, chosen on validation
+FINAL_EPOCHS = 12             # retrain of the chosen network on train+validation (and of the promoted ones)
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct configs and average their softmax
@@ -75,7 +79,8 @@ DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades
 OUT_DIR = None                # None: a new timestamped folder under runs/
 
 QUICK = dict(seeds=[0, 1], n_trials=2, n_startup_trials=2, epochs=1, train_subset=5000, val_size=2000,
-             batch_size=64, conv_filters=(8, 16, 8), fc_width=(32, 64, 32), final_epochs=1, final_subset=10000)
+             batch_size=64, conv_layers=3, pool_after=[1, 2], conv_filters=(8, 16, 8), fc_width=(32, 64, 32),
+             promote=2, final_epochs=1, final_subset=10000)
 
 
 def build_parser():
@@ -90,7 +95,11 @@ def build_parser():
     a("--split-seed", type=cli.nonneg_int, default=SPLIT_SEED)
     a("--conv-layers", type=cli.positive_int, default=CONV_LAYERS)
     a("--pool-after", type=cli.positive_int, nargs="*", default=POOL_AFTER)
-    a("--conv-filters", type=cli.positive_int, nargs=3, default=CONV_FILTERS, metavar=("LOW", "HIGH", "STEP"))
+    a("--conv-filters", type=cli.positive_int, nargs=3, default=CONV_FILTERS, metavar=("LOW", "HIGH", "STEP"),
+      help="filters of the blocks before the first pool")
+    a("--filter-growth", type=cli.positive_int, default=FILTER_GROWTH, help="each pool multiplies --conv-filters")
+    a("--max-mmac", type=cli.positive_float, default=MAX_MMAC,
+      help="networks over this many million MACs per image are pruned before training")
     a("--kernel-sizes", type=cli.positive_int, nargs="+", default=KERNEL_SIZES)
     a("--slope", type=cli.positive_float, nargs=2, default=SLOPE, metavar=("LOW", "HIGH"))
     a("--batch-norm", type=_bool, nargs="+", default=BATCH_NORM, help="choices among true/false")
@@ -106,7 +115,9 @@ def build_parser():
     a("--optim-batch-sizes", type=cli.positive_int, nargs="+", default=OPTIM_BATCH_SIZES)
     a("--optim-label-smoothing", type=cli.fraction, nargs=2, default=OPTIM_LABEL_SMOOTHING, metavar=("LOW", "HIGH"))
     a("--optim-epochs", type=cli.positive_int, nargs=2, default=OPTIM_EPOCHS, metavar=("LOW", "HIGH"))
-    a("--evaluate", metavar="PATH", help="print a checkpoint's test accuracy, parameters and MACs, then exit")
+    a("--evaluate", metavar="PATH", nargs="+",
+      help="print each checkpoint's test accuracy, parameters and MACs (and, for several, their averaged-softmax "
+           "ensemble's), then exit")
     return p
 
 
@@ -136,13 +147,31 @@ def validate(args):
         low, high = getattr(args, flag)
         check(low <= high, f"--{flag.replace('_', '-')}: low {low} is above high {high}")
     check(args.stage == "model" or args.backbone, "--stage optim needs --backbone PATH (a best_params.json)")
+    smallest = count_macs(build_model(suggest_model(SmallestChoice(), args))) / 1e6
+    check(args.stage == "optim" or smallest <= args.max_mmac,
+          f"--max-mmac {args.max_mmac:g}: even the smallest network of the space needs {smallest:.1f} MMAC; "
+          "raise --max-mmac or lower --conv-filters")
+
+
+class SmallestChoice:
+    """Answers every suggest_* with its lowest value, so suggest_model builds the cheapest network of the space."""
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        return low
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        return low
+
+    def suggest_categorical(self, name, choices):
+        return min(choices)
 
 
 def suggest_model(trial, args):
     """The explicit skeleton; only the numbers inside it are searched."""
-    low, high, step = args.conv_filters
     conv = []
     for i in range(1, args.conv_layers + 1):
+        low, high, step = (value * args.filter_growth ** sum(p < i for p in args.pool_after)
+                           for value in args.conv_filters)
         conv.append({
             "channels": trial.suggest_int(f"conv{i}_filters", low, high, step=step),
             "kernel": _choice(trial, f"conv{i}_kernel", args.kernel_sizes),
@@ -224,7 +253,7 @@ def make_objective(args, data, study_seed, run_id, network=None):
         claim(trial, run_id)
         seed = derive_seed(study_seed, trial.number)
         if network is None:
-            return run_trial(trial, suggest_model(trial, args), train_config(args), data, seed)
+            return run_trial(trial, suggest_model(trial, args), train_config(args), data, seed, max_mmac=args.max_mmac)
         return run_trial(trial, network, suggest_training(trial, args), data, seed)
     return objective
 
@@ -263,12 +292,22 @@ def summarise(args, studies, out_dir, wall, describe_trial):
     return best, summary
 
 
-def print_evaluation(path, data_dir, device):
+def print_evaluation(paths, data_dir, device):
+    """Each checkpoint's test accuracy, size and MACs; for several, their averaged-softmax ensemble's too."""
     clock = Stopwatch()
-    accuracy, parameters, macs, meta = evaluate_checkpoint(path, data_dir, device)
-    label = " (with augmentation)" if meta.get("augment") else ""
-    print(f"test accuracy: {100 * accuracy:.2f} %{label}   parameters: {parameters:,}   MMAC/image: {macs / 1e6:.1f}"
-          f"   ({clock.seconds():.1f} s)")
+    members = evaluate_checkpoints(paths, data_dir, device)
+    lines = []
+    for path, member in zip(paths, members):
+        label = " (with augmentation)" if member["meta"].get("augment") else ""
+        name = f"{path}: " if len(paths) > 1 else ""
+        lines.append(f"{name}test accuracy: {100 * member['accuracy']:.2f} %{label}   parameters: "
+                     f"{member['parameters']:,}   MMAC/image: {member['macs'] / 1e6:.1f}")
+    if len(paths) > 1:
+        label = " (with augmentation)" if any(m["meta"].get("augment") for m in members) else ""
+        lines.append(f"ensemble of {len(paths)} (averaged softmax): ensemble test accuracy: "
+                     f"{100 * ensemble_accuracy(members):.2f} %{label}   MMAC/image: "
+                     f"{sum(m['macs'] for m in members) / 1e6:.1f}")
+    print("\n".join(lines) + f"   ({clock.seconds():.1f} s)")
     return 0
 
 
@@ -303,15 +342,15 @@ def main(argv=None):
         study = open_study(f"{prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, max_steps))
         studies.append((seed, study))
         requeue_lost_trials(study)
-        todo = 0 if args.retrain_only else remaining_trials(study, args.n_trials, run_id)
+        n_trials = 0 if args.retrain_only else args.n_trials
+        todo = remaining_trials(study, n_trials, run_id)
         if network and todo:
             enqueue_recipe(study, recipe, args)
         try:
             with progress(todo, f"seed {seed}") as bar:
-                study.optimize(make_objective(args, data, seed, run_id, network), n_trials=todo, catch=CATCH,
-                               callbacks=[print_trial_lines(f"seed {seed}  ", describe_trial),
-                                          lambda s, _: requeue_lost_trials(s),
-                                          lambda s, _: bar.update(1)])
+                optimize_until(study, make_objective(args, data, seed, run_id, network), n_trials, run_id, callbacks=[print_trial_lines(f"seed {seed}  ", describe_trial),
+                                                  lambda s, _: requeue_lost_trials(s),
+                                                  lambda s, _: bar.update(1)])
         except (KeyboardInterrupt, Exception) as error:  # Ctrl-C, possibly surfacing as a library's error
             if not cli.interrupted_by_user(error):
                 raise

@@ -69,6 +69,8 @@ SHARED_FLAGS = [
     ("--l1", "L1", nonneg_float, "explicit L1 penalty on weights"),
     ("--label-smoothing", "LABEL_SMOOTHING", fraction, "label smoothing of the loss"),
     ("--schedule", "SCHEDULE", str, "none | cosine | onecycle"),
+    ("--promote", "PROMOTE", nonneg_int, "N > 1: retrain the N best distinct trials like the final model on the "
+     "training split and choose among them on validation"),
     ("--final-epochs", "FINAL_EPOCHS", positive_int, "epochs of the retrain on train+validation"),
     ("--final-subset", "FINAL_SUBSET", optional_positive_int, "images of the retrain; 'all' for every one"),
     ("--final-seeds", "FINAL_SEEDS", positive_int, "retrain the best N times with different seeds; report mean ± std"),

@@ -223,6 +223,19 @@ def final_training_set(data, size=None, seed=0):
     return data.all_x[index], data.all_y[index]
 
 
+def promotion_training_set(data, size=None, seed=0):
+    """Every training image outside the validation split (or a stratified `size` of them): what a promoted
+    configuration trains on, like the final model but without the validation images it is scored on."""
+    keep = np.ones(len(data.all_y), dtype=bool)
+    keep[data.val_indices] = False
+    indices = np.flatnonzero(keep)
+    if size is not None and size < len(indices):
+        picked, _ = stratified_take(data.all_y.cpu().numpy()[indices], size, seed)
+        indices = indices[picked]
+    index = torch.from_numpy(indices).to(data.all_y.device)
+    return data.all_x[index], data.all_y[index]
+
+
 def pixel_statistics(images):
     """Mean and std of uint8 images scaled to [0, 1]."""
     pixels = images.float().div_(255.0)

@@ -23,10 +23,10 @@ import torch
 from optuna.trial import TrialState
 
 from cli import log
-from data import final_training_set, load_test
+from data import final_training_set, load_test, promotion_training_set
 from errors import UserError
-from models import build_model, describe, normalise_config
-from training import (Divergence, TrainConfig, derive_seed, describe_device, export_onnx, load_checkpoint,
+from models import build_model, count_macs, describe, normalise_config
+from training import (Divergence, TrainConfig, derive_seed, describe_device, evaluate, export_onnx, load_checkpoint,
                       onnx_parity, predict_logits, retrain_and_test, seed_everything, train)
 
 # the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
@@ -40,6 +40,7 @@ GRACE_SECONDS = 90
 MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 INTERRUPTED, WORKER_DIED = "interrupted", "worker died"
+OVER_BUDGET = "over budget"   # pruned before training: the network needs more MACs than --max-mmac allows
 
 
 # ---- output folder and storage ----------------------------------------------
@@ -198,10 +199,14 @@ def requeue_lost_trials(study):
 
 
 def counted(trial):
-    """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+    """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker and
+    networks over the compute budget (they trained nothing)."""
+    reason = str(trial.user_attrs.get("reason") or "")
+    if trial.state == TrialState.PRUNED:
+        return not reason.startswith(OVER_BUDGET)
+    if trial.state == TrialState.COMPLETE:
         return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("reason") not in (INTERRUPTED, WORKER_DIED)
+    return trial.state == TrialState.FAIL and reason not in (INTERRUPTED, WORKER_DIED)
 
 
 def remaining_trials(study, n_trials, run_id):
@@ -214,6 +219,21 @@ def remaining_trials(study, n_trials, run_id):
     return max(0, n_trials - done)
 
 
+def optimize_until(study, objective, n_trials, run_id, callbacks, max_rounds=20):
+    """study.optimize until this run folder has its n_trials counted trials. Networks over the compute budget
+    are pruned before training and do not count, so another round asks the sampler again; the sampler has
+    seen them pruned with no value and proposes such networks less and less (max_rounds stops a space that
+    is nearly all over budget)."""
+    for _ in range(max_rounds):
+        todo = remaining_trials(study, n_trials, run_id)
+        if not todo:
+            return
+        study.optimize(objective, n_trials=todo, catch=CATCH, callbacks=callbacks)
+    if remaining_trials(study, n_trials, run_id):
+        log.warning(f"{study.study_name}: stopped proposing after {max_rounds} rounds of networks over the "
+                    "compute budget; raise --max-mmac or narrow the space")
+
+
 # ---- one trial ----------------------------------------------------------------
 
 def claim(trial, run_id):
@@ -221,19 +241,30 @@ def claim(trial, run_id):
     killed at any later point leaves a trial that requeue_lost_trials recognises."""
     trial.set_user_attr("worker", worker_id())
     trial.set_user_attr("run", run_id)
+    trial.set_user_attr("study", trial.study.study_name)
     if trial.user_attrs.get("reason"):  # a retried trial inherits its predecessor's attributes
         trial.set_user_attr("reason", None)
 
 
-def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1):
+def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1, max_mmac=None):
     """Train the trial's network, report validation accuracy, prune; return the last validation accuracy.
 
-    A diverged loss prunes the trial and an out-of-memory fails it, each with its reason in the
-    trial's user attributes, so the study goes on.
+    A network over `max_mmac` million MACs per image is pruned before training, a diverged loss prunes
+    the trial and an out-of-memory fails it, each with its reason in the trial's user attributes, so the
+    study goes on.
     """
     trial.set_user_attr("model", model_config)
     trial.set_user_attr("train", train_cfg.to_dict())
     trial.set_user_attr("seed", seed)
+    mmac = count_macs(build_model(model_config)) / 1e6  # on the CPU, in milliseconds
+    trial.set_user_attr("mmac", round(mmac, 2))
+    if max_mmac is not None and "mmac_over_budget" not in trial.constraints:  # a retried trial keeps its own
+        # Optuna's trial constraint (feasible when <= 0): TPE ranks infeasible trials below every pruned
+        # one, the further over budget the lower, so it learns the budget without a made-up value
+        trial.set_constraint("mmac_over_budget", mmac - max_mmac)
+    if max_mmac is not None and mmac > max_mmac:
+        trial.set_user_attr("reason", f"{OVER_BUDGET}: {mmac:.1f} MMAC > {max_mmac:g}")
+        raise optuna.TrialPruned(f"{mmac:.1f} MMAC is over the budget of {max_mmac:g}")
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
 
@@ -278,7 +309,11 @@ CATCH = (torch.OutOfMemoryError, MemoryError)  # fail the trial, keep the study 
 
 def network_of(trial):
     model = trial.user_attrs.get("model")
-    return describe(model) + f" drop {model['dropout']:.2f}" if model else "?"
+    return describe(model) + f" drop {model['dropout']:.2f}" + mmac_of(trial) if model else "?"
+
+
+def mmac_of(trial):
+    return f" ({trial.user_attrs['mmac']:.1f} MMAC)" if trial.user_attrs.get("mmac") is not None else ""
 
 
 def training_of(trial):
@@ -399,9 +434,11 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
     """The common ending of both scripts; returns the exit code.
 
     Interrupted: say how to resume (130). No complete trial: nothing to retrain (1). Otherwise, unless
-    --no-final, retrain the best network on train+validation, read the test set once, save model.pt
-    and model.onnx (checked against PyTorch in ONNX Runtime); with --ensemble K, also retrain the K best
-    distinct configurations of `trials` and report their averaged softmax. Then the plots.
+    --no-final: with --promote N, retrain the N best distinct trials like the final model and choose among
+    them on validation; retrain the chosen network on train+validation, read the test set once, save
+    model.pt and model.onnx (checked against PyTorch in ONNX Runtime); with --ensemble K, also retrain
+    the next K - 1 distinct configurations of the (promoted, then search) ranking and report their
+    averaged softmax. Then the plots.
     """
     write_json(out_dir / "summary.json", summary)
     history = None
@@ -414,22 +451,31 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
         return 1
     if not args.no_final:
         label = " (with augmentation)" if args.augment else ""
-        x, y = final_training_set(data, args.final_subset, best.user_attrs["seed"])
-        log.info(f"\nretraining on {len(y)} train+validation images for {args.final_epochs} epochs{label} "
-                 f"on {describe_device(device)}")
-        # the search is over: this is the one place the test set is read
-        test = load_test(data_dir, device, data.mean, data.std)
         meta = {**meta, "command": command_line(), "mean": data.mean, "std": data.std}
+        ranking = [best] + [t for t in sorted(completed(trials), key=lambda t: -t.value) if t is not best]
+        if args.promote > 1:
+            promoted = promote(top_distinct(ranking, args.promote), data, args, out_dir)
+            summary["promotion"] = promoted["record"]
+            ranking = promoted["ranking"] + ranking
+            # the chosen network, which model.pt will be: promoted first, not necessarily the search's best
+            write_json(out_dir / "best_params.json",
+                       best_params_payload(ranking[0], promoted_val=promoted["record"]["chosen"]["promoted_val"]))
+        best = ranking[0]
+        # the search and its choice are over: this is the one place the test set is read
+        test = load_test(data_dir, device, data.mean, data.std)
 
         def retrain(trial, checkpoint, repeat=0):
-            cfg = TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": args.final_epochs,
-                                         "augment": args.augment, "compile": args.compile})
-            info = {**meta, "val_accuracy": trial.value, "trial": trial.number, "repeat": repeat}
+            cfg = final_config(trial, args)
+            info = {**meta, "val_accuracy": trial.value, "trial": trial.number, "repeat": repeat,
+                    "study": trial.user_attrs.get("study")}
             with progress(args.final_epochs, "final epochs", "epoch") as bar:
                 return retrain_and_test(trial.user_attrs["model"], cfg, x, y, repeat_seed(trial, repeat), test,
                                         checkpoint, info, on_epoch=lambda record: bar.update(1),
                                         background=data.background)
 
+        x, y = final_training_set(data, args.final_subset, best.user_attrs["seed"])
+        log.info(f"\nretraining on {len(y)} train+validation images for {args.final_epochs} epochs{label} "
+                 f"on {describe_device(device)}")
         model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
         print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
               f"(final training {seconds:.0f} s on {len(y)} images)")
@@ -443,7 +489,7 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
             summary["final_seeds"] = repeat_seeds(best, args.final_seeds, test_accuracy, seconds, retrain, out_dir,
                                                   label)
         if args.ensemble > 1:
-            summary["ensemble"] = ensemble(top_distinct(best, trials, args.ensemble), model, test, retrain, out_dir,
+            summary["ensemble"] = ensemble(top_distinct(ranking, args.ensemble), model, test, retrain, out_dir,
                                            predict_logits, label)
         write_json(out_dir / "summary.json", summary)
     if not args.no_plots:
@@ -483,14 +529,106 @@ def _config_key(trial):
     return json.dumps([trial.user_attrs.get("model"), trial.user_attrs.get("train")], sort_keys=True)
 
 
-def top_distinct(best, trials, k):
-    """`best`, then the next best complete trials whose (network, training) differ from all before, k in all."""
-    members, seen = [best], {_config_key(best)}
-    for trial in sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value):
+def completed(trials):
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+def top_distinct(ranking, k):
+    """The first k trials of `ranking` whose (network, training) differ from all before them."""
+    members, seen = [], set()
+    for trial in ranking:
         if len(members) < k and _config_key(trial) not in seen:
             seen.add(_config_key(trial))
             members.append(trial)
     return members
+
+
+def final_config(trial, args):
+    """The trial's training recipe as the final model trains: --final-epochs, --augment."""
+    return TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": args.final_epochs, "augment": args.augment,
+                                  "compile": args.compile})
+
+
+def promote(candidates, data, args, out_dir):
+    """Retrain each candidate as the final model will be (its recipe, --final-epochs, --augment, its own seed)
+    on every training image outside the validation split, score it on validation, and rank by that score.
+
+    The cheap search ranks networks after a few epochs on a subset; this ranks the few that matter at the
+    fidelity of the final training. Scores are kept in promotion.json in the run folder, keyed by what
+    the training was, so a rerun in the same folder resumes instead of training them again.
+    Returns {"ranking": trials best first, "record": what summary.json keeps}.
+    """
+    path = Path(out_dir) / "promotion.json"
+    try:
+        done = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        done = {}
+    x, y = promotion_training_set(data, args.final_subset)  # the same images for every candidate
+    log.info(f"\npromotion: the {len(candidates)} best distinct trials retrained like the final model "
+             f"({args.final_epochs} epochs on {len(y)} training images{' with augmentation' if args.augment else ''})"
+             ", scored on validation")
+    rows = []
+    for search_rank, trial in enumerate(candidates, start=1):
+        cfg, seed = final_config(trial, args), repeat_seed(trial, 0)
+        key = json.dumps([trial.user_attrs["model"], cfg.to_dict(), seed, len(y)], sort_keys=True)
+        if key not in done:
+            seed_everything(seed)
+            model = build_model(trial.user_attrs["model"]).to(x.device)
+            clock = Stopwatch()
+            with progress(cfg.epochs, f"promotion {search_rank}", "epoch") as bar:
+                history = train(model, x, y, cfg, seed, val=(data.val_x, data.val_y),
+                                on_epoch=lambda record: bar.update(1), background=data.background)
+            done[key] = {"val_accuracy": history[-1]["val_accuracy"], "seconds": clock.seconds(),
+                         "val_curve": [record["val_accuracy"] for record in history]}
+            write_json(path, done)
+            del model
+            release_memory()
+        result = done[key]
+        rows.append({"trial": trial, "search_rank": search_rank, "search_val": trial.value,
+                     "promoted_val": result["val_accuracy"], "seconds": result["seconds"]})
+        log.info(f"promotion {search_rank}/{len(candidates)}: {trial.user_attrs.get('study', '')} trial "
+                 f"{trial.number}  search val {100 * trial.value:.2f} %  promoted val "
+                 f"{100 * result['val_accuracy']:.2f} %  {result['seconds']:.0f} s")
+    rows.sort(key=lambda row: (-row["promoted_val"], row["search_rank"]))
+    correlation = spearman([row["search_val"] for row in rows], [row["promoted_val"] for row in rows])
+    print("\n==== promotion (choice at the final fidelity, on validation) ====")
+    print(" rank  search rank  trial                  search val  promoted val  network")
+    for rank, row in enumerate(rows, start=1):
+        trial = row["trial"]
+        print(f"{rank:5d}  {row['search_rank']:11d}  {str(trial.user_attrs.get('study', '')) + ' #' + str(trial.number):21s}"
+              f"  {100 * row['search_val']:8.2f} %  {100 * row['promoted_val']:10.2f} %  {network_of(trial)}")
+    text = "n/a (fewer than 2 distinct scores)" if correlation is None else f"{correlation:+.2f}"
+    print(f"rank correlation of search and promoted validation (Spearman): {text}")
+    record = {"epochs": args.final_epochs, "train_images": len(y), "augment": args.augment,
+              "spearman": correlation,
+              "rows": [{"study": row["trial"].user_attrs.get("study"), "trial": row["trial"].number,
+                        "search_rank": row["search_rank"], "search_val": row["search_val"],
+                        "promoted_val": row["promoted_val"], "seconds": row["seconds"]} for row in rows]}
+    record["chosen"] = record["rows"][0]
+    return {"ranking": [row["trial"] for row in rows], "record": record}
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equal-length sequences (average ranks for ties); None when undefined."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+    if len(a) < 2:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    norm = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / norm if norm else None
 
 
 def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label):

@@ -238,8 +238,14 @@ def load_checkpoint(path, device="cpu"):
 def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta, on_epoch=None, background=0.0):
     """Retrain a config from scratch on (x, y), evaluate the test set (x, y) once, save the checkpoint.
 
+    A checkpoint already at `checkpoint` from the same network, recipe, seed and number of images (an
+    earlier, interrupted run of the same command) is evaluated instead of trained again.
     Returns (model, history, test_accuracy, train_seconds).
     """
+    earlier = finished_checkpoint(checkpoint, model_config, train_cfg, seed, len(y), x.device)
+    if earlier is not None:
+        model, meta = earlier
+        return model, meta["history"], evaluate(model, *test), meta["train_seconds"]
     seed_everything(seed)
     model = build_model(model_config).to(x.device)
     started = time.perf_counter()
@@ -247,18 +253,46 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     train_seconds = time.perf_counter() - started
     test_accuracy = evaluate(model, *test)
     meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
-            "train_images": len(y), "augment": train_cfg.augment, "torch": str(torch.__version__)}
+            "train_images": len(y), "augment": train_cfg.augment, "torch": str(torch.__version__),
+            "history": history}
     save_checkpoint(checkpoint, model, train_cfg, meta)
     return model, history, test_accuracy, train_seconds
 
 
-def evaluate_checkpoint(path, data_dir, device):
-    """Test accuracy, parameter count, MACs per image and the checkpoint's metadata."""
-    model, payload = load_checkpoint(path, device)
+def finished_checkpoint(path, model_config, train_cfg, seed, train_images, device):
+    """(model, meta) of the checkpoint at `path` when it holds exactly this training, else None."""
+    if not Path(path).is_file():
+        return None
+    try:
+        model, payload = load_checkpoint(path, device)
+    except UserError:
+        return None
     meta = payload.get("meta", {})
-    mean, std = (meta["mean"], meta["std"]) if "mean" in meta else training_statistics(data_dir)
-    accuracy = evaluate(model, *load_test(data_dir, device, mean, std))
-    return accuracy, count_parameters(model), count_macs(model), meta
+    same = (payload.get("train") == train_cfg.to_dict() and model.config == build_model(model_config).config
+            and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta)
+    return (model, meta) if same else None
+
+
+def evaluate_checkpoints(paths, data_dir, device):
+    """For each checkpoint: its test accuracy, parameter count, MACs per image, metadata, the test labels and
+    its softmax over the test set (each normalised with the training statistics its checkpoint records)."""
+    members = []
+    for path in paths:
+        model, payload = load_checkpoint(path, device)
+        meta = payload.get("meta", {})
+        mean, std = (meta["mean"], meta["std"]) if "mean" in meta else training_statistics(data_dir)
+        test_x, test_y = load_test(data_dir, device, mean, std)
+        probabilities = torch.softmax(predict_logits(model, test_x), 1)
+        members.append({"accuracy": (probabilities.argmax(1) == test_y).float().mean().item(), "labels": test_y,
+                        "probabilities": probabilities, "parameters": count_parameters(model),
+                        "macs": count_macs(model), "meta": meta})
+    return members
+
+
+def ensemble_accuracy(members):
+    """Accuracy of the averaged softmax of evaluate_checkpoints' members."""
+    probabilities = sum(member["probabilities"] for member in members) / len(members)
+    return (probabilities.argmax(1) == members[0]["labels"]).float().mean().item()
 
 
 def export_onnx(model, path):

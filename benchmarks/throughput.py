@@ -1,20 +1,26 @@
-"""Training throughput of the scripts' CNNs against this machine's fp32 matmul peak, measured in one run.
+"""Training throughput of the networks that matter against this machine's fp32 matmul peak, side by side.
 
-    python benchmarks/throughput.py [--device auto] [--batch-sizes 64 128 256]
+    python benchmarks/throughput.py [--device auto] [--batch-sizes 128 256] [--repeats 5]
 
-For each network, memory format (channels_last on/off) and batch size: training images/s, achieved
-GFLOP/s (6 x MACs x images/s: forward 2, backward 4 FLOPs per MAC) and the model FLOPs utilisation
-(MFU) against the fp32 matmul peak measured first in the same process. Also evaluation images/s per
-evaluation batch size, which set data.EVAL_BATCH.
+For each network and variant (eager channels_last, the project's default; eager contiguous; torch.compile
+with the inductor backend) and batch size: training images/s, achieved GFLOP/s (6 x MACs x images/s:
+forward 2, backward 4 FLOPs per MAC) and the model FLOPs utilisation (MFU) against the fp32 matmul peak.
+The variants and the peak are measured in interleaved rounds and each number is the median over the
+rounds, so a busy neighbour slows all of them alike instead of one; `ratio` lines compare variants by the
+median of their per-round ratios. Also evaluation images/s per batch size (with BatchNorm folded into
+the convolutions or not), which set data.EVAL_BATCH.
 """
 import argparse
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from models import build_model, count_macs  # noqa: E402
 from training import TrainConfig, evaluate, make_optimizer, resolve_device  # noqa: E402
 
@@ -23,20 +29,30 @@ def block(channels, kernel=3, pool=False):
     return {"channels": channels, "kernel": kernel, "pool": pool, "slope": 0.01, "batch_norm": True}
 
 
+def shipped(path):
+    """The network of a shipped best_params.json, or None when it is not there."""
+    path = ROOT / path
+    return json.loads(path.read_text())["model"] if path.is_file() else None
+
+
 NETWORKS = {
-    # the middle of MNIST-optuna.py's default search space (4 conv layers, pools after 2 and 4)
-    "main search, mid-space": {"conv": [block(24), block(24, pool=True), block(24), block(24, pool=True)],
-                               "fc": [128], "dropout": 0.2},
+    # the hand recipe of DESIGN.md (32-32 / pool / 64-64 / pool / 128), inside MNIST-optuna.py's default space
+    "hand recipe": {"conv": [block(32), block(32, pool=True), block(64), block(64, pool=True), block(128)],
+                    "fc": [], "dropout": 0.0},
+    # the shipped networks of results/
+    "stage2 (shipped)": shipped("results/stage2/best_params.json"),
+    "stage1-wide": shipped("results/stage1-wide/best_params.json"),
     # MNIST-optuna-adv.py's default backbone with a 512-wide head
     "adv backbone + FC 512": {"conv": [block(16, pool=True), block(32, pool=True)], "fc": [512], "dropout": 0.2},
 }
+VARIANTS = ("eager channels_last", "eager contiguous", "compile channels_last")
 
 
-def matmul_peak(device, size=2048, seconds=2.0):
+def matmul_peak(device, size=2048, seconds=1.0):
     """Sustained fp32 GFLOP/s of a square matmul, the machine's practical peak."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    for _ in range(3):
+    for _ in range(2):
         a @ b
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -47,11 +63,12 @@ def matmul_peak(device, size=2048, seconds=2.0):
     return 2 * size ** 3 * count / (time.perf_counter() - started) / 1e9
 
 
-def train_rate(config, device, batch_size, channels_last, steps):
+def training_step(config, device, batch_size, variant):
+    """A warmed-up training step of `config` in the given variant, on one fixed random batch."""
     torch.manual_seed(0)
-    model = build_model(config).to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    fmt = torch.contiguous_format if "contiguous" in variant else torch.channels_last
+    model = build_model(config).to(device).to(memory_format=fmt)
+    forward = torch.compile(model) if variant.startswith("compile") else model
     x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch_size,), device=device)
     optimizer = make_optimizer(model, TrainConfig())
@@ -59,10 +76,15 @@ def train_rate(config, device, batch_size, channels_last, steps):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(forward(x), y).backward()
         optimizer.step()
-    for _ in range(3):
+    for _ in range(3):  # compiles on the first call
         step()
+    return step
+
+
+def rate(step, batch_size, images, device):
+    steps = max(2, images // batch_size)
     started = time.perf_counter()
     for _ in range(steps):
         step()
@@ -71,34 +93,67 @@ def train_rate(config, device, batch_size, channels_last, steps):
     return batch_size * steps / (time.perf_counter() - started)
 
 
+def fold_batchnorm(model):
+    """An evaluation copy with each BatchNorm folded into the convolution before it."""
+    model = build_model(model.config).to(next(model.parameters()).device).eval()
+    layers = list(model.features)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            conv = layers[i - 1]
+            model.features[i - 1] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, layer)
+            model.features[i] = torch.nn.Identity()
+    return model
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--images", type=int, default=3_000, help="training images per measurement")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--images", type=int, default=1_500, help="training images per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; each number is their median")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    peak = matmul_peak(device)
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}")
-    print(f"fp32 matmul peak (2048x2048): {peak:.1f} GFLOP/s")
-    print(f"{'network':24s} {'MMAC':>6s} {'ch_last':>7s} {'batch':>5s} {'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>6s}")
+    device = resolve_device(args.device, deterministic=False)
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, {args.repeats} interleaved rounds")
+    print(f"{'network':22s} {'MMAC':>5s} {'variant':22s} {'batch':>5s} {'img/s':>7s} {'GFLOP/s':>8s} {'MFU':>6s}")
+    all_peaks = []
     for name, config in NETWORKS.items():
+        if config is None:
+            continue
         macs = count_macs(build_model(config))
-        for channels_last in (False, True):
-            for batch_size in args.batch_sizes:
-                rate = train_rate(config, device, batch_size, channels_last, max(3, args.images // batch_size))
-                gflops = 6 * macs * rate / 1e9
-                print(f"{name:24s} {macs / 1e6:6.1f} {str(channels_last):>7s} {batch_size:5d} {rate:8.0f} "
-                      f"{gflops:8.1f} {100 * gflops / peak:5.1f}%")
-    config = NETWORKS["main search, mid-space"]
-    model = build_model(config).to(device)
-    x = torch.randn(10_000, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (10_000,), device=device)
-    for batch_size in (250, 500, 1000, 2000):
-        evaluate(model, x[:1000], y[:1000], batch_size)
-        started = time.perf_counter()
-        evaluate(model, x, y, batch_size)
-        print(f"evaluation, batch {batch_size:5d}: {10_000 / (time.perf_counter() - started):8.0f} img/s")
+        for batch_size in args.batch_sizes:
+            steps = {variant: training_step(config, device, batch_size, variant) for variant in args.variants}
+            rates, peaks = {variant: [] for variant in steps}, []
+            for _ in range(args.repeats):  # interleaved: noise from a neighbour hits every variant alike
+                peaks.append(matmul_peak(device, seconds=0.3))
+                for variant, step in steps.items():
+                    rates[variant].append(rate(step, batch_size, args.images, device))
+            all_peaks += peaks
+            peak = statistics.median(peaks)
+            for variant, values in rates.items():
+                value = statistics.median(values)
+                gflops = 6 * macs * value / 1e9
+                print(f"{name:22s} {macs / 1e6:5.1f} {variant:22s} {batch_size:5d} {value:7.0f} {gflops:8.1f} "
+                      f"{100 * gflops / peak:5.1f}%")
+            base = rates[args.variants[0]]
+            for variant in args.variants[1:]:
+                ratio = statistics.median(a / b for a, b in zip(rates[variant], base))
+                print(f"ratio {variant} / {args.variants[0]}: {ratio:.2f}x")
+    print(f"fp32 matmul peak (2048x2048): {statistics.median(all_peaks):.1f} GFLOP/s "
+          f"(median of {len(all_peaks)}, interleaved with the measurements)")
+    model = build_model(NETWORKS["hand recipe"]).to(device).eval()
+    folded = fold_batchnorm(model)
+    x = torch.randn(5_000, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (5_000,), device=device)
+    for batch_size in (250, 500, 1000):
+        seconds = {"plain": [], "folded BN": []}
+        for _ in range(max(1, args.repeats // 2)):
+            for label, net in (("plain", model), ("folded BN", folded)):
+                started = time.perf_counter()
+                evaluate(net, x, y, batch_size)
+                seconds[label].append(time.perf_counter() - started)
+        print(f"evaluation, hand recipe, batch {batch_size:5d}: "
+              + ", ".join(f"{label} {len(y) / statistics.median(values):7.0f} img/s" for label, values in seconds.items()))
 
 
 if __name__ == "__main__":

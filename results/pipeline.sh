@@ -1,35 +1,42 @@
 #!/usr/bin/env bash
-# The whole pipeline behind results/, as run on the 2-core CPU machine. Every choice is made on
-# validation data; the test set is read only by the final retrains.
-#   bash results/pipeline.sh                 # every step (about 2 h 20 min on 2 CPU cores)
-#   bash results/pipeline.sh stage2 augment  # only the named steps (stage1 | stage2 | augment | augsearch | wide | wide2)
+# The pipeline behind results/shipped/, as run on the 2-core CPU machine. Every choice is made on the
+# validation split; the test set is read only by the final retrains, after the choice.
+#   nohup bash results/pipeline.sh > results/pipeline.log 2>&1 &   # every step; hours on 2 CPU cores
+#   bash results/pipeline.sh single                                # only the named steps (single | ensemble)
+# A step whose shipped files exist is skipped. A step that was stopped resumes when run again: the
+# search from its journal, the promotion from promotion.json, each final retrain from its checkpoint.
+# (Issue #4's steps - stage1, stage2, augment, augsearch, wide, wide2 - are in git history, commit d10f27b.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MNIST_DATA_DIR="${MNIST_DATA_DIR:-../shared/data}"
-STEPS="${*:-stage1 stage2 augment augsearch wide wide2}"
-BACKBONE=results/stage1/best_params.json
-# stage 2: 16 trials (the first is stage 1's own recipe); the best retrained for 15 epochs on all
-# 60,000 images, three times with different seeds, and the 5 best distinct recipes as an ensemble
-STAGE2=(--stage optim --backbone "$BACKBONE" --seeds 0 --n-trials 16 --final-epochs 15)
+STEPS="${*:-single ensemble}"
+SEARCH=results/search
+SHIPPED=results/shipped
+mkdir -p "$SHIPPED"
+# the search: the default space (5 conv blocks, 16-64 filters doubling after each pool, <= 32 MMAC),
+# 2 seeds x 12 trials of 3 epochs on 10,000 images, then the 3 best distinct networks promoted:
+# retrained for 12 epochs on the 50,000 training images and chosen on the 10,000 validation images
+SEARCH_FLAGS=(--seeds 0 1 --n-trials 12 --promote 3 --final-epochs 12)
+
+shipped() { for f in "$@"; do [ -f "$SHIPPED/$f" ] || return 1; done; }
 
 for step in $STEPS; do
   case "$step" in
-    stage1)  # the network: MNIST-optuna.py's defaults
-      python MNIST-optuna.py --out-dir results/stage1 2>&1 | tee results/stage1.log ;;
-    stage2)  # how to train it
-      python MNIST-optuna.py "${STAGE2[@]}" --final-seeds 3 --ensemble 5 --out-dir results/stage2 2>&1 \
-        | tee results/stage2.log ;;
-    augment)  # stage 2's best recipe retrained with on-device augmentation (no new trials)
-      python MNIST-optuna.py "${STAGE2[@]}" --retrain-only --augment --storage results/stage2/study.journal \
-        --out-dir results/stage2-augment 2>&1 | tee results/stage2-augment.log ;;
-    augsearch)  # a stage 2 whose trials train with augmentation, so the recipe is chosen for it
-      python MNIST-optuna.py "${STAGE2[@]}" --augment --out-dir results/stage2-augsearch 2>&1 \
-        | tee results/stage2-augsearch.log ;;
-    wide)  # stage 1 again with twice the filter range (32-64 per conv layer instead of 16-32)
-      python MNIST-optuna.py --conv-filters 32 64 16 --out-dir results/stage1-wide 2>&1 | tee results/stage1-wide.log ;;
-    wide2)  # stage 2 on the wide network: 8 trials, 12 final epochs (what was left of the session's time)
-      python MNIST-optuna.py --stage optim --backbone results/stage1-wide/best_params.json --seeds 0 --n-trials 8 \
-        --final-epochs 12 --out-dir results/stage2-wide 2>&1 | tee results/stage2-wide.log ;;
-    *) echo "unknown step '$step'; choose among stage1 stage2 augment augsearch wide wide2" >&2; exit 2 ;;
+    single)  # the chosen network retrained on all 60,000 images with 3 seeds, no augmentation
+      if shipped single-0.pt single-1.pt single-2.pt; then echo "single: shipped already"; continue; fi
+      python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --final-seeds 3 --out-dir "$SEARCH" 2>&1 | tee -a results/search.log
+      cp "$SEARCH/model.pt" "$SHIPPED/single-0.pt"
+      cp "$SEARCH/seed-1.pt" "$SHIPPED/single-1.pt"
+      cp "$SEARCH/seed-2.pt" "$SHIPPED/single-2.pt" ;;
+    ensemble)  # the promoted ranking again, trained with augmentation; its 3 best retrained on 60,000 images
+      if shipped ensemble-0.pt ensemble-1.pt ensemble-2.pt; then echo "ensemble: shipped already"; continue; fi
+      python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --retrain-only --augment --ensemble 3 --final-epochs 15 \
+        --storage "$SEARCH/study.journal" --out-dir results/ensemble 2>&1 | tee -a results/ensemble.log
+      cp results/ensemble/model.pt "$SHIPPED/ensemble-0.pt"
+      cp results/ensemble/ensemble-1.pt "$SHIPPED/ensemble-1.pt"
+      cp results/ensemble/ensemble-2.pt "$SHIPPED/ensemble-2.pt" ;;
+    *) echo "unknown step '$step'; choose among single ensemble" >&2; exit 2 ;;
   esac
 done
+python MNIST-optuna.py --evaluate "$SHIPPED"/single-*.pt
+if shipped ensemble-0.pt; then python MNIST-optuna.py --evaluate "$SHIPPED"/ensemble-*.pt; fi
