@@ -10,6 +10,7 @@ layers a network does not have. Rerunning with the same storage and study name r
 """
 import itertools
 
+import numpy as np
 import optuna
 
 import cli
@@ -17,11 +18,11 @@ from cli import check, log
 from data import load_search_data, resolve_data_dir
 from errors import UserError
 from models import normalise_config
-from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
+from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, claim, command_line, counted, finish_run,
                      load_network, make_pruner, make_storage, network_of, open_study, prepare_out_dir,
                      print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial, start_run,
-                     state_counts, train_config, write_json, write_trials_csv)
-from training import derive_seed, describe_device, resolve_device
+                     state_counts, train_config, waiting_trials, write_json, write_trials_csv)
+from training import describe_device, resolve_device
 
 # ---- the fixed convolutional backbone -------------------------------------------
 BACKBONE = [                  # conv -> BN -> LeakyReLU (-> 2x2 max-pool); or --backbone PATH
@@ -126,54 +127,30 @@ def load_backbone(path):
 def make_objective(args, backbone, heads, data, run_id):
     def objective(trial):
         claim(trial, run_id)
-        own_grid_point(trial, heads)
         head = trial.suggest_categorical("fc", heads)
         widths = [int(w) for w in head.split("-")]
         config = {"conv": backbone, "fc": widths, "dropout": args.dropout, "num_classes": 10}
-        seed = derive_seed(args.seed, trial.number)
-        return run_trial(trial, config, train_config(args), data, seed, reports_per_epoch=args.reports_per_epoch)
+        return run_trial(trial, config, train_config(args), data, args.seed, reports_per_epoch=args.reports_per_epoch)
     return objective
 
 
-class GridTaken(Exception):
-    """Every grid point is held by another worker's trial; this one has nothing left to train."""
+def grid_order(heads, seed):
+    """The grid in the order its seed gives; every worker of a study must pass the same --seed."""
+    return [heads[i] for i in np.random.default_rng(seed).permutation(len(heads))]
 
 
-def own_grid_point(trial, heads):
-    """Make this trial's grid point its own before it is trained.
+def next_grid_point(study, order, run_id):
+    """The first head in `order` that no trial holds, or None when the grid is done.
 
-    GridSampler maps trial number k to grid point k, and an RDB storage can give two concurrent workers
-    the same trial number (Optuna numbers a trial by counting the rows before it). The trial created
-    first keeps the point; a later one moves to the first point no live trial holds.
+    A trial holds its head while queued, training or finished; a failed one only when this run folder
+    failed it (an out-of-memory is not retried in a loop), or while its retry is queued. A head whose
+    trial failed in another run (a configuration error since fixed, say) is free again.
     """
-    storage, space = trial.study._storage, {"fc": heads}
-    frozen = storage.get_trial(trial._trial_id)
-    mine = frozen.system_attrs.get("grid_id")
-    if mine is None or frozen.system_attrs.get("search_space") != space:
-        return
-    holders = [t for t in trial.study.get_trials(deepcopy=False)
-               if t._trial_id != trial._trial_id and t.system_attrs.get("search_space") == space
-               and t.state != optuna.trial.TrialState.FAIL]  # a failed point is free for its retry
-    if not any(t.system_attrs.get("grid_id") == mine and t._trial_id < trial._trial_id for t in holders):
-        return
-    free = sorted(set(range(len(heads))) - {t.system_attrs.get("grid_id") for t in holders} - {mine})
-    if not free:
-        trial.set_user_attr("reason", "grid point taken by a concurrent worker; nothing left to train")
-        raise GridTaken(heads[0])
-    storage.set_trial_system_attr(trial._trial_id, "grid_id", free[0])
-    trial._cached_frozen_trial.system_attrs["grid_id"] = free[0]  # what GridSampler reads when suggesting
-
-
-def grid_points_left(study, heads):
-    """True while a retry waits or some grid point of this grid has not been started by any worker."""
-    space = {"fc": heads}
-    started = set()
+    held = set()
     for trial in study.get_trials(deepcopy=False):
-        if trial.state == optuna.trial.TrialState.WAITING:
-            return True
-        if trial.system_attrs.get("search_space") == space:
-            started.add(trial.system_attrs.get("grid_id"))
-    return bool(set(range(len(heads))) - started)
+        if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("run") == run_id:
+            held.add(trial.user_attrs.get("head", trial.params.get("fc")))
+    return next((head for head in order if head not in held), None)
 
 
 def head_of(trial):
@@ -197,20 +174,22 @@ def main(argv=None):
     if device.type == "cpu" and args.device == "auto":
         print("no CUDA GPU found: the search and the retrain of the best network run on the CPU")
 
-    # GridSampler over the list of distinct heads: its seed fixes the order (trial k gets grid point k),
-    # so every worker of a study must pass the same --seed; the sampler stops the study when the grid is done.
-    sampler = optuna.samplers.GridSampler({"fc": heads}, seed=args.seed)
+    # the grid reaches every worker through the study's queue of waiting trials, one point at a time in the
+    # seeded order: a retried trial is popped before the next point is queued, so a resumed run trains
+    # what an uninterrupted one trains; run_trial never trains a head another trial trained or is training
+    order = grid_order(heads, args.seed)
+    sampler = optuna.samplers.RandomSampler(seed=args.seed)  # only ever sees queued, fixed heads
     pruner = make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
                          args.median_interval_steps)
     study = open_study(args.study_name, storage, sampler, pruner)
     print(f"grid size: {len(heads)}")
     requeue_lost_trials(study)
-    done = sum(1 for t in study.trials if t.state.is_finished() and t.params.get("fc") in heads)
-    todo = len(heads) - done if args.n_trials is None else remaining_trials(study, args.n_trials, run_id)
+    n_trials = len(heads) if args.n_trials is None else args.n_trials
+    done = sum(1 for t in study.trials if counted(t) and t.params.get("fc") in heads)
+    todo = 0 if args.retrain_only else remaining_trials(study, n_trials, run_id)
     if args.retrain_only:
         print("--retrain-only: no new trials")
-        todo, args.n_trials = 0, 0
-    elif not grid_points_left(study, heads):
+    elif next_grid_point(study, order, run_id) is None and not waiting_trials(study):
         print("the grid is finished already; going straight to the summary")
     else:
         print(f"{done} networks finished before this run; this run trains up to {todo}")
@@ -218,16 +197,15 @@ def main(argv=None):
     clock, interrupted = Stopwatch(), False
     objective = make_objective(args, backbone, heads, data, run_id)
     try:
-        # one trial at a time, so a worker stops as soon as every grid point is taken instead of letting
-        # GridSampler re-run a network that another worker is still training
-        ran = 0
         with progress(todo, "grid") as bar:
-            while args.n_trials is None or ran < todo:
+            while todo and remaining_trials(study, n_trials, run_id):
                 requeue_lost_trials(study)  # a worker that died meanwhile leaves its network to us
-                if not grid_points_left(study, heads):
-                    break
-                study.optimize(objective, n_trials=1, catch=(*CATCH, GridTaken), callbacks=[print_trial_lines()])
-                ran += 1
+                if not waiting_trials(study):
+                    head = next_grid_point(study, order, run_id)
+                    if head is None:
+                        break
+                    study.enqueue_trial({"fc": head}, user_attrs={"head": head})
+                study.optimize(objective, n_trials=1, catch=CATCH, callbacks=[print_trial_lines()])
                 bar.update(1)
     except (KeyboardInterrupt, Exception) as error:  # Ctrl-C, possibly surfacing as a library's error
         if not cli.interrupted_by_user(error):

@@ -20,7 +20,7 @@ from studies import (PRUNERS, Stopwatch, best_or_none, best_params_payload, clai
                      make_pruner, make_storage, mean_std, network_of, open_study, optimize_until, params_lines, prepare_out_dir,
                      print_trial_lines, progress, read_backbone, remaining_trials, requeue_lost_trials, run_trial,
                      start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
-from training import (OPTIMIZERS, SCHEDULES, TrainConfig, derive_seed, describe_device, ensemble_accuracy,
+from training import (OPTIMIZERS, SCHEDULES, TrainConfig, describe_device, ensemble_accuracy,
                       evaluate_checkpoints,
                       resolve_device)
 
@@ -251,10 +251,10 @@ def make_objective(args, data, study_seed, run_id, network=None):
     """Stage 1 searches the network with fixed training; stage 2 the training of a fixed `network`."""
     def objective(trial):
         claim(trial, run_id)
-        seed = derive_seed(study_seed, trial.number)
         if network is None:
-            return run_trial(trial, suggest_model(trial, args), train_config(args), data, seed, max_mmac=args.max_mmac)
-        return run_trial(trial, network, suggest_training(trial, args), data, seed)
+            return run_trial(trial, suggest_model(trial, args), train_config(args), data, study_seed,
+                             max_mmac=args.max_mmac)
+        return run_trial(trial, network, suggest_training(trial, args), data, study_seed)
     return objective
 
 

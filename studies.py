@@ -6,6 +6,7 @@ a trial stopped) and writes what a run produced.
 import datetime
 import errno
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ MAX_RETRY = 2              # a trial whose worker died is re-run this many times
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 INTERRUPTED, WORKER_DIED = "interrupted", "worker died"
 OVER_BUDGET = "over budget"   # pruned before training: the network needs more MACs than --max-mmac allows
+TWIN = "same configuration as trial"  # not trained: an earlier trial of the study has the same parameters
+NOT_TRAINED = (OVER_BUDGET, TWIN)
 
 
 # ---- output folder and storage ----------------------------------------------
@@ -198,14 +201,16 @@ def requeue_lost_trials(study):
     return requeued
 
 
+def waiting_trials(study):
+    return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+
 def counted(trial):
     """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker and
     networks over the compute budget (they trained nothing)."""
     reason = str(trial.user_attrs.get("reason") or "")
-    if trial.state == TrialState.PRUNED:
-        return not reason.startswith(OVER_BUDGET)
-    if trial.state == TrialState.COMPLETE:
-        return True
+    if trial.state in (TrialState.PRUNED, TrialState.COMPLETE):
+        return not reason.startswith(NOT_TRAINED)
     return trial.state == TrialState.FAIL and reason not in (INTERRUPTED, WORKER_DIED)
 
 
@@ -221,9 +226,9 @@ def remaining_trials(study, n_trials, run_id):
 
 def optimize_until(study, objective, n_trials, run_id, callbacks, max_rounds=20):
     """study.optimize until this run folder has its n_trials counted trials. Networks over the compute budget
-    are pruned before training and do not count, so another round asks the sampler again; the sampler has
-    seen them pruned with no value and proposes such networks less and less (max_rounds stops a space that
-    is nearly all over budget)."""
+    and repeats of an earlier trial's configuration are not trained and do not count, so another round asks
+    the sampler again; it has seen them and proposes them less and less (max_rounds stops a space that is
+    nearly all over budget or exhausted)."""
     for _ in range(max_rounds):
         todo = remaining_trials(study, n_trials, run_id)
         if not todo:
@@ -246,13 +251,38 @@ def claim(trial, run_id):
         trial.set_user_attr("reason", None)
 
 
-def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1, max_mmac=None):
+def trial_seed(study_seed, params):
+    """The seed of a trial's init and batch order: from the study's seed and the trial's parameters, not its
+    number, so a retried trial, a resumed run and another worker train a configuration exactly alike."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    return derive_seed(study_seed, int(digest[:8], 16))
+
+
+def twin_of(trial):
+    """The earliest other trial of the study with the same parameters that was trained or is training."""
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.RUNNING)):
+        mine = other.state == TrialState.RUNNING and other.user_attrs.get("worker") == worker_id()
+        if mine or other.params != trial.params:
+            continue
+        if str(other.user_attrs.get("reason") or "").startswith(NOT_TRAINED):
+            continue
+        # of two running twins the first trains; an RDB can give both one number, then the worker id decides
+        if other.state != TrialState.RUNNING or (other.number, str(other.user_attrs.get("worker"))) < (
+                trial.number, worker_id()):
+            return other
+    return None
+
+
+def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoch=1, max_mmac=None):
     """Train the trial's network, report validation accuracy, prune; return the last validation accuracy.
 
-    A network over `max_mmac` million MACs per image is pruned before training, a diverged loss prunes
-    the trial and an out-of-memory fails it, each with its reason in the trial's user attributes, so the
-    study goes on.
+    Not trained: a network over `max_mmac` million MACs per image (pruned), and a configuration an earlier
+    trial of the study trained or is training (the resumed TPE start-up draws, concurrent workers): it takes
+    that trial's value when there is one and is pruned otherwise. A diverged loss prunes the trial and an
+    out-of-memory fails it. Each keeps its reason in the trial's user attributes; the study goes on.
     """
+    seed = trial_seed(study_seed, trial.params)
     trial.set_user_attr("model", model_config)
     trial.set_user_attr("train", train_cfg.to_dict())
     trial.set_user_attr("seed", seed)
@@ -265,6 +295,12 @@ def run_trial(trial, model_config, train_cfg, data, seed, reports_per_epoch=1, m
     if max_mmac is not None and mmac > max_mmac:
         trial.set_user_attr("reason", f"{OVER_BUDGET}: {mmac:.1f} MMAC > {max_mmac:g}")
         raise optuna.TrialPruned(f"{mmac:.1f} MMAC is over the budget of {max_mmac:g}")
+    twin = twin_of(trial)
+    if twin is not None:
+        trial.set_user_attr("reason", f"{TWIN} {twin.number}; not trained again")
+        if twin.state == TrialState.COMPLETE:
+            return twin.value
+        raise optuna.TrialPruned(f"the configuration of trial {twin.number}, which was pruned or is training")
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
 
