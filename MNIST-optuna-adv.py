@@ -19,7 +19,7 @@ from data import load_search_data, resolve_data_dir
 from errors import UserError
 from models import normalise_config
 from studies import (CATCH, Stopwatch, best_or_none, best_params_payload, claim, command_line, counted, finish_run,
-                     load_network, make_pruner, make_storage, network_of, open_study, prepare_out_dir,
+                     load_network, make_pruner, network_of, open_run_folder, open_study, search_settings,
                      print_trial_lines, progress, remaining_trials, requeue_lost_trials, run_trial, start_run,
                      state_counts, train_config, waiting_trials, write_json, write_trials_csv)
 from training import describe_device, resolve_device
@@ -84,7 +84,7 @@ def build_parser():
     a("--fc-widths", nargs="+", default=[",".join(map(str, FC_WIDTHS[k])) for k in sorted(FC_WIDTHS)],
       help="comma-separated widths for layer 1, then layer 2, ...")
     a("--dropout", type=cli.fraction, default=DROPOUT)
-    a("--seed", type=cli.nonneg_int, default=SEED)
+    a("--seed", type=cli.seed, default=SEED)
     a("--n-trials", type=cli.optional_positive_int, default=N_TRIALS, help="'all' for the whole grid")
     a("--median-startup-trials", type=cli.nonneg_int, default=MEDIAN_STARTUP_TRIALS)
     a("--median-warmup-steps", type=cli.nonneg_int, default=MEDIAN_WARMUP_STEPS)
@@ -167,8 +167,7 @@ def main(argv=None):
     device = resolve_device(args.device, args.deterministic)
     data_dir = resolve_data_dir(args.data_dir)
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.seed)
-    out_dir = prepare_out_dir(args.out_dir)
-    storage = make_storage(args.storage, out_dir)
+    out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
     run_id = start_run(out_dir, {**vars(args), "backbone_conv": backbone})
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
     if device.type == "cpu" and args.device == "auto":
@@ -181,7 +180,8 @@ def main(argv=None):
     sampler = optuna.samplers.RandomSampler(seed=args.seed)  # only ever sees queued, fixed heads
     pruner = make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
                          args.median_interval_steps)
-    study = open_study(args.study_name, storage, sampler, pruner)
+    study = open_study(args.study_name, storage, sampler, pruner, search_settings(args, backbone=backbone),
+                       args.resume_anyway, must_exist=args.retrain_only)
     print(f"grid size: {len(heads)}")
     requeue_lost_trials(study)
     n_trials = len(heads) if args.n_trials is None else args.n_trials

@@ -17,9 +17,9 @@ from cli import check, log
 from data import load_search_data, resolve_data_dir
 from models import build_model, count_macs, describe
 from studies import (PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
-                     make_pruner, make_storage, mean_std, network_of, open_study, optimize_until, params_lines, prepare_out_dir,
+                     make_pruner, mean_std, network_of, open_run_folder, open_study, optimize_until, params_lines,
                      print_trial_lines, progress, read_backbone, remaining_trials, requeue_lost_trials, run_trial,
-                     start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
+                     search_settings, start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
 from training import (OPTIMIZERS, SCHEDULES, TrainConfig, describe_device, ensemble_accuracy,
                       evaluate_checkpoints,
                       resolve_device)
@@ -87,12 +87,12 @@ def build_parser():
     p = cli.Parser(__doc__)
     cli.add_shared_flags(p, globals())
     a = p.add_argument
-    a("--seeds", type=cli.nonneg_int, nargs="+", default=SEEDS, help="one study per seed")
+    a("--seeds", type=cli.seed, nargs="+", default=SEEDS, help="one study per seed")
     a("--n-trials", type=cli.positive_int, default=N_TRIALS, help="trials per seed")
     a("--n-startup-trials", type=cli.nonneg_int, default=N_STARTUP_TRIALS, help="random trials before TPE")
     a("--pruner", choices=PRUNERS, default=PRUNER)
     a("--study-prefix", default=STUDY_PREFIX)
-    a("--split-seed", type=cli.nonneg_int, default=SPLIT_SEED)
+    a("--split-seed", type=cli.seed, default=SPLIT_SEED)
     a("--conv-layers", type=cli.positive_int, default=CONV_LAYERS)
     a("--pool-after", type=cli.positive_int, nargs="*", default=POOL_AFTER)
     a("--conv-filters", type=cli.positive_int, nargs=3, default=CONV_FILTERS, metavar=("LOW", "HIGH", "STEP"),
@@ -325,9 +325,9 @@ def main(argv=None):
     max_steps = args.optim_epochs[1] if network else args.epochs
     make_pruner(args.pruner, max_steps)  # unknown names fail here, before any work
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
-    out_dir = prepare_out_dir(args.out_dir)
-    storage = make_storage(args.storage, out_dir)
+    out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
     run_id = start_run(out_dir, vars(args))
+    search = search_settings(args, network=network)
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
     what = f"the training of {describe(network)}" if network else "the network"
     log.info(f"stage {args.stage}: searching {what}; train {len(data.train_y)} / validation {len(data.val_y)} "
@@ -339,7 +339,8 @@ def main(argv=None):
     prefix = f"{args.study_prefix}-optim" if network else args.study_prefix
     for seed in args.seeds:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
-        study = open_study(f"{prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, max_steps))
+        study = open_study(f"{prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, max_steps), search,
+                           args.resume_anyway, must_exist=args.retrain_only)
         studies.append((seed, study))
         requeue_lost_trials(study)
         n_trials = 0 if args.retrain_only else args.n_trials

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by both scripts: flags from constants, presets, one-line errors."""
 import argparse
 import logging
+import math
 import signal
 import sys
 
@@ -13,7 +14,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: what is wrong and where to look, exit code 2."""
 
     def __init__(self, doc):
-        super().__init__(description=doc.split("\n\n")[0], epilog=None,
+        # no abbreviations: one script's flag must not pass for a prefix of the other script's flag
+        super().__init__(description=doc.split("\n\n")[0], epilog=None, allow_abbrev=False,
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def error(self, message):
@@ -34,7 +36,7 @@ def _number(kind, test, wanted):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected {wanted}") from None
-        if not test(value):
+        if not (math.isfinite(value) and test(value)):
             raise argparse.ArgumentTypeError(f"{text} is out of range; expected {wanted}")
         return value
     parse.__name__ = wanted
@@ -46,6 +48,7 @@ nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+seed = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")  # what NumPy and Optuna's samplers take
 
 
 def optional_positive_int(text):
@@ -95,6 +98,8 @@ def add_shared_flags(parser, constants):
     a("--augment", action="store_true", default=constants["AUGMENT"],
       help="small random affine per batch on the device, in trials and retrain (results are labelled)")
     a("--compile", action="store_true", help="torch.compile each model (worth it on a GPU)")
+    a("--resume-anyway", action="store_true",
+      help="continue a study whose search settings differ from this run's (default: refuse with the difference)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
     a("--verbose", action="store_true", help="more log lines, Optuna's included")
     a("--quiet", action="store_true", help="print only the summary")
@@ -132,14 +137,32 @@ def setup_logging(verbose=False, quiet=False):
     logging.basicConfig(level=level, format="%(message)s", handlers=[_LineHandler()], force=True)
     # Optuna's own per-trial lines repeat ours; show them only when asked for more
     optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_NoInterruptTraceback())
 
 
-_INTERRUPT = {"requested": False}
+_INTERRUPT = {"requested": False, "signal": signal.SIGINT}
 
 
-def _on_sigint(signum, frame):
+def _on_stop_signal(signum, frame):
+    """SIGINT (Ctrl-C) and SIGTERM (timeout, docker, Kubernetes, Slurm) stop a run the same way: the running
+    trial is recorded as interrupted (a rerun queues it again), the summary is printed and written."""
     _INTERRUPT["requested"] = True
+    _INTERRUPT["signal"] = signum
     raise KeyboardInterrupt
+
+
+def stop_code():
+    """The exit code of a run stopped by a signal: 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + int(_INTERRUPT["signal"])
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs the KeyboardInterrupt that stopped a trial with its ~20-line traceback; the run's own
+    lines already say what happened."""
+
+    def filter(self, record):
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
 def interrupted_by_user(error):
@@ -152,7 +175,8 @@ def run(main, argv=None):
     """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130."""
     # a shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops a search
     # as Ctrl-C does (trial recorded, summary printed) even when it runs under nohup ... &
-    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
     try:
         code = main(argv)
     except UserError as error:
@@ -162,5 +186,5 @@ def run(main, argv=None):
         if isinstance(error, SystemExit) or not interrupted_by_user(error):
             raise
         sys.stderr.write("interrupted\n")
-        code = 130
+        code = stop_code()
     sys.exit(code or 0)

@@ -32,9 +32,12 @@ class DataError(UserError):
     """Data that cannot be used; the message is one line that says what to do."""
 
 
+DEFAULT_DATA_DIR = Path("data")
+
+
 def resolve_data_dir(flag_value):
     """--data-dir, else $MNIST_DATA_DIR, else ./data (the torchvision root that holds MNIST/raw/)."""
-    return Path(flag_value or os.environ.get("MNIST_DATA_DIR") or "data")
+    return Path(flag_value or os.environ.get("MNIST_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
 def raw_folder(data_dir):
@@ -71,7 +74,12 @@ def ensure_files(data_dir):
             return raw
     else:
         stamp = None
-    if any(not (raw / name).is_file() for name in names):
+    missing = [name for name in names if not (raw / name).is_file()]
+    if missing and Path(data_dir) != DEFAULT_DATA_DIR:
+        # a folder the user named is read, never filled: a mistyped path must not grow MNIST/raw folders
+        raise DataError(f"MNIST not found in {raw}/ (missing {', '.join(missing)}); put the files there, fix "
+                        f"--data-dir / MNIST_DATA_DIR, or leave both unset to download MNIST into ./{DEFAULT_DATA_DIR}")
+    if missing:
         try:
             _download(data_dir)
         except Exception as error:  # any failure to fetch becomes the same actionable line

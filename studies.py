@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from cli import log
+from cli import log, stop_code
 from data import final_training_set, load_test, promotion_training_set
 from errors import UserError
 from models import build_model, count_macs, describe, normalise_config
@@ -69,9 +69,26 @@ def prepare_out_dir(out_dir, root="runs"):
                         "choose a new folder so nothing in it is overwritten")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-check.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
     except OSError as error:
-        raise UserError(f"cannot create --out-dir {out_dir} ({error.strerror}); choose a writable folder") from None
+        raise UserError(f"cannot write in --out-dir {out_dir} ({error.strerror}); choose a writable folder") from None
     return out_dir
+
+
+def open_run_folder(out_dir, storage, must_exist=False):
+    """(the run folder, the storage). A folder made by this call is removed again when the storage cannot be
+    opened, so a mistyped --storage leaves nothing behind. `must_exist`: the study's storage must be there
+    already (--retrain-only adds no trial, so it never creates one)."""
+    existed = out_dir is not None and Path(out_dir).exists()
+    folder = prepare_out_dir(out_dir)
+    try:
+        return folder, make_storage(storage, folder, must_exist)
+    except UserError:
+        if not existed and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def start_run(out_dir, settings):
@@ -97,6 +114,10 @@ def storage_kind(spec):
         return "journal"
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", spec)
     if not match:
+        near = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", spec)
+        if near and near.group(1).split("+")[0].lower() in RDB_SCHEMES + ("postgres", "file", "journal"):
+            raise UserError(f"--storage {spec} looks like a database URL but lacks '//'; write "
+                            f"{near.group(1)}://USER@HOST/DB (or sqlite:///PATH), or a plain file path for a journal")
         return "journal"
     scheme = match.group(1).split("+")[0].lower()
     if scheme not in RDB_SCHEMES:
@@ -105,7 +126,30 @@ def storage_kind(spec):
     return "rdb"
 
 
-def make_storage(spec, out_dir):
+def mend_torn_journal(path):
+    """Cut a journal's last record when a crash or a full disk left it without its newline.
+
+    Optuna still reads such a file, but its next record would be appended to the partial line and
+    make the whole journal unreadable. The original bytes are kept beside it first.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as journal:
+        journal.seek(-1, os.SEEK_END)
+        if journal.read(1) == b"\n":
+            return
+        journal.seek(0)
+        content = journal.read()
+    backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    backup.write_bytes(content)
+    keep = content.rfind(b"\n") + 1
+    with open(path, "r+b") as journal:
+        journal.truncate(keep)
+    log.warning(f"warning: the last record of {path} was cut off ({len(content) - keep} bytes, a crash or a full "
+                f"disk); removed it and kept the original as {backup.name}")
+
+
+def make_storage(spec, out_dir, must_exist=False):
     """An Optuna storage from --storage: None -> a journal file in the run folder; a path -> a journal
     file (several processes on one machine); a URL -> an RDB (many machines), with heartbeats so a
     killed worker's trial is marked failed and retried by a live one."""
@@ -114,12 +158,19 @@ def make_storage(spec, out_dir):
         path = Path(spec) if spec else Path(out_dir) / JOURNAL_NAME
         if path.is_dir():
             raise UserError(f"--storage {path} is a folder; pass a file path for a journal, or a database URL")
+        if must_exist and not path.is_file():
+            raise UserError(f"--storage {path} does not exist; pass the journal of the study to use")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            mend_torn_journal(path)
             backend = optuna.storages.journal.JournalFileBackend(str(path))
+            return optuna.storages.JournalStorage(backend)
         except OSError as error:
-            raise UserError(f"cannot open journal file {path} ({error}); pass a writable path") from None
-        return optuna.storages.JournalStorage(backend)
+            raise UserError(f"cannot open journal file {path} ({error.strerror or error}); pass a writable path") \
+                from None
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:  # what a replay of garbage raises
+            raise UserError(f"{path} is not a readable Optuna journal ({type(error).__name__}); move it away or "
+                            "pass another --storage") from None
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
@@ -148,10 +199,55 @@ def make_pruner(name, epochs, n_startup_trials=2, n_warmup_steps=0, interval_ste
     raise UserError(f"pruner {name!r} is unknown; choose one of {', '.join(PRUNERS)}")
 
 
-def open_study(name, storage, sampler, pruner):
-    """Create the study or join/resume the existing one of that name."""
-    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                               direction="maximize", load_if_exists=True)
+def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False):
+    """Create the study or join/resume the existing one of that name.
+
+    `search` holds the settings that define the study's trials (space, data, recipe, backbone, grid). A
+    study keeps the first run's as a user attribute; a later run (another worker, a rerun in the same
+    folder) whose settings differ is refused, so it never silently continues a different search, unless
+    the user consents with --resume-anyway. `must_exist`: --retrain-only, which adds no trial.
+    """
+    if must_exist:
+        try:
+            return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        except KeyError:
+            raise UserError(f"--retrain-only: no study named {name} in this storage; pass the --storage (and "
+                            "--out-dir) of the search to retrain from") from None
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    if search is None:
+        return study
+    search = json.loads(json.dumps(search, default=_json_default))
+    before = study.user_attrs.get("search")
+    if before is not None and before != search and not resume_anyway:
+        differ = [key for key in sorted(set(before) | set(search)) if before.get(key) != search.get(key)]
+        key = differ[0]
+        raise UserError(f"study {name} was searched with --{key.replace('_', '-')} {_flag_text(before.get(key))}, "
+                        f"this run asks for {_flag_text(search.get(key))}"
+                        f"{f' (and {len(differ) - 1} more setting(s))' if len(differ) > 1 else ''}; pass a new "
+                        "--out-dir (or --study-prefix / --study-name) for a new search, or --resume-anyway to "
+                        "continue this one with the new settings")
+    if before != search:
+        study.set_user_attr("search", search)
+    return study
+
+
+def _flag_text(value):
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "(not set)" if value is None else str(value)
+
+
+# settings that say how and where to run, or what to do after the search: a rerun may change them
+NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "deterministic", "compile", "quick", "no_final",
+              "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
+              "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone"}
+
+
+def search_settings(args, **resolved):
+    """The settings that define a study's trials: every flag but NOT_SEARCH's, and what --backbone resolved to
+    (its network, not its path)."""
+    return {**{key: value for key, value in vars(args).items() if key not in NOT_SEARCH}, **resolved}
 
 
 def worker_id():
@@ -260,17 +356,18 @@ def trial_seed(study_seed, params):
 
 def twin_of(trial):
     """The earliest other trial of the study with the same parameters that was trained or is training."""
+    if not isinstance(trial, optuna.trial.Trial):  # a FixedTrial has no study to compare with
+        return None
     for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                  TrialState.RUNNING)):
-        mine = other.state == TrialState.RUNNING and other.user_attrs.get("worker") == worker_id()
-        if mine or other.params != trial.params:
+        # a trial is known by number and start time together: an RDB can give two concurrent trials one number
+        if (other.number, other.datetime_start) == (trial.number, trial.datetime_start) or other.params != trial.params:
             continue
         if str(other.user_attrs.get("reason") or "").startswith(NOT_TRAINED):
             continue
-        # of two running twins the first trains; an RDB can give both one number, then the worker id decides
-        if other.state != TrialState.RUNNING or (other.number, str(other.user_attrs.get("worker"))) < (
-                trial.number, worker_id()):
-            return other
+        if other.state != TrialState.RUNNING or (other.number, other.datetime_start) < (trial.number,
+                                                                                        trial.datetime_start):
+            return other  # of two running twins, the one created first trains
     return None
 
 
@@ -406,8 +503,12 @@ def write_atomic(path, text):
     """Write text to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk: the previous file stays whole, no half-written one is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, payload):
@@ -476,12 +577,15 @@ def finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted
     the next K - 1 distinct configurations of the (promoted, then search) ranking and report their
     averaged softmax. Then the plots.
     """
-    write_json(out_dir / "summary.json", summary)
     history = None
+    if interrupted or best is None or args.no_final:
+        # with a final stage ahead, summary.json waits for it: stopping that stage leaves the previous
+        # summary.json beside the previous model.pt instead of one without the model's test accuracy
+        write_json(out_dir / "summary.json", summary)
     if interrupted:
         print(f"interrupted: finished trials are kept in the storage; rerun the same command with "
               f"--out-dir {out_dir} to resume")
-        return 130
+        return stop_code()
     if best is None:
         print("no trial completed, so there is nothing to retrain")
         return 1

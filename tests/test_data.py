@@ -88,11 +88,16 @@ def test_other_mnist_format_data_only_warns(data_dir, tmp_path, capsys):
     assert len(warning) == 1 and "not the canonical MNIST file" in warning[0]
 
 
-def test_missing_data_folder_is_one_line_exit_2(tmp_path):
+def test_missing_data_folder_is_one_line_exit_2(tmp_path, monkeypatch):
+    # a named folder is never downloaded into: no network is touched and no folder is created
+    monkeypatch.setattr(data, "_download", lambda folder: pytest.fail("a named --data-dir was downloaded into"))
     missing = tmp_path / "nowhere"
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte"):
+        data.ensure_files(missing)
     result = run_script("MNIST-optuna.py", "--quick", "--out-dir", tmp_path / "out", data_dir=missing)
     line = assert_one_line_error(result)
     assert str(missing) in line and "train-images-idx3-ubyte" in line and "t10k-labels-idx1-ubyte" in line
+    assert not missing.exists() and not (tmp_path / "out").exists()
 
 
 def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):

@@ -26,16 +26,16 @@ def trained(storage, name):
     return result
 
 
-def kill_inside_a_trial(worker, journal, name, after):
-    """SIGKILL the worker while it trains the trial after its first `after` trial lines."""
+def kill_inside_a_trial(worker, journal, name, after, signal_number=signal.SIGKILL):
+    """Send the signal (SIGKILL: no warning) while the worker trains the trial after its first `after` lines."""
     wait_for_trial_lines(worker, after)
     for _ in range(400):
         study = optuna.load_study(study_name=name, storage=make_storage(str(journal), None))
         if any(t.state.name == "RUNNING" and "model" in t.user_attrs for t in study.trials):
             break
         time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=30)
+    worker.send_signal(signal_number)
+    worker.wait(timeout=60)
 
 
 def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(tmp_path):

@@ -67,7 +67,7 @@ def test_divergence_prunes_the_trial_with_its_reason(small):
     trial = optuna.trial.FixedTrial({})
     cfg = TrainConfig(epochs=1, batch_size=50, lr=1e6, optimizer="sgd", schedule="none")
     with pytest.raises(optuna.TrialPruned):
-        run_trial(trial, CONFIG, cfg, small, seed=0)
+        run_trial(trial, CONFIG, cfg, small, 0)
     assert trial.user_attrs["reason"].startswith("diverged")
     with pytest.raises(Divergence):
         train(build_model(CONFIG), small.train_x, small.train_y, cfg, seed=0)

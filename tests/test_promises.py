@@ -1,0 +1,154 @@
+"""Issue 13: tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, requeue, grid seed)."""
+import json
+import signal
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import studies
+import training
+from conftest import TINY, TINY_CNN, load_script, run_script
+from data import load_search_data, load_test
+from models import build_model
+from test_distributed import finish, start
+from test_resume import kill_inside_a_trial
+from training import TrainConfig, train
+
+CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
+          "fc": [16], "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def small(data_dir):
+    return load_search_data(data_dir, torch.device("cpu"), val_size=500, train_subset=1000, split_seed=0)
+
+
+def one_step(small, **recipe):
+    """(weights before, weights after) of one SGD step on 100 images."""
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, batch_size=100, optimizer="sgd", momentum=0.9, lr=0.1, weight_decay=0.0,
+                      schedule="none", **recipe)
+    train(model, small.train_x[:100], small.train_y[:100], cfg, seed=0)
+    return before, dict(model.named_parameters())
+
+
+def test_l1_moves_each_weight_by_its_sign_and_nothing_else(small):
+    # one Nesterov-SGD step from zero momentum moves w by -lr * (1 + momentum) * gradient; L1 adds
+    # l1 * sign(w) to the gradient of conv and linear weights and nothing to biases or BatchNorm
+    strength = 1e-3
+    before, plain = one_step(small)
+    _, with_l1 = one_step(small, l1=strength)
+    weights = {f"{name}.weight" for name, m in build_model(CONFIG).named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for name, start_value in before.items():
+        expected = -0.1 * 1.9 * strength * torch.sign(start_value) if name in weights else torch.zeros_like(start_value)
+        assert torch.allclose(with_l1[name].detach() - plain[name].detach(), expected, atol=1e-6), name
+
+
+def test_augmentation_changes_what_the_model_sees(small):
+    seen = {}
+    for augment in (False, True):
+        torch.manual_seed(0)
+        model = build_model(CONFIG)
+        batches = []
+        model.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0].detach().clone())
+                                        if module.training else None)
+        cfg = TrainConfig(epochs=1, batch_size=100, augment=augment)
+        train(model, small.train_x[:300], small.train_y[:300], cfg, seed=3, background=small.background)
+        seen[augment] = (batches, {k: v.clone() for k, v in model.state_dict().items()})
+    plain, moved = seen[False][0], seen[True][0]
+    assert len(plain) == len(moved) == 3
+    assert all(not torch.allclose(a, b) for a, b in zip(plain, moved))
+    assert any(not torch.equal(seen[False][1][k], seen[True][1][k]) for k in seen[False][1])
+
+
+def test_an_out_of_memory_trial_fails_with_its_reason_and_the_study_goes_on(small):
+    calls = {"n": 0}
+
+    def objective(trial):
+        trial.suggest_int("width", 8, 8)
+        model_config = dict(CONFIG)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first trial's first forward pass runs out of memory
+            original = training.train
+
+            def explode(*_):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            def train_oom(model, *args, **kwargs):
+                model.register_forward_pre_hook(explode)
+                return original(model, *args, **kwargs)
+            studies.train = train_oom
+            try:
+                return studies.run_trial(trial, model_config, TrainConfig(epochs=1, batch_size=100), small, 0)
+            finally:
+                studies.train = original
+        return studies.run_trial(trial, model_config, TrainConfig(epochs=1, batch_size=100), small, calls["n"])
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=2, catch=studies.CATCH)
+    first, second = study.trials
+    assert first.state.name == "FAIL" and first.user_attrs["reason"].startswith("out of memory")
+    assert second.state.name == "COMPLETE" and second.value > 0.1
+
+
+def test_onnx_file_gives_the_logits_of_model_pt(tmp_path, data_dir):
+    import onnxruntime
+
+    out = tmp_path / "run"
+    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "1", "--promote", "0",
+                        "--no-plots", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    model, payload = training.load_checkpoint(out / "model.pt")
+    images, _ = load_test(data_dir, torch.device("cpu"), payload["meta"]["mean"], payload["meta"]["std"])
+    images = images[:500].contiguous()
+    model.eval()
+    with torch.no_grad():
+        expected = model(images).numpy()
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": images.numpy()})[0]
+    assert got.shape == (500, 10) and np.abs(got - expected).max() < 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_ctrl_c_reruns_the_interrupted_trial_with_its_parameters(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, *TINY_CNN, "--train-subset", "5000", "--epochs", "2", "--seeds", "0", "--n-trials", "3",
+            "--no-final", "--out-dir", out]
+    worker = start("MNIST-optuna.py", *args)
+    kill_inside_a_trial(worker, out / "study.journal", "mnist-cnn-seed0", after=1, signal_number=signal.SIGINT)
+    assert worker.returncode == 130
+    code, output = finish(start("MNIST-optuna.py", *args))
+    assert code == 0, output
+    storage = studies.make_storage(str(out / "study.journal"), None)
+    trials = optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).trials
+    interrupted = [t for t in trials if t.state.name == "FAIL"]
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["reason"] == "interrupted"
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted[0].number]
+    assert len(retried) == 1 and retried[0].state.name in ("COMPLETE", "PRUNED")
+    assert retried[0].params == interrupted[0].params and retried[0].user_attrs["seed"] == \
+        studies.trial_seed(0, interrupted[0].params)
+
+
+def test_the_grid_order_follows_the_seed():
+    adv = load_script("MNIST-optuna-adv.py")
+    heads = adv.head_grid([1, 2], [[8, 16, 32], [8, 16]])
+    orders = {seed: adv.grid_order(heads, seed) for seed in range(4)}
+    assert all(sorted(order) == sorted(heads) for order in orders.values())
+    assert len({tuple(order) for order in orders.values()}) == 4
+    assert adv.grid_order(heads, 2) == orders[2]
+
+
+def test_ensemble_members_are_distinct_configurations(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "0",
+                        "--ensemble", "3", "--no-plots", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    members = [training.load_checkpoint(path)[1] for path in (out / "model.pt", out / "ensemble-1.pt",
+                                                              out / "ensemble-2.pt")]
+    keys = {json.dumps([m["config"], m["train"]], sort_keys=True) for m in members}
+    assert len(keys) == 3
