@@ -54,13 +54,17 @@ def normalise_config(config):
     return config
 
 
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def dropout_feeds_batchnorm(modules):
     """True when a BatchNorm comes anywhere after a Dropout in this module order."""
     seen_dropout = False
     for module in modules:
-        if isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, DROPOUTS):
             seen_dropout = True
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and seen_dropout:
+        elif isinstance(module, BATCH_NORMS) and seen_dropout:
             return True
     return False
 

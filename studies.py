@@ -40,7 +40,7 @@ HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed 
 GRACE_SECONDS = 90
 MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-INTERRUPTED, WORKER_DIED = "interrupted", "worker died"
+INTERRUPTED = "interrupted"
 OVER_BUDGET = "over budget"   # pruned before training: the network needs more MACs than --max-mmac allows
 TWIN = "same configuration as trial"  # not trained: an earlier trial of the study has the same parameters
 NOT_TRAINED = (OVER_BUDGET, TWIN)
@@ -276,18 +276,17 @@ def requeue_lost_trials(study):
     re-creates the trial with the same parameters (and grid point) as a WAITING trial.
     """
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = lost_numbers(trials)
     requeued = 0
     for trial in trials:
         if trial.number in retried:
             continue
         if trial.state == TrialState.RUNNING and _worker_dead(trial):
             try:
-                study._storage.set_trial_user_attr(trial._trial_id, "reason", WORKER_DIED)
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
                 continue  # another live worker got there first and requeues it
-            trial = study._storage.get_trial(trial._trial_id)
+            trial = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         elif not (trial.state == TrialState.FAIL and trial.user_attrs.get("reason") == INTERRUPTED):
             continue
         RETRY(study, trial)
@@ -297,17 +296,22 @@ def requeue_lost_trials(study):
     return requeued
 
 
+def lost_numbers(trials):
+    """Numbers of the trials that were queued again (interrupted, or their worker died): their retries count."""
+    return {number for trial in trials for number in RETRY.retry_history(trial)}
+
+
 def waiting_trials(study):
     return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
-def counted(trial):
-    """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker and
-    networks over the compute budget (they trained nothing)."""
+def counted(trial, lost=frozenset()):
+    """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker
+    (numbers in `lost`: their retries count instead) and those that trained nothing (NOT_TRAINED)."""
     reason = str(trial.user_attrs.get("reason") or "")
     if trial.state in (TrialState.PRUNED, TrialState.COMPLETE):
         return not reason.startswith(NOT_TRAINED)
-    return trial.state == TrialState.FAIL and reason not in (INTERRUPTED, WORKER_DIED)
+    return trial.state == TrialState.FAIL and reason != INTERRUPTED and trial.number not in lost
 
 
 def remaining_trials(study, n_trials, run_id):
@@ -316,7 +320,9 @@ def remaining_trials(study, n_trials, run_id):
     A fresh run folder (new run id) adds n_trials trials to the study, so several workers add up;
     rerunning in the same folder resumes and only completes what is left.
     """
-    done = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run") == run_id and counted(t))
+    trials = study.get_trials(deepcopy=False)
+    lost = lost_numbers(trials)
+    done = sum(1 for t in trials if t.user_attrs.get("run") == run_id and counted(t, lost))
     return max(0, n_trials - done)
 
 

