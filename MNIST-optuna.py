@@ -10,20 +10,18 @@ Each seed gets its own study (<prefix>-seed<N>, TPE seeded with N; stage 2: <pre
 Trials are scored on a fixed, seeded validation split; the best network is then retrained on
 train+validation and the test set is read once, at the very end.
 """
+import logging
+import time
+
 import optuna
 
 import cli
-from cli import check, log
-from data import load_search_data, resolve_data_dir
-from models import build_model, count_macs, describe
-from studies import (PRUNERS, Stopwatch, best_or_none, best_params_payload, claim, command_line, finish_run,
-                     make_pruner, mean_std, network_of, open_run_folder, open_study, optimize_until, params_lines,
-                     print_trial_lines, progress, read_backbone, remaining_trials, requeue_lost_trials, run_trial,
-                     search_settings, start_run, state_counts, train_config, training_of, write_json, write_trials_csv)
-from training import (OPTIMIZERS, SCHEDULES, TrainConfig, describe_device, ensemble_accuracy,
-                      evaluate_checkpoints,
-                      resolve_device)
+import final
+from reporting import network_of, read_backbone, summarise, training_of
+from studies import check_budget, make_pruner, open_run, run_objective, search, study_for
+from training import TrainConfig
 
+log = logging.getLogger(__name__)
 # ---- study -------------------------------------------------------------------
 SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
 N_TRIALS = 6                  # trials per seed that this run folder adds to each study
@@ -57,7 +55,7 @@ BATCH_NORM = [True]           # choices; [True, False] lets the search decide
 DROPOUT = (0.0, 0.5)          # dropout range in the FC head (never before a BatchNorm)
 FC_WIDTH = (64, 256, 64)      # (low, high, step) of the one hidden FC layer
 # ---- stage 2: the optimization hyperparameters of a fixed network ------------------
-STAGE = "model"               # model: search the network (stage 1) | optim: search how to train --backbone
+STAGE = "model"               # model: search the network (stage 1) | optim: search how to train BACKBONE
 BACKBONE = None               # stage 2: a best_params.json (or model.pt) whose network stays fixed
 OPTIM_OPTIMIZERS = ["adamw", "sgd"]  # choices
 OPTIM_LR = (5e-4, 2e-2)       # peak learning rate range (log scale)
@@ -78,92 +76,11 @@ DEVICE = "auto"               # auto | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
 
-QUICK = dict(seeds=[0, 1], n_trials=2, n_startup_trials=2, epochs=1, train_subset=5000, val_size=2000,
-             batch_size=64, conv_layers=3, pool_after=[1, 2], conv_filters=(8, 16, 8), fc_width=(32, 64, 32),
-             promote=2, final_epochs=1, final_subset=10000)
+EVALUATE = []                 # checkpoints (model.pt) to evaluate on the test set, then exit: --evaluate A.pt B.pt
 
-
-def build_parser():
-    p = cli.Parser(__doc__)
-    cli.add_shared_flags(p, globals())
-    a = p.add_argument
-    a("--seeds", type=cli.seed, nargs="+", default=SEEDS, help="one study per seed")
-    a("--n-trials", type=cli.positive_int, default=N_TRIALS, help="trials per seed")
-    a("--n-startup-trials", type=cli.nonneg_int, default=N_STARTUP_TRIALS, help="random trials before TPE")
-    a("--pruner", choices=PRUNERS, default=PRUNER)
-    a("--study-prefix", default=STUDY_PREFIX)
-    a("--split-seed", type=cli.seed, default=SPLIT_SEED)
-    a("--conv-layers", type=cli.positive_int, default=CONV_LAYERS)
-    a("--pool-after", type=cli.positive_int, nargs="*", default=POOL_AFTER)
-    a("--conv-filters", type=cli.positive_int, nargs=3, default=CONV_FILTERS, metavar=("LOW", "HIGH", "STEP"),
-      help="filters of the blocks before the first pool")
-    a("--filter-growth", type=cli.positive_int, default=FILTER_GROWTH, help="each pool multiplies --conv-filters")
-    a("--max-mmac", type=cli.positive_float, default=MAX_MMAC,
-      help="networks over this many million MACs per image are pruned before training")
-    a("--kernel-sizes", type=cli.positive_int, nargs="+", default=KERNEL_SIZES)
-    a("--slope", type=cli.positive_float, nargs=2, default=SLOPE, metavar=("LOW", "HIGH"))
-    a("--batch-norm", type=_bool, nargs="+", default=BATCH_NORM, help="choices among true/false")
-    a("--dropout", type=cli.fraction, nargs=2, default=DROPOUT, metavar=("LOW", "HIGH"))
-    a("--fc-width", type=cli.positive_int, nargs=3, default=FC_WIDTH, metavar=("LOW", "HIGH", "STEP"))
-    a("--stage", choices=("model", "optim"), default=STAGE)
-    a("--backbone", default=BACKBONE, help="stage 2: best_params.json or model.pt of the network to keep")
-    a("--optim-optimizers", choices=OPTIMIZERS, nargs="+", default=OPTIM_OPTIMIZERS)
-    a("--optim-lr", type=cli.positive_float, nargs=2, default=OPTIM_LR, metavar=("LOW", "HIGH"))
-    a("--optim-schedules", choices=SCHEDULES, nargs="+", default=OPTIM_SCHEDULES)
-    a("--optim-weight-decay", type=cli.positive_float, nargs=2, default=OPTIM_WEIGHT_DECAY, metavar=("LOW", "HIGH"))
-    a("--optim-l1", type=cli.positive_float, nargs=2, default=OPTIM_L1, metavar=("LOW", "HIGH"))
-    a("--optim-batch-sizes", type=cli.positive_int, nargs="+", default=OPTIM_BATCH_SIZES)
-    a("--optim-label-smoothing", type=cli.fraction, nargs=2, default=OPTIM_LABEL_SMOOTHING, metavar=("LOW", "HIGH"))
-    a("--optim-epochs", type=cli.positive_int, nargs=2, default=OPTIM_EPOCHS, metavar=("LOW", "HIGH"))
-    a("--evaluate", metavar="PATH", nargs="+",
-      help="print each checkpoint's test accuracy, parameters and MACs (and, for several, their averaged-softmax "
-           "ensemble's), then exit")
-    return p
-
-
-def _bool(text):
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise cli.argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
-def validate(args):
-    """Checks across flags, before any work starts."""
-    low, high, step = args.conv_filters
-    check(low <= high, f"--conv-filters: low {low} is above high {high}")
-    low, high, step = args.fc_width
-    check(low <= high, f"--fc-width: low {low} is above high {high}")
-    check(args.slope[0] <= args.slope[1], "--slope: low is above high")
-    check(args.dropout[0] <= args.dropout[1], "--dropout: low is above high")
-    check(all(k % 2 == 1 for k in args.kernel_sizes), "--kernel-sizes must be odd (for 'same' padding)")
-    check(all(1 <= p <= args.conv_layers for p in args.pool_after),
-          f"--pool-after names conv blocks 1..{args.conv_layers}")
-    check(len(args.pool_after) <= 4, "--pool-after: at most 4 pools fit a 28x28 image")
-    check(len(set(args.seeds)) == len(args.seeds), "--seeds: each seed once")
-    cli.check_shared(args)
-    for flag in ("optim_lr", "optim_weight_decay", "optim_l1", "optim_label_smoothing", "optim_epochs"):
-        low, high = getattr(args, flag)
-        check(low <= high, f"--{flag.replace('_', '-')}: low {low} is above high {high}")
-    check(args.stage == "model" or args.backbone, "--stage optim needs --backbone PATH (a best_params.json)")
-    smallest = count_macs(build_model(suggest_model(SmallestChoice(), args))) / 1e6
-    check(args.stage == "optim" or smallest <= args.max_mmac,
-          f"--max-mmac {args.max_mmac:g}: even the smallest network of the space needs {smallest:.1f} MMAC; "
-          "raise --max-mmac or lower --conv-filters")
-
-
-class SmallestChoice:
-    """Answers every suggest_* with its lowest value, so suggest_model builds the cheapest network of the space."""
-
-    def suggest_int(self, name, low, high, step=1, log=False):
-        return low
-
-    def suggest_float(self, name, low, high, step=None, log=False):
-        return low
-
-    def suggest_categorical(self, name, choices):
-        return min(choices)
+QUICK = dict(SEEDS=[0, 1], N_TRIALS=2, N_STARTUP_TRIALS=2, EPOCHS=1, TRAIN_SUBSET=5000, VAL_SIZE=2000,
+             BATCH_SIZE=64, CONV_LAYERS=3, POOL_AFTER=[1, 2], CONV_FILTERS=(8, 16, 8), FC_WIDTH=(32, 64, 32),
+             PROMOTE=2, FINAL_EPOCHS=1, FINAL_SUBSET=10000)
 
 
 def suggest_model(trial, args):
@@ -247,122 +164,86 @@ def enqueue_recipe(study, recipe, args):
     log.info(f"stage optim: the backbone's own recipe is among the trials ({recipe_text})")
 
 
-def make_objective(args, data, study_seed, run_id, network=None):
-    """Stage 1 searches the network with fixed training; stage 2 the training of a fixed `network`."""
-    def objective(trial):
-        claim(trial, run_id)
-        if network is None:
-            return run_trial(trial, suggest_model(trial, args), train_config(args), data, study_seed,
-                             max_mmac=args.max_mmac)
-        return run_trial(trial, network, suggest_training(trial, args), data, study_seed)
-    return objective
-
-
-def summarise(args, studies, out_dir, wall, describe_trial):
-    """Print the summary block; return (best trial, summary dict)."""
-    print("\n==== summary ====")
-    per_seed, all_trials, best, best_seed = {}, [], None, None
-    for seed, study in studies:
-        trial = best_or_none(study)
-        all_trials += study.trials
-        if trial is None:
-            print(f"seed {seed}: no complete trial")
-            continue
-        per_seed[seed] = {"value": trial.value, "trial": trial.number, "params": trial.params}
-        print(f"seed {seed}: best val {100 * trial.value:.2f} %  trial {trial.number}  {describe_trial(trial)}")
-        if best is None or trial.value > best.value:
-            best, best_seed = trial, seed
-    counts = state_counts(all_trials)
-    mean, std = mean_std([v["value"] for v in per_seed.values()])
-    print(f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed")
-    if per_seed:
-        print(f"per-seed best: {100 * mean:.2f} ± {100 * std:.2f} % over {len(per_seed)} seeds")
-    if best is not None:
-        print(f"best trial: val {100 * best.value:.2f} %  seed {best_seed}  trial {best.number}  "
-              f"{describe_trial(best)}")
-        print("\n".join(params_lines(best.params)))
-    print(f"search wall time: {wall:.1f} s")
-    summary = {"seeds": per_seed, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
-               "best": None if best is None else {"seed": best_seed, "trial": best.number, "value": best.value,
-                                                 "params": best.params},
-               "search_seconds": wall, "command": command_line(), "out_dir": str(out_dir)}
-    write_trials_csv(out_dir / "trials.csv", [("seed", seed, study) for seed, study in studies])
-    if best is not None:
-        write_json(out_dir / "best_params.json", best_params_payload(best, study_seed=best_seed))
-    return best, summary
-
-
-def print_evaluation(paths, data_dir, device):
-    """Each checkpoint's test accuracy, size and MACs; for several, their averaged-softmax ensemble's too."""
-    clock = Stopwatch()
-    members = evaluate_checkpoints(paths, data_dir, device)
-    lines = []
-    for path, member in zip(paths, members):
-        label = " (with augmentation)" if member["meta"].get("augment") else ""
-        name = f"{path}: " if len(paths) > 1 else ""
-        lines.append(f"{name}test accuracy: {100 * member['accuracy']:.2f} %{label}   parameters: "
-                     f"{member['parameters']:,}   MMAC/image: {member['macs'] / 1e6:.1f}")
-    if len(paths) > 1:
-        label = " (with augmentation)" if any(m["meta"].get("augment") for m in members) else ""
-        lines.append(f"ensemble of {len(paths)} (averaged softmax): ensemble test accuracy: "
-                     f"{100 * ensemble_accuracy(members):.2f} %{label}   MMAC/image: "
-                     f"{sum(m['macs'] for m in members) / 1e6:.1f}")
-    print("\n".join(lines) + f"   ({clock.seconds():.1f} s)")
-    return 0
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_with_preset(argv, "--quick", QUICK)
+    args = build_parser().parse_with_preset(argv, "--quick", QUICK)
     cli.setup_logging(args.verbose, args.quiet)
     validate(args)
-    train_config(args)  # unknown optimizer or schedule names fail here, before any work
-    device = resolve_device(args.device, args.deterministic)
-    data_dir = resolve_data_dir(args.data_dir)
     if args.evaluate:
-        return print_evaluation(args.evaluate, data_dir, device)
+        return final.evaluate(args.evaluate, args.data_dir, args.device)
     network, recipe = read_backbone(args.backbone) if args.stage == "optim" else (None, None)
     max_steps = args.optim_epochs[1] if network else args.epochs
-    make_pruner(args.pruner, max_steps)  # unknown names fail here, before any work
-    data = load_search_data(data_dir, device, args.val_size, args.train_subset, args.split_seed)
-    out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
-    run_id = start_run(out_dir, vars(args))
-    search = search_settings(args, network=network)
-    log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
-    what = f"the training of {describe(network)}" if network else "the network"
-    log.info(f"stage {args.stage}: searching {what}; train {len(data.train_y)} / validation {len(data.val_y)} "
-             f"images; {len(args.seeds)} seed(s) x {args.n_trials} trials"
-             f"{' (with augmentation)' if args.augment else ''}")
+    run = open_run(args, args.split_seed)
+    what = f"the training of the network of {args.backbone}" if network else "the network"
+    log.info(f"stage {args.stage}: searching {what}; train {len(run.data.train_y)} / validation "
+                 f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials"
+                 f"{' (with augmentation)' if args.augment else ''}")
 
-    clock, studies, interrupted = Stopwatch(), [], False
+    started, studies, interrupted = time.perf_counter(), [], False
     describe_trial = training_of if network else network_of
-    prefix = f"{args.study_prefix}-optim" if network else args.study_prefix
     for seed in args.seeds:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
-        study = open_study(f"{prefix}-seed{seed}", storage, sampler, make_pruner(args.pruner, max_steps), search,
-                           args.resume_anyway, must_exist=args.retrain_only)
-        studies.append((seed, study))
-        requeue_lost_trials(study)
-        n_trials = 0 if args.retrain_only else args.n_trials
-        todo = remaining_trials(study, n_trials, run_id)
-        if network and todo:
+        name = f"{args.study_prefix}-optim-seed{seed}" if network else f"{args.study_prefix}-seed{seed}"
+        study = study_for(run, name, sampler, make_pruner(args.pruner, max_steps), args, network=network)
+        studies.append(("seed", seed, study))
+        if network and not args.retrain_only:
             enqueue_recipe(study, recipe, args)
-        try:
-            with progress(todo, f"seed {seed}") as bar:
-                optimize_until(study, make_objective(args, data, seed, run_id, network), n_trials, run_id, callbacks=[print_trial_lines(f"seed {seed}  ", describe_trial),
-                                                  lambda s, _: requeue_lost_trials(s),
-                                                  lambda s, _: bar.update(1)])
-        except (KeyboardInterrupt, Exception) as error:  # Ctrl-C, possibly surfacing as a library's error
-            if not cli.interrupted_by_user(error):
-                raise
+        if network:
+            objective = run_objective(run, lambda trial: (network, suggest_training(trial, args)), seed)
+        else:
+            objective = run_objective(run, lambda trial: (suggest_model(trial, args), train_config(args)), seed,
+                                      max_mmac=args.max_mmac)
+        n_trials = 0 if args.retrain_only else args.n_trials
+        if search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial):
             interrupted = True
             break
-    best, summary = summarise(args, studies, out_dir, clock.seconds(), describe_trial)
-    best_study = next((study for seed, study in studies if summary["best"] and seed == summary["best"]["seed"]), None)
-    return finish_run(args, best, summary, data, data_dir, device, out_dir, interrupted,
-                      meta={"study_seed": summary["best"] and summary["best"]["seed"], "stage": args.stage},
-                      plot_studies=([study for _, study in studies], best_study),
-                      trials=[t for _, study in studies for t in study.trials])
+    best, summary = summarise(studies, run.out_dir, time.perf_counter() - started, describe_trial)
+    best_study = next((study for _, seed, study in studies if best and seed == summary["best"]["seed"]), None)
+    return final.finish(final.FinalConfig.from_args(args), run, best, summary,
+                        [t for _, _, study in studies for t in study.trials], interrupted,
+                        meta={"study_seed": summary["best"] and summary["best"]["seed"], "stage": args.stage},
+                        plot_studies=([study for _, _, study in studies], best_study))
+
+
+# ---- command line: a flag per constant above, checks across them --------------------
+
+def build_parser():
+    parser = cli.Parser(__doc__)
+    cli.add_constant_flags(parser, globals(), __file__, kinds={
+        "SEEDS": cli.seed, "SPLIT_SEED": cli.seed, "N_STARTUP_TRIALS": cli.nonneg_int,
+        "TRAIN_SUBSET": cli.optional_positive_int, "FINAL_SUBSET": cli.optional_positive_int,
+        "WEIGHT_DECAY": cli.nonneg_float, "L1": cli.nonneg_float, "LABEL_SMOOTHING": cli.fraction,
+        "DROPOUT": cli.fraction, "OPTIM_LABEL_SMOOTHING": cli.fraction, "STAGE": cli.one_of("model", "optim"),
+        "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int, "POOL_AFTER": (cli.positive_int, "*"),
+        "MAX_MMAC": cli.positive_float})
+    cli.add_run_flags(parser, QUICK)
+    return parser
+
+
+def train_config(args):
+    """The training of every stage-1 trial, from the constants."""
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       weight_decay=args.weight_decay, l1=args.l1, label_smoothing=args.label_smoothing,
+                       schedule=args.schedule, augment=args.augment, compile=args.compile)
+
+
+def validate(args):
+    """Checks across flags, before any work starts (each range's LOW <= HIGH is checked by the parser)."""
+    cli.check(all(k % 2 == 1 for k in args.kernel_sizes), "--kernel-sizes must be odd (for 'same' padding)")
+    cli.check(all(1 <= p <= args.conv_layers for p in args.pool_after),
+              f"--pool-after names conv blocks 1..{args.conv_layers}")
+    cli.check(len(args.pool_after) <= 4, "--pool-after: at most 4 pools fit a 28x28 image")
+    cli.check(len(set(args.seeds)) == len(args.seeds), "--seeds: each seed once")
+    cli.check(args.stage == "model" or args.backbone, "--stage optim needs --backbone PATH (a best_params.json)")
+    train_config(args)  # unknown optimizer or schedule names fail here, before any work
+    for optimizer in args.optim_optimizers:
+        TrainConfig(optimizer=optimizer)
+    for schedule in args.optim_schedules:
+        TrainConfig(schedule=schedule)
+    make_pruner(args.pruner, args.epochs)
+    if args.stage == "model":
+        check_budget(lambda trial: suggest_model(trial, args), args.max_mmac)
 
 
 if __name__ == "__main__":

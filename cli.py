@@ -1,33 +1,16 @@
-"""Command-line plumbing shared by both scripts: flags from constants, presets, one-line errors."""
+"""Command-line plumbing: a flag for every UPPER_CASE constant of a script, presets, one-line errors, logging
+and the stop signals. No domain logic lives here."""
 import argparse
 import logging
 import math
+import re
 import signal
 import sys
+from pathlib import Path
 
 from errors import UserError
 
-log = logging.getLogger("mnist_optuna")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: what is wrong and where to look, exit code 2."""
-
-    def __init__(self, doc):
-        # no abbreviations: one script's flag must not pass for a prefix of the other script's flag
-        super().__init__(description=doc.split("\n\n")[0], epilog=None, allow_abbrev=False,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
-
-    def parse_with_preset(self, argv, preset_flag, preset):
-        """Parse argv; when `preset_flag` is given, its values replace the defaults (explicit flags still win)."""
-        argv = sys.argv[1:] if argv is None else list(argv)
-        if preset_flag in argv:
-            self.set_defaults(**preset)
-        return self.parse_args(argv)
+log = logging.getLogger(__name__)
 
 
 def _number(kind, test, wanted):
@@ -58,60 +41,132 @@ def optional_positive_int(text):
     return positive_int(text)
 
 
-# flags both scripts have; each default is the script's constant of the given name
-SHARED_FLAGS = [
-    ("--storage", "STORAGE", str, "journal file path or database URL (default: a journal in --out-dir)"),
-    ("--data-dir", "DATA_DIR", str, "folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)"),
-    ("--val-size", "VAL_SIZE", positive_int, "validation images"),
-    ("--train-subset", "TRAIN_SUBSET", optional_positive_int, "training images per trial; 'all' for every one"),
-    ("--epochs", "EPOCHS", positive_int, "epochs per trial"),
-    ("--batch-size", "BATCH_SIZE", positive_int, "images per step"),
-    ("--lr", "LR", positive_float, "peak learning rate"),
-    ("--optimizer", "OPTIMIZER", str, "adam | adamw | sgd"),
-    ("--weight-decay", "WEIGHT_DECAY", nonneg_float, "L2, through the optimizer"),
-    ("--l1", "L1", nonneg_float, "explicit L1 penalty on weights"),
-    ("--label-smoothing", "LABEL_SMOOTHING", fraction, "label smoothing of the loss"),
-    ("--schedule", "SCHEDULE", str, "none | cosine | onecycle"),
-    ("--promote", "PROMOTE", nonneg_int, "N > 1: retrain the N best distinct trials like the final model on the "
-     "training split and choose among them on validation"),
-    ("--final-epochs", "FINAL_EPOCHS", positive_int, "epochs of the retrain on train+validation"),
-    ("--final-subset", "FINAL_SUBSET", optional_positive_int, "images of the retrain; 'all' for every one"),
-    ("--final-seeds", "FINAL_SEEDS", positive_int, "retrain the best N times with different seeds; report mean ± std"),
-    ("--ensemble", "ENSEMBLE", nonneg_int, "K > 1: retrain the K best distinct configs, average their softmax"),
-    ("--device", "DEVICE", str, "auto | cpu | cuda | mps"),
-    ("--out-dir", "OUT_DIR", str, "run folder (default: a new one under runs/)"),
-]
+def boolean(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
-def add_shared_flags(parser, constants):
-    """The flags both scripts share, with defaults from the script's constants block."""
+def int_list(text):
+    """'128,256,512' -> [128, 256, 512] (sorted, each once, each >= 1)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need integers >= 1")
+    return values
+
+
+def one_of(*choices):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    parse.__name__ = " | ".join(choices)
+    return parse
+
+
+def json_value(text):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where to look, exit code 2."""
+
+    def __init__(self, doc):
+        # no abbreviations: one script's flag must not pass for a prefix of the other script's flag
+        super().__init__(description=doc.split("\n\n")[0], epilog=None, allow_abbrev=False,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        self.ranges = []
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+    def parse_with_preset(self, argv, preset_flag, preset):
+        """Parse argv; when `preset_flag` is given, its values (by constant name) replace the defaults (explicit
+        flags still win). Ranges (LOW HIGH [STEP]) must have LOW <= HIGH."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if preset_flag in argv:
+            self.set_defaults(**{name.lower(): value for name, value in preset.items()})
+        args = self.parse_args(argv)
+        for dest in self.ranges:
+            low, high = getattr(args, dest)[:2]
+            check(low <= high, f"--{dest.replace('_', '-')}: low {low} is above high {high}")
+        return args
+
+
+def constants(path):
+    """(name, trailing comment) of each UPPER_CASE assignment at the top level of a script, in source order."""
+    found = []
+    for line in Path(path).read_text().splitlines():
+        match = re.match(r"^([A-Z][A-Z0-9_]*)\s*=.*?(?:#\s*(.*))?$", line)
+        if match:
+            found.append((match.group(1), (match.group(2) or "").strip()))
+    return found
+
+
+def add_constant_flags(parser, namespace, path, kinds, skip=("QUICK",)):
+    """One flag per UPPER_CASE constant of the script at `path`: --lower-case-name, the constant as default, its
+    comment as help. `kinds` gives a constant its validator, or (validator, nargs); the type of the default is
+    the fallback. Lists take one or more values (none when their default is empty), tuples a fixed number
+    (LOW HIGH [STEP], LOW <= HIGH checked), booleans are switches (--no-x when the default is True)."""
+    for name, comment in constants(path):
+        if name in skip:
+            continue
+        default, dest = namespace[name], name.lower()
+        flag = "--" + dest.replace("_", "-")
+        kind, nargs = kinds.get(name), None
+        if isinstance(kind, tuple):
+            kind, nargs = kind
+        help_text = comment.replace("%", "%%") or None
+        if isinstance(default, bool):
+            off = flag.replace("--", "--no-", 1)
+            parser.add_argument(off if default else flag, dest=dest, default=default,
+                                action="store_false" if default else "store_true", help=help_text)
+        elif isinstance(default, list):
+            element = kind or _inferred(default[0] if default else "")
+            parser.add_argument(flag, type=element, nargs=nargs or ("+" if default else "*"), default=default,
+                                help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=kind or _inferred(default[0]), nargs=len(default), default=default,
+                                metavar=("LOW", "HIGH", "STEP")[:len(default)], help=help_text)
+            parser.ranges.append(dest)
+        else:
+            parser.add_argument(flag, type=kind or _inferred(default), default=default, help=help_text)
+
+
+def _inferred(value):
+    if isinstance(value, bool):
+        return boolean
+    if isinstance(value, int):
+        return positive_int
+    if isinstance(value, float):
+        return positive_float
+    return str
+
+
+def add_run_flags(parser, quick):
+    """What to do in this run, beyond the constants: the preset, skipping or repeating parts, output."""
     a = parser.add_argument
-    quick = constants["QUICK"]
     a("--quick", action="store_true", help="smoke-run preset: " + ", ".join(f"{k}={v}" for k, v in quick.items()))
-    for flag, name, kind, text in SHARED_FLAGS:
-        a(flag, type=kind, default=constants[name], help=text)
     a("--no-final", action="store_true", help="stop after the search summary")
     a("--retrain-only", action="store_true",
       help="run no new trials: summarise the study in --storage / --out-dir and retrain its best")
-    a("--no-deterministic", dest="deterministic", action="store_false", default=constants["DETERMINISTIC"],
-      help="allow non-deterministic (faster) GPU kernels")
-    a("--augment", action="store_true", default=constants["AUGMENT"],
-      help="small random affine per batch on the device, in trials and retrain (results are labelled)")
-    a("--compile", action="store_true", help="torch.compile each model (worth it on a GPU)")
     a("--resume-anyway", action="store_true",
       help="continue a study whose search settings differ from this run's (default: refuse with the difference)")
+    a("--compile", action="store_true", help="torch.compile each model (worth it on a GPU)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
     a("--verbose", action="store_true", help="more log lines, Optuna's included")
     a("--quiet", action="store_true", help="print only the summary")
-
-
-def check_shared(args, train_limit=60_000):
-    """Checks across the shared flags, before any work starts."""
-    check(args.train_subset is None or args.train_subset + args.val_size <= train_limit,
-          f"--train-subset {args.train_subset} + --val-size {args.val_size} exceed the {train_limit:,} training images")
-    check(args.final_subset is None or args.final_subset <= train_limit,
-          f"--final-subset {args.final_subset} exceeds the {train_limit:,} training images")
-    check(not (args.verbose and args.quiet), "--verbose and --quiet exclude each other")
 
 
 def check(condition, message):
@@ -133,6 +188,7 @@ class _LineHandler(logging.Handler):
 def setup_logging(verbose=False, quiet=False):
     import optuna
 
+    check(not (verbose and quiet), "--verbose and --quiet exclude each other")
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[_LineHandler()], force=True)
     # Optuna's own per-trial lines repeat ours; show them only when asked for more
@@ -172,7 +228,7 @@ def interrupted_by_user(error):
 
 
 def run(main, argv=None):
-    """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130."""
+    """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130, SIGTERM 143."""
     # a shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops a search
     # as Ctrl-C does (trial recorded, summary printed) even when it runs under nohup ... &
     signal.signal(signal.SIGINT, _on_stop_signal)

@@ -257,13 +257,6 @@ def training_statistics(data_dir):
     return pixel_statistics(read_split(data_dir, "train")[0])
 
 
-def load_test(data_dir, device, mean, std):
-    """The test set, normalised with the training statistics. Read only after the search is over."""
-    ensure_files(data_dir)
-    images, labels = read_split(data_dir, "test")
-    return normalise(images, mean, std, device), labels.to(device)
-
-
 def batches(x, y, batch_size, generator=None, drop_last=True):
     """Mini-batches by slicing a seeded permutation (no permutation without a generator)."""
     n = len(y)

@@ -1,4 +1,5 @@
 """PNG plots of a run: Optuna's matplotlib visualizations of the search and the final training curves."""
+import logging
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from cli import log  # noqa: E402
+log = logging.getLogger(__name__)
 
 # Optuna's plotters, each drawn for the study that holds the best trial (history: for every study)
 SEARCH_PLOTS = {

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import EVAL_BATCH, batches, load_test, random_affine, training_statistics
+from data import EVAL_BATCH, batches, random_affine
 from errors import UserError
-from models import INPUT_SHAPE, build_model, count_macs, count_parameters
+from models import INPUT_SHAPE, build_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
@@ -271,28 +271,6 @@ def finished_checkpoint(path, model_config, train_cfg, seed, train_images, devic
     same = (payload.get("train") == train_cfg.to_dict() and model.config == build_model(model_config).config
             and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta)
     return (model, meta) if same else None
-
-
-def evaluate_checkpoints(paths, data_dir, device):
-    """For each checkpoint: its test accuracy, parameter count, MACs per image, metadata, the test labels and
-    its softmax over the test set (each normalised with the training statistics its checkpoint records)."""
-    members = []
-    for path in paths:
-        model, payload = load_checkpoint(path, device)
-        meta = payload.get("meta", {})
-        mean, std = (meta["mean"], meta["std"]) if "mean" in meta else training_statistics(data_dir)
-        test_x, test_y = load_test(data_dir, device, mean, std)
-        probabilities = torch.softmax(predict_logits(model, test_x), 1)
-        members.append({"accuracy": (probabilities.argmax(1) == test_y).float().mean().item(), "labels": test_y,
-                        "probabilities": probabilities, "parameters": count_parameters(model),
-                        "macs": count_macs(model), "meta": meta})
-    return members
-
-
-def ensemble_accuracy(members):
-    """Accuracy of the averaged softmax of evaluate_checkpoints' members."""
-    probabilities = sum(member["probabilities"] for member in members) / len(members)
-    return (probabilities.argmax(1) == members[0]["labels"]).float().mean().item()
 
 
 def export_onnx(model, path):

@@ -153,7 +153,8 @@ def main():
                 evaluate(net, x, y, batch_size)
                 seconds[label].append(time.perf_counter() - started)
         print(f"evaluation, hand recipe, batch {batch_size:5d}: "
-              + ", ".join(f"{label} {len(y) / statistics.median(values):7.0f} img/s" for label, values in seconds.items()))
+              + ", ".join(f"{label} {len(y) / statistics.median(values):7.0f} img/s"
+                          for label, values in seconds.items()))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ import subprocess
 import sys
 import time
 
-import optuna
 import pandas as pd
 import pytest
-
 from conftest import DATA_DIR, ROOT, TINY_ADV, assert_one_line_error, load_script, quick_run, run_script
 
 adv = load_script("MNIST-optuna-adv.py")
@@ -33,8 +31,7 @@ def test_grid_holds_each_distinct_network_once(depths, widths, size):
 
 
 def test_default_constants_give_the_documented_grid():
-    widths = adv.parse_widths([",".join(map(str, adv.FC_WIDTHS[k])) for k in sorted(adv.FC_WIDTHS)])
-    assert len(adv.head_grid(adv.FC_DEPTHS, widths)) == 245
+    assert len(adv.head_grid(adv.FC_DEPTHS, adv.FC_WIDTHS)) == 245
 
 
 def test_quick_run_end_to_end(tmp_path):
@@ -115,5 +112,5 @@ def test_backbone_from_a_stage_one_run(tmp_path):
     best = {"model": {"conv": [{"channels": 6, "kernel": 5, "slope": 0.1, "batch_norm": True, "pool": True}],
                       "fc": [99], "dropout": 0.3}}
     (tmp_path / "best_params.json").write_text(json.dumps(best))
-    conv = adv.load_backbone(tmp_path / "best_params.json")
+    conv = adv.backbone_of(adv.build_parser().parse_args(["--backbone", str(tmp_path / "best_params.json")]))
     assert conv == best["model"]["conv"]

@@ -8,9 +8,10 @@ import uuid
 
 import optuna
 import pytest
-
 from conftest import DATA_DIR, ROOT, TINY, TINY_ADV, TINY_CNN, load_script
-from studies import make_storage
+
+from reporting import trained
+from storages import make_storage
 
 adv = load_script("MNIST-optuna-adv.py")
 POSTGRES = os.environ.get("MNIST_OPTUNA_POSTGRES")
@@ -48,7 +49,8 @@ def load(storage, name):
 
 
 def states(study):
-    return [t.state.name for t in study.trials]
+    """The states of the trials that trained a network (not those over budget or repeating another's)."""
+    return [t.state.name for t in study.trials if trained(t)]
 
 
 def test_two_adv_workers_share_one_grid(storage, tmp_path):
@@ -60,7 +62,7 @@ def test_two_adv_workers_share_one_grid(storage, tmp_path):
         assert code == 0, output
         assert "grid size: 9" in output
     study = load(storage, name)
-    done = [t.params["fc"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    done = [t.params["fc"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED") and trained(t)]
     assert sorted(done) == sorted(GRID_HEADS)  # every network once: none lost, none twice
 
 
@@ -107,7 +109,7 @@ def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number]
     assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
     assert retries[0].params == lost.params
-    done = [t.params["fc"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    done = [t.params["fc"] for t in study.trials if t.state.name in ("COMPLETE", "PRUNED") and trained(t)]
     assert sorted(done) == sorted(GRID_HEADS)
 
 
@@ -125,13 +127,13 @@ def test_ctrl_c_keeps_the_study_and_a_rerun_completes_it(tmp_path):
     assert "Traceback" not in output
 
     study = load(str(out / "study.journal"), "mnist-cnn-seed0")
-    finished_before = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    finished_before = sum(t.state.name in ("COMPLETE", "PRUNED") and trained(t) for t in study.trials)
     assert 1 <= finished_before < 4
 
     code, output = finish(start("MNIST-optuna.py", *args))
     assert code == 0, output
     study = load(str(out / "study.journal"), "mnist-cnn-seed0")
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") and trained(t) for t in study.trials) == 4
     interrupted = [t for t in study.trials if t.state.name == "FAIL"]
     assert all(t.user_attrs.get("reason") == "interrupted" for t in interrupted)
     summary = json.loads((out / "summary.json").read_text())

@@ -4,7 +4,6 @@ import signal
 
 import optuna
 import pytest
-
 from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_script
 from test_distributed import finish, start, wait_for_trial_lines
 
@@ -96,7 +95,7 @@ def test_an_unreachable_database_leaves_no_empty_folder(tmp_path):
 
 @pytest.mark.parametrize("script, flags, says", [
     ("MNIST-optuna.py", ["--storage", "postgresql:/host/db"], "lacks '//'"),
-    ("MNIST-optuna-adv.py", ["--fc-width", "8"], "--fc-width"),  # the main script's flag is no abbreviation here
+    ("MNIST-optuna-adv.py", ["--fc-width", "8"], "unrecognized arguments: --fc-width"),  # not a prefix here
     ("MNIST-optuna.py", ["--seeds", str(2**40)], "--seeds"),
     ("MNIST-optuna.py", ["--lr", "inf"], "--lr"),
     ("MNIST-optuna.py", ["--weight-decay", "nan"], "--weight-decay"),
@@ -148,14 +147,14 @@ def test_a_finished_run_leaves_no_temporary_files(tmp_path):
 
 
 def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
-    import studies
+    import reporting
 
     path = tmp_path / "summary.json"
-    studies.write_json(path, {"old": 1})
+    reporting.write_json(path, {"old": 1})
 
     def crash(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(studies.os, "replace", crash)
+    monkeypatch.setattr(reporting.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        studies.write_json(path, {"new": 2})
+        reporting.write_json(path, {"new": 2})
     assert json.loads(path.read_text()) == {"old": 1} and list(tmp_path.iterdir()) == [path]

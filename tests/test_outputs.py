@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA_DIR, ROOT, TINY_ADV, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

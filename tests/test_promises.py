@@ -6,15 +6,17 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import TINY, TINY_CNN, load_script, run_script
+from test_distributed import finish, start
+from test_resume import kill_inside_a_trial
 from torch import nn
 
 import studies
 import training
-from conftest import TINY, TINY_CNN, load_script, run_script
-from data import load_search_data, load_test
+from data import load_search_data
+from final import load_test
 from models import build_model
-from test_distributed import finish, start
-from test_resume import kill_inside_a_trial
+from storages import make_storage
 from training import TrainConfig, train
 
 CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
@@ -43,7 +45,8 @@ def test_l1_moves_each_weight_by_its_sign_and_nothing_else(small):
     strength = 1e-3
     before, plain = one_step(small)
     _, with_l1 = one_step(small, l1=strength)
-    weights = {f"{name}.weight" for name, m in build_model(CONFIG).named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    weights = {f"{name}.weight" for name, module in build_model(CONFIG).named_modules()
+               if isinstance(module, (nn.Conv2d, nn.Linear))}
     for name, start_value in before.items():
         expected = -0.1 * 1.9 * strength * torch.sign(start_value) if name in weights else torch.zeros_like(start_value)
         assert torch.allclose(with_l1[name].detach() - plain[name].detach(), expected, atol=1e-6), name
@@ -124,7 +127,7 @@ def test_ctrl_c_reruns_the_interrupted_trial_with_its_parameters(tmp_path):
     assert worker.returncode == 130
     code, output = finish(start("MNIST-optuna.py", *args))
     assert code == 0, output
-    storage = studies.make_storage(str(out / "study.journal"), None)
+    storage = make_storage(str(out / "study.journal"), None)
     trials = optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).trials
     interrupted = [t for t in trials if t.state.name == "FAIL"]
     assert len(interrupted) == 1 and interrupted[0].user_attrs["reason"] == "interrupted"

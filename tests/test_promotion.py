@@ -1,15 +1,15 @@
 """Issue 11: the compute budget, the choice at the final fidelity, and --evaluate of several checkpoints."""
-import argparse
 import json
 import re
 
 import optuna
 import pytest
 import torch
-
-import studies
 from conftest import DATA_DIR, TINY, TINY_CNN, run_script
-from data import load_search_data, load_test, promotion_training_set
+
+import final
+from data import load_search_data, promotion_training_set
+from final import load_test
 from models import build_model
 from training import evaluate, load_checkpoint, predict_logits, seed_everything, train
 
@@ -71,9 +71,9 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     cnn = {"conv": [{"channels": 8, "kernel": 3, "pool": True}, {"channels": 16, "kernel": 3, "pool": True}],
            "fc": [], "dropout": 0.0}
     data = load_search_data(DATA_DIR, torch.device("cpu"), val_size=1000, train_subset=1000)
-    args = argparse.Namespace(final_epochs=2, final_subset=4000, augment=False, compile=False)
+    args = final.FinalConfig(epochs=2, subset=4000)
     candidates = [frozen(starved, 0.99, 1), frozen(cnn, 0.50, 2)]
-    promoted = studies.promote(candidates, data, args, tmp_path)
+    promoted = final.promote(candidates, data, args, tmp_path)
     assert promoted["ranking"][0] is candidates[1]
     rows = promoted["record"]["rows"]
     assert rows[0]["promoted_val"] > rows[1]["promoted_val"] and promoted["record"]["spearman"] == -1.0
@@ -83,7 +83,7 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     x, y = promotion_training_set(data, 4000)
     seed_everything(2)
     model = build_model(cnn)
-    train(model, x, y, studies.final_config(candidates[1], args), 2)
+    train(model, x, y, final.final_config(candidates[1], args), 2)
     assert evaluate(model, data.val_x, data.val_y) == pytest.approx(rows[0]["promoted_val"], abs=1e-9)
 
     # a rerun in the same folder takes the scores from promotion.json instead of training again
@@ -91,7 +91,7 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     for entry in cached.values():
         entry["val_accuracy"] = 1.0 - entry["val_accuracy"]  # a marker only a cached read can return
     (tmp_path / "promotion.json").write_text(json.dumps(cached))
-    again = studies.promote(candidates, data, args, tmp_path)
+    again = final.promote(candidates, data, args, tmp_path)
     assert again["ranking"][0] is candidates[0]
 
 
@@ -133,5 +133,6 @@ def test_evaluate_several_checkpoints_averages_their_softmax(tmp_path):
         probabilities = probabilities + torch.softmax(logits, 1)
     ensemble = (probabilities.argmax(1) == test_y).float().mean().item()
     for path, accuracy in zip(paths, accuracies):
-        assert re.search(rf"{re.escape(str(path))}: test accuracy: {100 * accuracy:.2f} %.*MMAC/image: \d", evaluated.stdout)
+        line = rf"{re.escape(str(path))}: test accuracy: {100 * accuracy:.2f} %.*MMAC/image: \d"
+        assert re.search(line, evaluated.stdout)
     assert f"ensemble test accuracy: {100 * ensemble:.2f} %" in evaluated.stdout

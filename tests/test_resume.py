@@ -1,14 +1,13 @@
 """Issue 13: a resumed, retried or concurrent run answers exactly what an uninterrupted one answers."""
 import signal
-import subprocess
 import time
 
 import optuna
 import pytest
-
 from conftest import TINY, TINY_ADV, TINY_CNN
-from studies import make_storage
 from test_distributed import GRID, finish, start, wait_for_trial_lines
+
+from storages import make_storage
 
 pytestmark = pytest.mark.timeout(600)
 

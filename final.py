@@ -1,0 +1,346 @@
+"""The final stage, and the only reader of the test set: promotion (the choice at the final fidelity, on
+validation), the retrain of the chosen network, the test read once, seed repeats, the ensemble, ONNX
+export with its parity check, and --evaluate of saved checkpoints. It chooses nothing from test results."""
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from optuna.trial import TrialState
+
+from cli import stop_code
+from data import (
+    ensure_files,
+    final_training_set,
+    normalise,
+    promotion_training_set,
+    read_split,
+    resolve_data_dir,
+    training_statistics,
+)
+from models import build_model, count_macs, count_parameters
+from reporting import (
+    Stopwatch,
+    best_params_payload,
+    command_line,
+    mean_std,
+    network_of,
+    progress,
+    source_version,
+    write_json,
+)
+from studies import release_memory
+from training import (
+    TrainConfig,
+    derive_seed,
+    describe_device,
+    export_onnx,
+    load_checkpoint,
+    onnx_parity,
+    predict_logits,
+    resolve_device,
+    retrain_and_test,
+    seed_everything,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinalConfig:
+    """What happens after the search: the --promote, --final-*, --ensemble, --augment and output flags."""
+    promote: int = 0       # N > 1: the N best distinct trials retrained like the final model, chosen on validation
+    epochs: int = 8        # of the final retrain (and of each promoted one)
+    subset: int = None     # None: all 60,000 images; else a stratified subset (quick runs)
+    seeds: int = 1         # N > 1: the chosen network retrained N times with different seeds
+    ensemble: int = 0      # K > 1: the K first distinct configurations retrained, their softmax averaged
+    augment: bool = False  # on-device random affine in the final retrains (results are labelled)
+    compile: bool = False
+    skip: bool = False     # --no-final: stop after the search summary
+    plots: bool = True
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(promote=args.promote, epochs=args.final_epochs, subset=args.final_subset, seeds=args.final_seeds,
+                   ensemble=args.ensemble, augment=args.augment, compile=args.compile, skip=args.no_final,
+                   plots=not args.no_plots)
+
+
+def load_test(data_dir, device, mean, std):
+    """The test set, normalised with the training statistics: read only after the search and its choice."""
+    ensure_files(data_dir)
+    images, labels = read_split(data_dir, "test")
+    return normalise(images, mean, std, device), labels.to(device)
+
+
+def finish(cfg, run, best, summary, trials, interrupted, meta, plot_studies):
+    """The common ending of both scripts; returns the exit code.
+
+    Interrupted: say how to resume (130). No complete trial: nothing to retrain (1). Otherwise, unless
+    --no-final: with --promote N, retrain the N best distinct trials like the final model and choose among
+    them on validation; retrain the chosen network on train+validation, read the test set once, save
+    model.pt and model.onnx (checked against PyTorch in ONNX Runtime); with --ensemble K, also retrain
+    the next K - 1 distinct configurations of the (promoted, then search) ranking and report their
+    averaged softmax. Then the plots.
+    """
+    data, out_dir = run.data, run.out_dir
+    history = None
+    if interrupted or best is None or cfg.skip:
+        # with a final stage ahead, summary.json waits for it: stopping that stage leaves the previous
+        # summary.json beside the previous model.pt instead of one without the model's test accuracy
+        write_json(out_dir / "summary.json", summary)
+    if interrupted:
+        print(f"interrupted: finished trials are kept in the storage; rerun the same command with "
+              f"--out-dir {out_dir} to resume")
+        return stop_code()
+    if best is None:
+        print("no trial completed, so there is nothing to retrain")
+        return 1
+    if not cfg.skip:
+        label = " (with augmentation)" if cfg.augment else ""
+        meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std}
+        ranking = [best] + [t for t in sorted(completed(trials), key=lambda t: -t.value) if t is not best]
+        if cfg.promote > 1:
+            promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, out_dir)
+            summary["promotion"] = promoted["record"]
+            ranking = promoted["ranking"] + ranking
+            # the chosen network, which model.pt will be: promoted first, not necessarily the search's best
+            write_json(out_dir / "best_params.json",
+                       best_params_payload(ranking[0], promoted_val=promoted["record"]["chosen"]["promoted_val"]))
+        best = ranking[0]
+        # the search and its choice are over: this is the one place the test set is read
+        test = load_test(run.data_dir, run.device, data.mean, data.std)
+
+        def retrain(trial, checkpoint, repeat=0):
+            recipe = final_config(trial, cfg)
+            info = {**meta, "val_accuracy": trial.value, "trial": trial.number, "repeat": repeat,
+                    "study": trial.user_attrs.get("study")}
+            with progress(cfg.epochs, "final epochs", "epoch") as bar:
+                return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
+                                        checkpoint, info, on_epoch=lambda record: bar.update(1),
+                                        background=data.background)
+
+        x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
+        log.info(f"\nretraining on {len(y)} train+validation images for {cfg.epochs} epochs{label} "
+                 f"on {describe_device(run.device)}")
+        model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
+        print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
+              f"(final training {seconds:.0f} s on {len(y)} images)")
+        onnx_path = export_onnx(model, out_dir / "model.onnx")
+        max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
+        print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
+              f"{100 * agreement:.1f} %")
+        summary = {**summary, "test_accuracy": test_accuracy, "augment": cfg.augment, "final_seconds": seconds,
+                   "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
+        if cfg.seeds > 1:
+            summary["final_seeds"] = repeat_seeds(best, cfg.seeds, test_accuracy, seconds, retrain, out_dir,
+                                                  label)
+        if cfg.ensemble > 1:
+            summary["ensemble"] = ensemble(top_distinct(ranking, cfg.ensemble), model, test, retrain, out_dir,
+                                           predict_logits, label)
+        write_json(out_dir / "summary.json", summary)
+    if cfg.plots:
+        from plots import write_plots
+
+        written = write_plots(out_dir, *plot_studies, final_history=history)
+        log.info(f"plots: {len(written)} PNG files in {out_dir / 'plots'}")
+    print(f"results: {out_dir}/  (best_params.json, trials.csv, summary.json"
+          f"{'' if cfg.skip else ', model.pt, model.onnx'}{'' if not cfg.plots else ', plots/'})")
+    print(f"reproduce: {command_line()}")
+    return 0
+
+
+def repeat_seed(trial, repeat):
+    """Repeat 0 of a final retrain uses the trial's own seed; repeat k > 0 a seed derived from it and k."""
+    return trial.user_attrs["seed"] if repeat == 0 else derive_seed(trial.user_attrs["seed"], repeat)
+
+
+def repeat_seeds(best, n, first_accuracy, first_seconds, retrain, out_dir, label):
+    """The final recipe trained n times in all (repeat 0 is model.pt): how much the seed alone moves it."""
+    runs = [{"repeat": 0, "seed": repeat_seed(best, 0), "test_accuracy": first_accuracy,
+             "train_seconds": first_seconds}]
+    for repeat in range(1, n):
+        _, _, accuracy, seconds = retrain(best, out_dir / f"seed-{repeat}.pt", repeat)
+        runs.append({"repeat": repeat, "seed": repeat_seed(best, repeat), "test_accuracy": accuracy,
+                     "train_seconds": seconds})
+        print(f"final recipe, repeat {repeat}: test accuracy: {100 * accuracy:.2f} %{label}   "
+              f"(final training {seconds:.0f} s)")
+    accuracies = [run["test_accuracy"] for run in runs]
+    mean, std = mean_std(accuracies)
+    print(f"final recipe over {n} seeds: test accuracy {100 * mean:.2f} ± {100 * std:.2f} %{label}   "
+          f"(min {100 * min(accuracies):.2f}, max {100 * max(accuracies):.2f})")
+    return {"runs": runs, "mean": mean, "std": std}
+
+
+def _config_key(trial):
+    return json.dumps([trial.user_attrs.get("model"), trial.user_attrs.get("train")], sort_keys=True)
+
+
+def completed(trials):
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+def top_distinct(ranking, k):
+    """The first k trials of `ranking` whose (network, training) differ from all before them."""
+    members, seen = [], set()
+    for trial in ranking:
+        if len(members) < k and _config_key(trial) not in seen:
+            seen.add(_config_key(trial))
+            members.append(trial)
+    return members
+
+
+def final_config(trial, cfg):
+    """The trial's training recipe as the final model trains: --final-epochs, --augment."""
+    return TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": cfg.epochs, "augment": cfg.augment,
+                                  "compile": cfg.compile})
+
+
+def promote(candidates, data, cfg, out_dir):
+    """Retrain each candidate as the final model will be (its recipe, --final-epochs, --augment, its own seed)
+    on every training image outside the validation split, score it on validation, and rank by that score.
+
+    The cheap search ranks networks after a few epochs on a subset; this ranks the few that matter at the
+    fidelity of the final training. Scores are kept in promotion.json in the run folder, keyed by what
+    the training was, so a rerun in the same folder resumes instead of training them again.
+    Returns {"ranking": trials best first, "record": what summary.json keeps}.
+    """
+    path = Path(out_dir) / "promotion.json"
+    try:
+        done = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        done = {}
+    x, y = promotion_training_set(data, cfg.subset)  # the same images for every candidate
+    log.info(f"\npromotion: the {len(candidates)} best distinct trials retrained like the final model "
+             f"({cfg.epochs} epochs on {len(y)} training images{' with augmentation' if cfg.augment else ''})"
+             ", scored on validation")
+    rows = []
+    for search_rank, trial in enumerate(candidates, start=1):
+        recipe, seed = final_config(trial, cfg), repeat_seed(trial, 0)
+        key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)], sort_keys=True)
+        if key not in done:
+            seed_everything(seed)
+            model = build_model(trial.user_attrs["model"]).to(x.device)
+            clock = Stopwatch()
+            with progress(recipe.epochs, f"promotion {search_rank}", "epoch") as bar:
+                history = train(model, x, y, recipe, seed, val=(data.val_x, data.val_y),
+                                on_epoch=lambda record: bar.update(1), background=data.background)
+            done[key] = {"val_accuracy": history[-1]["val_accuracy"], "seconds": clock.seconds(),
+                         "val_curve": [record["val_accuracy"] for record in history]}
+            write_json(path, done)
+            del model
+            release_memory()
+        result = done[key]
+        rows.append({"trial": trial, "search_rank": search_rank, "search_val": trial.value,
+                     "promoted_val": result["val_accuracy"], "seconds": result["seconds"]})
+        log.info(f"promotion {search_rank}/{len(candidates)}: {trial.user_attrs.get('study', '')} trial "
+                 f"{trial.number}  search val {100 * trial.value:.2f} %  promoted val "
+                 f"{100 * result['val_accuracy']:.2f} %  {result['seconds']:.0f} s")
+    rows.sort(key=lambda row: (-row["promoted_val"], row["search_rank"]))
+    correlation = spearman([row["search_val"] for row in rows], [row["promoted_val"] for row in rows])
+    print("\n==== promotion (choice at the final fidelity, on validation) ====")
+    print(" rank  search rank  trial                  search val  promoted val  network")
+    for rank, row in enumerate(rows, start=1):
+        trial = row["trial"]
+        name = f"{trial.user_attrs.get('study', '')} #{trial.number}"
+        print(f"{rank:5d}  {row['search_rank']:11d}  {name:21s}"
+              f"  {100 * row['search_val']:8.2f} %  {100 * row['promoted_val']:10.2f} %  {network_of(trial)}")
+    text = "n/a (fewer than 2 distinct scores)" if correlation is None else f"{correlation:+.2f}"
+    print(f"rank correlation of search and promoted validation (Spearman): {text}")
+    record = {"epochs": cfg.epochs, "train_images": len(y), "augment": cfg.augment,
+              "spearman": correlation,
+              "rows": [{"study": row["trial"].user_attrs.get("study"), "trial": row["trial"].number,
+                        "search_rank": row["search_rank"], "search_val": row["search_val"],
+                        "promoted_val": row["promoted_val"], "seconds": row["seconds"]} for row in rows]}
+    record["chosen"] = record["rows"][0]
+    return {"ranking": [row["trial"] for row in rows], "record": record}
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equal-length sequences (average ranks for ties); None when undefined."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+    if len(a) < 2:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    norm = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / norm if norm else None
+
+
+def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label):
+    """Retrain the members after the first (the best, retrained already) and average their softmax on the test set."""
+    test_x, test_y = test
+    probabilities, results = 0, []
+    for index, trial in enumerate(members):
+        model = best_model if index == 0 else retrain(trial, out_dir / f"ensemble-{index}.pt")[0]
+        logits = predict_logits(model, test_x)
+        accuracy = (logits.argmax(1) == test_y).float().mean().item()
+        probabilities = probabilities + torch.softmax(logits, 1)
+        results.append({"trial": trial.number, "seed": trial.user_attrs["seed"], "val_accuracy": trial.value,
+                        "test_accuracy": accuracy})
+        print(f"ensemble member {index}: trial {trial.number}  val {100 * trial.value:.2f} %  "
+              f"test accuracy: {100 * accuracy:.2f} %{label}")
+    accuracy = (probabilities.argmax(1) == test_y).float().mean().item()
+    print(f"ensemble of {len(members)} (averaged softmax): test accuracy: {100 * accuracy:.2f} %{label}")
+    return {"members": results, "test_accuracy": accuracy}
+
+
+def evaluate_checkpoints(paths, data_dir, device):
+    """For each checkpoint: its test accuracy, parameter count, MACs per image, metadata, the test labels and
+    its softmax over the test set (each normalised with the training statistics its checkpoint records)."""
+    members = []
+    for path in paths:
+        model, payload = load_checkpoint(path, device)
+        meta = payload.get("meta", {})
+        mean, std = (meta["mean"], meta["std"]) if "mean" in meta else training_statistics(data_dir)
+        test_x, test_y = load_test(data_dir, device, mean, std)
+        probabilities = torch.softmax(predict_logits(model, test_x), 1)
+        members.append({"accuracy": (probabilities.argmax(1) == test_y).float().mean().item(), "labels": test_y,
+                        "probabilities": probabilities, "parameters": count_parameters(model),
+                        "macs": count_macs(model), "meta": meta})
+    return members
+
+
+def ensemble_accuracy(members):
+    """Accuracy of the averaged softmax of evaluate_checkpoints' members."""
+    probabilities = sum(member["probabilities"] for member in members) / len(members)
+    return (probabilities.argmax(1) == members[0]["labels"]).float().mean().item()
+
+
+def evaluate(paths, data_dir=None, device="auto"):
+    """--evaluate PATH [PATH ...] of either script: see print_evaluation."""
+    return print_evaluation(paths, resolve_data_dir(data_dir), resolve_device(device))
+
+
+def print_evaluation(paths, data_dir, device):
+    """--evaluate: each checkpoint's test accuracy, size and MACs; for several, their averaged-softmax ensemble's."""
+    clock = Stopwatch()
+    members = evaluate_checkpoints(paths, data_dir, device)
+    lines = []
+    for path, member in zip(paths, members):
+        label = " (with augmentation)" if member["meta"].get("augment") else ""
+        name = f"{path}: " if len(paths) > 1 else ""
+        lines.append(f"{name}test accuracy: {100 * member['accuracy']:.2f} %{label}   parameters: "
+                     f"{member['parameters']:,}   MMAC/image: {member['macs'] / 1e6:.1f}")
+    if len(paths) > 1:
+        label = " (with augmentation)" if any(m["meta"].get("augment") for m in members) else ""
+        lines.append(f"ensemble of {len(paths)} (averaged softmax): ensemble test accuracy: "
+                     f"{100 * ensemble_accuracy(members):.2f} %{label}   MMAC/image: "
+                     f"{sum(m['macs'] for m in members) / 1e6:.1f}")
+    print("\n".join(lines) + f"   ({clock.seconds():.1f} s)")
+    return 0

@@ -1,0 +1,277 @@
+"""What a run writes and prints: the run folder, atomic result files, trial lines, the summary of both
+scripts, best_params.json and its reader, progress bars. It decides nothing."""
+import datetime
+import hashlib
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from errors import UserError
+from models import describe, normalise_config
+from training import load_checkpoint
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent
+# the reasons of trials that ended without training (studies.run_trial); they are counted apart
+OVER_BUDGET = "over budget"   # the network needs more MACs than --max-mmac allows
+TWIN = "same configuration as trial"  # an earlier trial of the study trained or is training these parameters
+NOT_TRAINED = (OVER_BUDGET, TWIN)
+
+
+def prepare_out_dir(out_dir, root="runs"):
+    """The run folder: a new timestamped one under `root`, or the given one.
+
+    An existing folder is reused only when an earlier run of this project made it (so the study in it
+    resumes); any other non-empty folder is refused rather than overwritten.
+    """
+    if out_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path(root) / stamp
+        suffix = 1
+        while out_dir.exists():
+            out_dir = Path(root) / f"{stamp}-{suffix}"
+            suffix += 1
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file; pass a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise UserError(f"--out-dir {out_dir} exists and was not made by this tool; "
+                        "choose a new folder so nothing in it is overwritten")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-check.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write in --out-dir {out_dir} ({error.strerror}); choose a writable folder") from None
+    return out_dir
+
+
+def start_run(out_dir, settings):
+    """Record the resolved settings in config.json and return the folder's run id.
+
+    A rerun in the same folder keeps the run id, so it resumes rather than starting over.
+    """
+    path = Path(out_dir) / "config.json"
+    run_id = None
+    if path.is_file():
+        try:
+            run_id = json.loads(path.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
+    run_id = run_id or uuid.uuid4().hex[:12]
+    write_json(path, {**settings, "run_id": run_id, "command": command_line(), "source": source_version()})
+    return run_id
+
+
+def network_of(trial):
+    model = trial.user_attrs.get("model")
+    return describe(model) + f" drop {model['dropout']:.2f}" + mmac_of(trial) if model else "?"
+
+
+def mmac_of(trial):
+    return f" ({trial.user_attrs['mmac']:.1f} MMAC)" if trial.user_attrs.get("mmac") is not None else ""
+
+
+def training_of(trial):
+    """The optimization hyperparameters of a trial in one short phrase (stage 2's key params)."""
+    t = trial.user_attrs.get("train")
+    if not t:
+        return "?"
+    l1 = f" L1 {t['l1']:.0e}" if t["l1"] else ""
+    return (f"{t['optimizer']} lr {t['lr']:.1e} {t['schedule']} wd {t['weight_decay']:.0e}{l1} "
+            f"bs {t['batch_size']} ls {t['label_smoothing']:.2f} {t['epochs']} ep")
+
+
+def trial_line(trial, label="", describe_trial=network_of):
+    seconds = trial.duration.total_seconds() if trial.duration else float("nan")
+    value = f"val {100 * trial.value:6.2f} %" if trial.value is not None else " " * 12
+    last = max(trial.intermediate_values) if trial.intermediate_values else None
+    where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
+    reason = f"  [{trial.user_attrs['reason']}]" if trial.user_attrs.get("reason") else ""
+    return (f"{label}trial {trial.number:3d}  {trial.state.name:8s}{where:10s} {value}  {describe_trial(trial)}"
+            f"  {seconds:6.1f} s{reason}")
+
+
+def print_trial_lines(label="", describe_trial=network_of):
+    """An Optuna callback that prints one line per finished trial."""
+    def callback(study, trial):
+        log.info(trial_line(trial, label, describe_trial))
+    return callback
+
+
+def trained(trial):
+    return not str(trial.user_attrs.get("reason") or "").startswith(NOT_TRAINED)
+
+
+def state_counts(trials):
+    """Trials by state; those that ended without training (over budget, repeats) apart as 'not_trained'."""
+    counts = {state: sum(t.state == getattr(TrialState, state.upper()) and trained(t) for t in trials)
+              for state in ("complete", "pruned", "fail")}
+    counts["not_trained"] = sum(not trained(t) for t in trials)
+    return counts
+
+
+def best_or_none(study):
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    return max(completed, key=lambda t: t.value) if completed else None
+
+
+def params_lines(params, indent="    "):
+    return [f"{indent}{key}: {value}" for key, value in params.items()]
+
+
+def mean_std(values):
+    """(mean, sample std) of the values; (None, None) for none, so the results files stay valid JSON."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_atomic(path, text):
+    """Write text to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk: the previous file stays whole, no half-written one is left
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, payload):
+    write_atomic(path, json.dumps(payload, indent=2, default=json_default) + "\n")
+
+
+def json_default(value):
+    if isinstance(value, (datetime.datetime, datetime.timedelta)):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def trials_table(studies):
+    """Optuna's trials_dataframe for each (label, study) with the label column first, as one table."""
+    import pandas as pd
+
+    frames = []
+    for label, value, study in studies:
+        frame = study.trials_dataframe()
+        frame.insert(0, label, value)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_trials_csv(path, studies):
+    write_atomic(path, trials_table(studies).to_csv(index=False))
+
+
+def best_params_payload(trial, **extra):
+    """Everything needed to rebuild and retrain the best network, with nothing else."""
+    return {"value": trial.value, "trial": trial.number, "params": trial.params,
+            "model": trial.user_attrs["model"], "train": trial.user_attrs["train"],
+            "seed": trial.user_attrs.get("seed"), **extra}
+
+
+def command_line():
+    return " ".join([Path(sys.executable).name] + sys.argv)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def seconds(self):
+        return time.perf_counter() - self.started
+
+
+def read_backbone(path):
+    """(model config, training recipe dict or None) from a best_params.json or a model.pt checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
+    if path.suffix == ".pt":
+        payload = load_checkpoint(path)[1]
+        return normalise_config(payload["config"]), payload.get("train")
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"--backbone {path} is not valid JSON ({error}); pass the best_params.json "
+                        "written by MNIST-optuna.py") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, dict) or "conv" not in model:
+        raise UserError(f"--backbone {path} has no 'model' with 'conv' blocks; pass the best_params.json "
+                        "written by MNIST-optuna.py")
+    train = payload.get("train")
+    return normalise_config({"fc": [], **model}), train if isinstance(train, dict) else None
+
+
+def progress(total, description, unit="trial"):
+    """A tqdm bar on a terminal at the normal log level; nothing at all in logs, pipes and CI."""
+    from tqdm import tqdm
+
+    show = sys.stdout.isatty() and log.getEffectiveLevel() <= logging.INFO
+    return tqdm(total=total, desc=description, unit=unit, leave=False, disable=not show, file=sys.stdout)
+
+
+def source_version():
+    """The git commit of the code that ran (with '+changes' when the tree differs from it), or, outside git,
+    a hash of the project's Python files: recorded in config.json and every model.pt."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return commit.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    digest = hashlib.sha256()
+    for path in sorted(ROOT.glob("*.py")):
+        digest.update(path.read_bytes())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def summarise(studies, out_dir, wall, describe_trial, extra=None):
+    """Print the summary block of the (label, value, study) searches and write trials.csv and best_params.json;
+    return (the best trial overall, the summary dict)."""
+    print("\n==== summary ====")
+    per_study, all_trials, best, best_key = {}, [], None, None
+    for label, key, study in studies:
+        trial = best_or_none(study)
+        all_trials += study.trials
+        if trial is None:
+            print(f"{label} {key}: no complete trial")
+            continue
+        per_study[key] = {"value": trial.value, "trial": trial.number, "params": trial.params}
+        print(f"{label} {key}: best val {100 * trial.value:.2f} %  trial {trial.number}  {describe_trial(trial)}")
+        if best is None or trial.value > best.value:
+            best, best_key = trial, key
+    counts = state_counts(all_trials)
+    mean, std = mean_std([v["value"] for v in per_study.values()])
+    skipped = f", {counts['not_trained']} not trained (over budget or repeats)" if counts["not_trained"] else ""
+    print(f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed{skipped}")
+    if len(per_study) > 1:
+        print(f"per-{label} best: {100 * mean:.2f} ± {100 * std:.2f} % over {len(per_study)} {label}s")
+    if best is not None:
+        print(f"best trial: val {100 * best.value:.2f} %  {label} {best_key}  trial {best.number}  "
+              f"{describe_trial(best)}")
+        print("\n".join(params_lines(best.params)))
+    print(f"search wall time: {wall:.1f} s")
+    summary = {"seeds": per_study, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
+               "best": None if best is None else {"seed": best_key, "trial": best.number, "value": best.value,
+                                                 "params": best.params},
+               "search_seconds": wall, "command": command_line(), "out_dir": str(out_dir), **(extra or {})}
+    write_trials_csv(out_dir / "trials.csv", studies)
+    if best is not None:
+        write_json(out_dir / "best_params.json", best_params_payload(best, study_seed=best_key))
+    return best, summary

@@ -1,0 +1,172 @@
+"""Where studies live: an Optuna storage from a path or URL (a journal file that survives a torn last record,
+or a database for many machines), the run folder beside it, and studies that remember the settings that
+define their search."""
+import datetime
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+
+from errors import UserError
+from reporting import json_default, prepare_out_dir
+
+# the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+log = logging.getLogger(__name__)
+
+
+JOURNAL_NAME = "study.journal"
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed dead
+GRACE_SECONDS = 90
+MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
+RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+def open_run_folder(out_dir, storage, must_exist=False):
+    """(the run folder, the storage). A folder made by this call is removed again when the storage cannot be
+    opened, so a mistyped --storage leaves nothing behind. `must_exist`: the study's storage must be there
+    already (--retrain-only adds no trial, so it never creates one)."""
+    existed = out_dir is not None and Path(out_dir).exists()
+    folder = prepare_out_dir(out_dir)
+    try:
+        return folder, make_storage(storage, folder, must_exist)
+    except UserError:
+        if not existed and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def storage_kind(spec):
+    """'journal' for a file path (or the default), 'rdb' for a database URL; unknown schemes are refused."""
+    if spec is None:
+        return "journal"
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    if not match:
+        near = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", spec)
+        if near and near.group(1).split("+")[0].lower() in RDB_SCHEMES + ("postgres", "file", "journal"):
+            raise UserError(f"--storage {spec} looks like a database URL but lacks '//'; write "
+                            f"{near.group(1)}://USER@HOST/DB (or sqlite:///PATH), or a plain file path for a journal")
+        return "journal"
+    scheme = match.group(1).split("+")[0].lower()
+    if scheme not in RDB_SCHEMES:
+        raise UserError(f"--storage scheme {match.group(1)!r} is not supported; use a file path (journal), "
+                        "sqlite:///PATH, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
+    return "rdb"
+
+
+def mend_torn_journal(path):
+    """Cut a journal's last record when a crash or a full disk left it without its newline.
+
+    Optuna still reads such a file, but its next record would be appended to the partial line and
+    make the whole journal unreadable. The original bytes are kept beside it first.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as journal:
+        journal.seek(-1, os.SEEK_END)
+        if journal.read(1) == b"\n":
+            return
+        journal.seek(0)
+        content = journal.read()
+    backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    backup.write_bytes(content)
+    keep = content.rfind(b"\n") + 1
+    with open(path, "r+b") as journal:
+        journal.truncate(keep)
+    log.warning(f"warning: the last record of {path} was cut off ({len(content) - keep} bytes, a crash or a full "
+                f"disk); removed it and kept the original as {backup.name}")
+
+
+def make_storage(spec, out_dir, must_exist=False):
+    """An Optuna storage from --storage: None -> a journal file in the run folder; a path -> a journal
+    file (several processes on one machine); a URL -> an RDB (many machines), with heartbeats so a
+    killed worker's trial is marked failed and retried by a live one."""
+    kind = storage_kind(spec)
+    if kind == "journal":
+        path = Path(spec) if spec else Path(out_dir) / JOURNAL_NAME
+        if path.is_dir():
+            raise UserError(f"--storage {path} is a folder; pass a file path for a journal, or a database URL")
+        if must_exist and not path.is_file():
+            raise UserError(f"--storage {path} does not exist; pass the journal of the study to use")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mend_torn_journal(path)
+            backend = optuna.storages.journal.JournalFileBackend(str(path))
+            return optuna.storages.JournalStorage(backend)
+        except OSError as error:
+            raise UserError(f"cannot open journal file {path} ({error.strerror or error}); pass a writable path") \
+                from None
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:  # what a replay of garbage raises
+            raise UserError(f"{path} is not a readable Optuna journal ({type(error).__name__}); move it away or "
+                            "pass another --storage") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                              heartbeat_stale_trial_callback=RETRY)
+        except ImportError as error:
+            raise UserError(f"the database driver for {spec.split(':')[0]} is missing ({error}); "
+                            "pip install -r requirements.txt") from None
+        except Exception as error:  # SQLAlchemy raises many kinds; all mean the URL cannot be used (yet)
+            # workers started together on an empty database race to create Optuna's tables; the losers retry
+            if attempt < 2 and ("already exists" in str(error) or "UniqueViolation" in str(error)):
+                time.sleep(1 + attempt)
+                continue
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
+
+
+def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False):
+    """Create the study or join/resume the existing one of that name.
+
+    `search` holds the settings that define the study's trials (space, data, recipe, backbone, grid). A
+    study keeps the first run's as a user attribute; a later run (another worker, a rerun in the same
+    folder) whose settings differ is refused, so it never silently continues a different search, unless
+    the user consents with --resume-anyway. `must_exist`: --retrain-only, which adds no trial.
+    """
+    if must_exist:
+        try:
+            return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        except KeyError:
+            raise UserError(f"--retrain-only: no study named {name} in this storage; pass the --storage (and "
+                            "--out-dir) of the search to retrain from") from None
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    if search is None:
+        return study
+    search = json.loads(json.dumps(search, default=json_default))
+    before = study.user_attrs.get("search")
+    if before is not None and before != search and not resume_anyway:
+        differ = [key for key in sorted(set(before) | set(search)) if before.get(key) != search.get(key)]
+        key = differ[0]
+        raise UserError(f"study {name} was searched with --{key.replace('_', '-')} {_flag_text(before.get(key))}, "
+                        f"this run asks for {_flag_text(search.get(key))}"
+                        f"{f' (and {len(differ) - 1} more setting(s))' if len(differ) > 1 else ''}; pass a new "
+                        "--out-dir (or --study-prefix / --study-name) for a new search, or --resume-anyway to "
+                        "continue this one with the new settings")
+    if before != search:
+        study.set_user_attr("search", search)
+    return study
+
+
+def _flag_text(value):
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "(not set)" if value is None else str(value)
+
+
+# settings that say how and where to run, or what to do after the search: a rerun may change them
+NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "deterministic", "compile", "quick", "no_final",
+              "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
+              "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone"}
+
+
+def search_settings(args, **resolved):
+    """The settings that define a study's trials: every flag but NOT_SEARCH's, and what --backbone resolved to
+    (its network, not its path)."""
+    return {**{key: value for key, value in vars(args).items() if key not in NOT_SEARCH}, **resolved}
