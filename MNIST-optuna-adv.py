@@ -17,10 +17,9 @@ import optuna
 
 import cli
 import final
+import studies
 from models import normalise_config
 from reporting import network_of, read_backbone, summarise
-from studies import make_pruner, open_run, run_objective, search, study_for
-from training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +126,8 @@ def main(argv=None):
     cli.setup_logging(args.verbose, args.quiet)
     heads = head_grid(args.fc_depths, args.fc_widths)
     backbone = backbone_of(args)
-    train_cfg = train_config(args)  # unknown optimizer or schedule names fail here, before any work
-    run = open_run(args, args.seed, record={"backbone_conv": backbone})
+    train_cfg = studies.train_config(args)  # unknown optimizer or schedule names fail here, before any work
+    run = studies.open_run(args, args.seed, record={"backbone_conv": backbone})
     if run.device.type == "cpu" and args.device == "auto":
         print("no CUDA GPU found: the search and the retrain of the best network run on the CPU")
 
@@ -136,10 +135,10 @@ def main(argv=None):
     # seeded order: a retried trial is popped before the next point is queued, so a resumed run trains
     # what an uninterrupted one trains; run_trial never trains a head another trial trained or is training
     order = grid_order(heads, args.seed)
-    pruner = make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
+    pruner = studies.make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
                          args.median_interval_steps)
     sampler = optuna.samplers.RandomSampler(seed=args.seed)  # only ever sees queued, fixed heads
-    study = study_for(run, args.study_name, sampler, pruner, args, backbone=backbone)
+    study = studies.study_for(run, args.study_name, sampler, pruner, args, backbone=backbone)
     print(f"grid size: {len(heads)}")
 
     def feed(study):
@@ -154,10 +153,12 @@ def main(argv=None):
             deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         print("the grid is finished already; going straight to the summary")
     started = time.perf_counter()
-    objective = run_objective(run, lambda trial: (suggest_head(trial, args, backbone, heads), train_cfg), args.seed,
-                              reports_per_epoch=args.reports_per_epoch)
+    def suggest(trial):  # (the network, its training) of one trial
+        return suggest_head(trial, args, backbone, heads), train_cfg
+
+    objective = studies.run_objective(run, suggest, args.seed, reports_per_epoch=args.reports_per_epoch)
     n_trials = 0 if args.retrain_only else len(heads) if args.n_trials is None else args.n_trials
-    interrupted = search(study, objective, n_trials, run.run_id, "", head_of, feed=feed, bar="grid")
+    interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_of, feed=feed, bar="grid")
     best, summary = summarise([("seed", args.seed, study)], run.out_dir, time.perf_counter() - started, head_of,
                               extra={"grid_size": len(heads)})
     return final.finish(final.FinalConfig.from_args(args), run, best, summary, study.trials, interrupted,
@@ -177,13 +178,6 @@ def build_parser():
         "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int})
     cli.add_run_flags(parser, QUICK)
     return parser
-
-
-def train_config(args):
-    """The training of every trial, from the constants."""
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                       weight_decay=args.weight_decay, l1=args.l1, label_smoothing=args.label_smoothing,
-                       schedule=args.schedule, augment=args.augment, compile=args.compile)
 
 
 if __name__ == "__main__":

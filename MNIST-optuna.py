@@ -17,8 +17,8 @@ import optuna
 
 import cli
 import final
+import studies
 from reporting import network_of, read_backbone, summarise, training_of
-from studies import check_budget, make_pruner, open_run, run_objective, search, study_for
 from training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -174,36 +174,38 @@ def main(argv=None):
         return final.evaluate(args.evaluate, args.data_dir, args.device)
     network, recipe = read_backbone(args.backbone) if args.stage == "optim" else (None, None)
     max_steps = args.optim_epochs[1] if network else args.epochs
-    run = open_run(args, args.split_seed)
+    run = studies.open_run(args, args.split_seed)
     what = f"the training of the network of {args.backbone}" if network else "the network"
     log.info(f"stage {args.stage}: searching {what}; train {len(run.data.train_y)} / validation "
-                 f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials"
-                 f"{' (with augmentation)' if args.augment else ''}")
+             f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials"
+             f"{' (with augmentation)' if args.augment else ''}")
 
-    started, studies, interrupted = time.perf_counter(), [], False
+    def suggest(trial):  # (the network, its training) of one trial
+        if network:
+            return network, suggest_training(trial, args)
+        return suggest_model(trial, args), studies.train_config(args)
+
+    started, searched, interrupted = time.perf_counter(), [], False
     describe_trial = training_of if network else network_of
     for seed in args.seeds:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
         name = f"{args.study_prefix}-optim-seed{seed}" if network else f"{args.study_prefix}-seed{seed}"
-        study = study_for(run, name, sampler, make_pruner(args.pruner, max_steps), args, network=network)
-        studies.append(("seed", seed, study))
+        pruner = studies.make_pruner(args.pruner, max_steps)
+        study = studies.study_for(run, name, sampler, pruner, args, network=network)
+        searched.append(("seed", seed, study))
         if network and not args.retrain_only:
             enqueue_recipe(study, recipe, args)
-        if network:
-            objective = run_objective(run, lambda trial: (network, suggest_training(trial, args)), seed)
-        else:
-            objective = run_objective(run, lambda trial: (suggest_model(trial, args), train_config(args)), seed,
-                                      max_mmac=args.max_mmac)
+        objective = studies.run_objective(run, suggest, seed, max_mmac=None if network else args.max_mmac)
         n_trials = 0 if args.retrain_only else args.n_trials
-        if search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial):
+        if studies.search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial):
             interrupted = True
             break
-    best, summary = summarise(studies, run.out_dir, time.perf_counter() - started, describe_trial)
-    best_study = next((study for _, seed, study in studies if best and seed == summary["best"]["seed"]), None)
+    best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial)
+    best_study = next((study for _, seed, study in searched if best and seed == summary["best"]["seed"]), None)
     return final.finish(final.FinalConfig.from_args(args), run, best, summary,
-                        [t for _, _, study in studies for t in study.trials], interrupted,
+                        [t for _, _, study in searched for t in study.trials], interrupted,
                         meta={"study_seed": summary["best"] and summary["best"]["seed"], "stage": args.stage},
-                        plot_studies=([study for _, _, study in studies], best_study))
+                        plot_studies=([study for _, _, study in searched], best_study))
 
 
 # ---- command line: a flag per constant above, checks across them --------------------
@@ -221,13 +223,6 @@ def build_parser():
     return parser
 
 
-def train_config(args):
-    """The training of every stage-1 trial, from the constants."""
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                       weight_decay=args.weight_decay, l1=args.l1, label_smoothing=args.label_smoothing,
-                       schedule=args.schedule, augment=args.augment, compile=args.compile)
-
-
 def validate(args):
     """Checks across flags, before any work starts (each range's LOW <= HIGH is checked by the parser)."""
     cli.check(all(k % 2 == 1 for k in args.kernel_sizes), "--kernel-sizes must be odd (for 'same' padding)")
@@ -236,14 +231,14 @@ def validate(args):
     cli.check(len(args.pool_after) <= 4, "--pool-after: at most 4 pools fit a 28x28 image")
     cli.check(len(set(args.seeds)) == len(args.seeds), "--seeds: each seed once")
     cli.check(args.stage == "model" or args.backbone, "--stage optim needs --backbone PATH (a best_params.json)")
-    train_config(args)  # unknown optimizer or schedule names fail here, before any work
+    studies.train_config(args)  # unknown optimizer or schedule names fail here, before any work
     for optimizer in args.optim_optimizers:
         TrainConfig(optimizer=optimizer)
     for schedule in args.optim_schedules:
         TrainConfig(schedule=schedule)
-    make_pruner(args.pruner, args.epochs)
+    studies.make_pruner(args.pruner, args.epochs)
     if args.stage == "model":
-        check_budget(lambda trial: suggest_model(trial, args), args.max_mmac)
+        studies.check_budget(lambda trial: suggest_model(trial, args), args.max_mmac)
 
 
 if __name__ == "__main__":

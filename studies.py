@@ -20,9 +20,24 @@ from cli import interrupted_by_user
 from data import load_search_data, resolve_data_dir
 from errors import UserError
 from models import build_model, count_macs
-from reporting import NOT_TRAINED, OVER_BUDGET, TWIN, print_trial_lines, progress, start_run
+from reporting import (
+    NOT_TRAINED,
+    OVER_BUDGET,
+    TWIN,
+    print_trial_lines,
+    progress,
+    start_run,
+)
 from storages import RETRY, open_run_folder, open_study, search_settings
-from training import Divergence, TrainConfig, derive_seed, describe_device, resolve_device, seed_everything, train
+from training import (
+    Divergence,
+    TrainConfig,
+    derive_seed,
+    describe_device,
+    resolve_device,
+    seed_everything,
+    train,
+)
 
 # the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

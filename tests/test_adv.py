@@ -8,7 +8,15 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import DATA_DIR, ROOT, TINY_ADV, assert_one_line_error, load_script, quick_run, run_script
+from conftest import (
+    DATA_DIR,
+    ROOT,
+    TINY_ADV,
+    assert_one_line_error,
+    load_script,
+    quick_run,
+    run_script,
+)
 
 adv = load_script("MNIST-optuna-adv.py")
 FINISHED = ("COMPLETE", "PRUNED")

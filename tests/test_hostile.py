@@ -5,7 +5,7 @@ import signal
 import optuna
 import pytest
 from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_script
-from test_distributed import finish, start, wait_for_trial_lines
+from test_distributed import finish, start
 
 pytestmark = pytest.mark.timeout(600)
 SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots"]
@@ -105,23 +105,6 @@ def test_an_unreachable_database_leaves_no_empty_folder(tmp_path):
 def test_values_beyond_what_the_libraries_take_are_one_line(tmp_path, script, flags, says):
     args = ["--quick", *flags] + ([] if "--out-dir" in flags else ["--out-dir", tmp_path / "out"])
     assert says in assert_one_line_error(run_script(script, *args))
-
-
-def test_sigterm_stops_like_ctrl_c(tmp_path):
-    out = tmp_path / "run"
-    args = [*TINY, *TINY_CNN, "--train-subset", "5000", "--epochs", "2", "--seeds", "0", "--n-trials", "6",
-            "--no-final", "--out-dir", out]
-    worker = start("MNIST-optuna.py", *args)
-    before = wait_for_trial_lines(worker, 1)
-    worker.send_signal(signal.SIGTERM)
-    code, output = finish(worker)
-    assert code == 143, before + output
-    assert "==== summary ====" in output and "Traceback" not in output
-    finished = [t for t in study_trials(out / "study.journal") if t.state.name in ("COMPLETE", "PRUNED")]
-    rows = (out / "trials.csv").read_text().strip().splitlines()[1:]
-    assert len(rows) == len(study_trials(out / "study.journal")) >= len(finished) >= 1  # written after the stop
-    stopped = [t for t in study_trials(out / "study.journal") if t.state.name == "FAIL"]
-    assert [t.user_attrs["reason"] for t in stopped] in ([], ["interrupted"])
 
 
 def test_stopping_a_retrain_keeps_the_previous_summary_and_model(tmp_path):

@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from models import ConfigError, build_model, count_macs, count_parameters, dropout_feeds_batchnorm
+from models import (
+    ConfigError,
+    build_model,
+    count_macs,
+    count_parameters,
+    dropout_feeds_batchnorm,
+)
 
 
 def block(channels, kernel=3, pool=False, batch_norm=True):

@@ -5,7 +5,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, TINY_CNN, assert_one_line_error, load_script, quick_run, run_script
+from conftest import (
+    TINY,
+    TINY_CNN,
+    assert_one_line_error,
+    load_script,
+    quick_run,
+    run_script,
+)
 
 COLUMNS = ["seed", "number", "state", "value"]
 
