@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# one torch thread per test process and per script it starts: pytest runs two workers on two cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
