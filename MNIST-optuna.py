@@ -1,14 +1,15 @@
 """Seeded TPE search over the model hyperparameters of an MNIST CNN, repeated over seeds.
 
-    python MNIST-optuna.py                      # the defaults below: about 10 minutes on 2 CPU cores
-    python MNIST-optuna.py --quick              # a smoke run, about 20 seconds
+    python MNIST-optuna.py                      # the defaults below: 4 trainings of 12 epochs, an hour+ on 2 cores
+    python MNIST-optuna.py --quick              # a smoke run, about 30 seconds
     python MNIST-optuna.py --seeds 0 1 2 --n-trials 50 --epochs 3 --train-subset all
     python MNIST-optuna.py --stage optim --backbone runs/X/best_params.json   # stage 2: its training
     python MNIST-optuna.py --evaluate runs/X/model.pt                          # test accuracy, size, MACs
 
 Each seed gets its own study (<prefix>-seed<N>, TPE seeded with N; stage 2: <prefix>-optim-seed<N>).
-Trials are scored on a fixed, seeded validation split; the best network is then retrained on
-train+validation and the test set is read once, at the very end.
+Trials are scored on a fixed, seeded validation split; networks over MAX_MMAC are never trained; the
+PROMOTE best are retrained like the final model and chosen on validation; the chosen network is then
+retrained on train+validation and the test set is read once, at the very end.
 """
 import logging
 import time

@@ -5,9 +5,11 @@
 (a) original style: torchvision MNIST + ToTensor + Normalize + DataLoader(batch 32, shuffle), as the
     published scripts fed every trial; (b) this project: tensors normalised once on the device,
     batches sliced from a seeded permutation. Both feed the same batch size to the same model.
-Prints images/s for data only and with the reference model, and `ratio: N.Nx` for data only.
+Baseline and project alternate over --repeats rounds; prints the medians of images/s for data only
+and with the reference model, the data-only ratio of each round, and `ratio: N.Nx`, the median of them.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,6 +71,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32, help="the original scripts' batch size")
     parser.add_argument("--data-images", type=int, default=60_000, help="images per data-only measurement")
     parser.add_argument("--model-images", type=int, default=6_400, help="images per with-model measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the numbers are their medians")
     args = parser.parse_args()
     data_dir = resolve_data_dir(args.data_dir)
     device = resolve_device(args.device)
@@ -79,19 +82,27 @@ def main():
     data = load_search_data(data_dir, device, val_size=10_000)
     print(f"project: one-time load + normalise on the device: {time.perf_counter() - started:.2f} s")
 
-    rows = []
-    original = time_batches(original_loader(data_dir, args.batch_size), args.data_images)
-    ours = time_batches(project_batches(data, args.batch_size), args.data_images)
-    rows.append(("data only", original, ours))
-    original_model = time_batches(original_loader(data_dir, args.batch_size), args.model_images, train_step_fn(device))
-    ours_model = time_batches(project_batches(data, args.batch_size), args.model_images, train_step_fn(device))
-    rows.append(("data + reference model training", original_model, ours_model))
+    # baseline and project alternate, `--repeats` times each; the medians (and the median of the per-round
+    # ratios) stay put when another job shares the cores for part of the run, where one pair would not
+    rounds = {"data only": [], "data + reference model training": []}
+    for _ in range(args.repeats):
+        rounds["data only"].append((time_batches(original_loader(data_dir, args.batch_size), args.data_images),
+                                    time_batches(project_batches(data, args.batch_size), args.data_images)))
+        rounds["data + reference model training"].append(
+            (time_batches(original_loader(data_dir, args.batch_size), args.model_images, train_step_fn(device)),
+             time_batches(project_batches(data, args.batch_size), args.model_images, train_step_fn(device))))
 
-    print(f"{'':34s} {'original (img/s)':>18s} {'project (img/s)':>18s} {'ratio':>8s}")
-    for name, a, b in rows:
-        print(f"{name:34s} {a:18,.0f} {b:18,.0f} {b / a:7.1f}x")
-    print(f"ratio: {ours / original:.1f}x")
-
+    print(f"{'':34s} {'original (img/s)':>18s} {'project (img/s)':>18s} {'ratio':>8s}   "
+          f"(medians of {args.repeats} interleaved rounds)")
+    for name, pairs in rounds.items():
+        original = statistics.median(a for a, _ in pairs)
+        ours = statistics.median(b for _, b in pairs)
+        ratio = statistics.median(b / a for a, b in pairs)
+        print(f"{name:34s} {original:18,.0f} {ours:18,.0f} {ratio:7.1f}x")
+    ratio = statistics.median(b / a for a, b in rounds["data only"])
+    spread = [b / a for a, b in rounds["data only"]]
+    print(f"data-only ratio per round: {', '.join(f'{r:.1f}x' for r in spread)}")
+    print(f"ratio: {ratio:.1f}x")
 
 if __name__ == "__main__":
     main()
