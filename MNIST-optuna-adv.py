@@ -103,16 +103,16 @@ def grid_order(heads, seed):
     return [heads[i] for i in np.random.default_rng(seed).permutation(len(heads))]
 
 
-def next_grid_point(study, order, run_id):
+def next_grid_point(study, order):
     """The first head in `order` that no trial holds, or None when the grid is done.
 
-    A trial holds its head while queued, training or finished; a failed one only when this run folder
-    failed it (an out-of-memory is not retried in a loop), or while its retry is queued. A head whose
-    trial failed in another run (a configuration error since fixed, say) is free again.
+    A trial holds its head while queued, training or finished. A failed one holds it only when this
+    process failed it (an out-of-memory is not retried in a loop); a later run retries a head whose trial
+    failed before (a configuration error since fixed, say), and a lost trial's retry holds its own.
     """
     held = set()
     for trial in study.get_trials(deepcopy=False):
-        if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("run") == run_id:
+        if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("worker") == studies.worker_id():
             held.add(trial.user_attrs.get("head", trial.params.get("fc")))
     return next((head for head in order if head not in held), None)
 
@@ -142,14 +142,14 @@ def main(argv=None):
     print(f"grid size: {len(heads)}")
 
     def feed(study):
-        head = next_grid_point(study, order, run.run_id)
+        head = next_grid_point(study, order)
         if head is not None:
             study.enqueue_trial({"fc": head}, user_attrs={"head": head})
         return head is not None
 
     if args.retrain_only:
         print("--retrain-only: no new trials")
-    elif next_grid_point(study, order, run.run_id) is None and not study.get_trials(
+    elif next_grid_point(study, order) is None and not study.get_trials(
             deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         print("the grid is finished already; going straight to the summary")
     started = time.perf_counter()

@@ -117,11 +117,13 @@ def waiting_trials(study):
 
 def counted(trial, lost=frozenset()):
     """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker
-    (numbers in `lost`: their retries count instead) and those that trained nothing (NOT_TRAINED)."""
+    (numbers in `lost`: their retries count instead), those that trained nothing (NOT_TRAINED), and
+    failures of an earlier process (a configuration error since fixed): a rerun tries them again."""
     reason = str(trial.user_attrs.get("reason") or "")
     if trial.state in (TrialState.PRUNED, TrialState.COMPLETE):
         return not reason.startswith(NOT_TRAINED)
-    return trial.state == TrialState.FAIL and reason != INTERRUPTED and trial.number not in lost
+    return (trial.state == TrialState.FAIL and reason != INTERRUPTED and trial.number not in lost
+            and trial.user_attrs.get("worker") == worker_id())
 
 
 def remaining_trials(study, n_trials, run_id):

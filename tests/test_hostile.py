@@ -52,6 +52,20 @@ def test_an_adv_rerun_with_another_backbone_is_refused(tmp_path):
     assert "--backbone" in assert_one_line_error(result)
 
 
+def test_a_grid_point_whose_trial_failed_on_a_bad_backbone_is_trained_after_the_fix(tmp_path):
+    out = tmp_path / "run"
+    grid = ["--fc-depths", "1", "--fc-widths", "8,16,32", "--no-final", "--no-plots", "--out-dir", out]
+    bad = tmp_path / "bad.json"  # five pools do not fit a 28x28 image: the first trial fails building it
+    bad.write_text(json.dumps({"model": {"conv": [{"channels": 4, "kernel": 3, "pool": True}] * 5, "fc": []}}))
+    first = run_script("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", bad, *grid)
+    assert first.returncode == 2 and "pooling" in first.stderr
+    fixed = run_script("MNIST-optuna-adv.py", *TINY_ADV, *grid, "--resume-anyway")
+    assert fixed.returncode == 0, fixed.stderr
+    done = [t.params["fc"] for t in study_trials(out / "study.journal", "mnist-fc-grid")
+            if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(done) == ["16", "32", "8"]  # every point, the one that failed included
+
+
 def test_a_torn_last_journal_record_is_mended_and_kept(tmp_path):
     out = tmp_path / "run"
     assert run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out).returncode == 0
