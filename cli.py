@@ -10,8 +10,6 @@ from pathlib import Path
 
 from errors import UserError
 
-log = logging.getLogger(__name__)
-
 
 def _number(kind, test, wanted):
     def parse(text):

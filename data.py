@@ -225,10 +225,8 @@ def final_training_set(data, size=None, seed=0):
     """All training images (train + validation, not only the search subset), or a stratified `size` of them,
     for the retrain of the best config."""
     if size is None or size >= len(data.all_y):
-        return data.all_x, data.all_y
-    picked, _ = stratified_take(data.all_y.cpu().numpy(), size, seed)
-    index = torch.from_numpy(picked).to(data.all_y.device)
-    return data.all_x[index], data.all_y[index]
+        return data.all_x, data.all_y  # no copy of all 60,000
+    return _images(data, np.arange(len(data.all_y)), size, seed)
 
 
 def promotion_training_set(data, size=None, seed=0):
@@ -236,7 +234,11 @@ def promotion_training_set(data, size=None, seed=0):
     configuration trains on, like the final model but without the validation images it is scored on."""
     keep = np.ones(len(data.all_y), dtype=bool)
     keep[data.val_indices] = False
-    indices = np.flatnonzero(keep)
+    return _images(data, np.flatnonzero(keep), size, seed)
+
+
+def _images(data, indices, size, seed):
+    """The images and labels at `indices` of all 60,000, or a stratified `size` of them."""
     if size is not None and size < len(indices):
         picked, _ = stratified_take(data.all_y.cpu().numpy()[indices], size, seed)
         indices = indices[picked]

@@ -146,6 +146,11 @@ def count_macs(model):
     return total
 
 
+def mmac(config):
+    """Million multiply-accumulates per image of the network of `config` (built on the CPU, in milliseconds)."""
+    return count_macs(build_model(config)) / 1e6
+
+
 def describe(config):
     """A short human name of a network, e.g. 'conv 32-64 k3-3 + FC 128'."""
     conv = config["conv"]

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import socket
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from optuna.trial import TrialState
 from cli import interrupted_by_user
 from data import load_search_data, resolve_data_dir
 from errors import UserError
-from models import build_model, count_macs
+from models import build_model
+from models import mmac as network_mmac
 from reporting import (
     NOT_TRAINED,
     OVER_BUDGET,
@@ -39,8 +39,6 @@ from training import (
     train,
 )
 
-# the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 log = logging.getLogger(__name__)
 
 
@@ -214,7 +212,7 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     trial.set_user_attr("model", model_config)
     trial.set_user_attr("train", train_cfg.to_dict())
     trial.set_user_attr("seed", seed)
-    mmac = count_macs(build_model(model_config)) / 1e6  # on the CPU, in milliseconds
+    mmac = network_mmac(model_config)
     trial.set_user_attr("mmac", round(mmac, 2))
     if max_mmac is not None and "mmac_over_budget" not in trial.constraints:  # a retried trial keeps its own
         # Optuna's trial constraint (feasible when <= 0): TPE ranks infeasible trials below every pruned
@@ -330,7 +328,7 @@ class SmallestChoice:
 
 def check_budget(suggest_model, max_mmac):
     """Refuse, before any work, a compute budget that not even the cheapest network of the space fits."""
-    smallest = count_macs(build_model(suggest_model(SmallestChoice()))) / 1e6
+    smallest = network_mmac(suggest_model(SmallestChoice()))
     if smallest > max_mmac:
         raise UserError(f"--max-mmac {max_mmac:g}: even the smallest network of the space needs {smallest:.1f} MMAC; "
                         "raise --max-mmac or lower --conv-filters")

@@ -16,7 +16,7 @@ from torch import nn
 
 from data import EVAL_BATCH, batches, random_affine
 from errors import UserError
-from models import INPUT_SHAPE, build_model
+from models import INPUT_SHAPE, build_model, normalise_config
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
@@ -268,7 +268,7 @@ def finished_checkpoint(path, model_config, train_cfg, seed, train_images, devic
     except UserError:
         return None
     meta = payload.get("meta", {})
-    same = (payload.get("train") == train_cfg.to_dict() and model.config == build_model(model_config).config
+    same = (payload.get("train") == train_cfg.to_dict() and model.config == normalise_config(model_config)
             and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta)
     return (model, meta) if same else None
 
