@@ -159,9 +159,11 @@ def main(argv=None):
     objective = studies.run_objective(run, suggest, args.seed, reports_per_epoch=args.reports_per_epoch)
     n_trials = 0 if args.retrain_only else len(heads) if args.n_trials is None else args.n_trials
     interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_of, feed=feed, bar="grid")
-    best, summary = summarise([("seed", args.seed, study)], run.out_dir, time.perf_counter() - started, head_of,
-                              extra={"grid_size": len(heads)})
-    return final.finish(final.FinalConfig.from_args(args), run, best, summary, study.trials, interrupted,
+    searched = [("seed", args.seed, study)]
+    ranked, _ = studies.rank(searched, ("accuracy",))
+    _, summary = summarise(searched, run.out_dir, time.perf_counter() - started, head_of, ranked,
+                           extra={"grid_size": len(heads)})
+    return final.finish(final.FinalConfig.from_args(args), run, [trial for _, trial in ranked], summary, interrupted,
                         meta={"grid_seed": args.seed}, plot_studies=([study], study))
 
 

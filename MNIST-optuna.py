@@ -5,6 +5,7 @@
     python MNIST-optuna.py --seeds 0 1 2 --n-trials 50 --epochs 3 --train-subset all
     python MNIST-optuna.py --stage optim --backbone runs/X/best_params.json   # stage 2: its training
     python MNIST-optuna.py --evaluate runs/X/model.pt                          # test accuracy, size, MACs
+    python MNIST-optuna.py --skeleton searched --objectives accuracy mmac --pick-mmac 5   # a Pareto front
 
 Each seed gets its own study (<prefix>-seed<N>, TPE seeded with N; stage 2: <prefix>-optim-seed<N>).
 Trials are scored on a fixed, seeded validation split; networks over MAX_MMAC are never trained; the
@@ -30,6 +31,9 @@ N_STARTUP_TRIALS = 3          # random trials before TPE models the space
 PRUNER = "hyperband"          # hyperband | median | none (steps are epochs)
 STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
 STUDY_PREFIX = "mnist-cnn"    # studies are named <prefix>-seed<N>
+OBJECTIVES = ["accuracy"]     # accuracy [mmac] [latency]: more than one searches the Pareto front of validation
+                              # accuracy vs MACs (and measured CPU ms) per image; Optuna cannot prune such trials
+PICK_MMAC = None              # retrain the most accurate (front) network within this many MMAC; None: the most accurate
 # ---- data ----------------------------------------------------------------------
 DATA_DIR = None               # None: $MNIST_DATA_DIR, else ./data (holds MNIST/raw/)
 VAL_SIZE = 10_000             # validation images, a stratified seeded draw from the 60,000
@@ -45,8 +49,11 @@ L1 = 0.0                      # explicit L1 penalty on weights (torch has no bui
 LABEL_SMOOTHING = 0.1         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
 # ---- search space (model hyperparameters) -------------------------------------
-CONV_LAYERS = 5               # conv blocks: conv -> BN -> LeakyReLU, as in the original skeleton
-POOL_AFTER = [2, 4]           # 2x2 max-pool after these conv blocks (1-based)
+SKELETON = "fixed"            # fixed: CONV_LAYERS blocks pooled after POOL_AFTER | searched: depth and pools too
+CONV_LAYERS = 5               # fixed skeleton: conv blocks (conv -> BN -> LeakyReLU), as in the original
+POOL_AFTER = [2, 4]           # fixed skeleton: 2x2 max-pool after these conv blocks (1-based)
+CONV_DEPTH = (2, 6)           # searched skeleton: (low, high) number of conv blocks
+MAX_POOLS = 3                 # searched skeleton: at most this many pools, each block choosing (28 -> 14 -> 7 -> 3)
 CONV_FILTERS = (16, 64, 16)   # (low, high, step) of the filters of the blocks before the first pool
 FILTER_GROWTH = 2             # each pool multiplies that range: 16-64, then 32-128, then 64-256 filters
 KERNEL_SIZES = [3, 5]         # choices for every conv layer
@@ -85,18 +92,30 @@ QUICK = dict(SEEDS=[0, 1], N_TRIALS=2, N_STARTUP_TRIALS=2, EPOCHS=1, TRAIN_SUBSE
 
 
 def suggest_model(trial, args):
-    """The explicit skeleton; only the numbers inside it are searched."""
-    conv = []
-    for i in range(1, args.conv_layers + 1):
-        low, high, step = (value * args.filter_growth ** sum(p < i for p in args.pool_after)
-                           for value in args.conv_filters)
+    """The explicit skeleton (fixed: only the numbers inside it are searched), or with --skeleton searched
+    also its depth and where to pool: a block's parameters then exist only in networks that have the block,
+    and its filters are a base count times FILTER_GROWTH per pool before it, so each parameter name keeps
+    one range whatever the pools."""
+    searched = args.skeleton == "searched"
+    depth = trial.suggest_int("conv_blocks", *args.conv_depth) if searched else args.conv_layers
+    conv, pools = [], 0
+    for i in range(1, depth + 1):
+        if searched:
+            channels = trial.suggest_int(f"conv{i}_base_filters", *args.conv_filters[:2],
+                                         step=args.conv_filters[2]) * args.filter_growth ** pools
+            pool = pools < args.max_pools and trial.suggest_categorical(f"conv{i}_pool", [False, True])
+        else:
+            low, high, step = (value * args.filter_growth ** pools for value in args.conv_filters)
+            channels = trial.suggest_int(f"conv{i}_filters", low, high, step=step)
+            pool = i in args.pool_after
         conv.append({
-            "channels": trial.suggest_int(f"conv{i}_filters", low, high, step=step),
+            "channels": channels,
             "kernel": _choice(trial, f"conv{i}_kernel", args.kernel_sizes),
             "slope": trial.suggest_float(f"conv{i}_slope", *args.slope, log=True),
             "batch_norm": _choice(trial, "batch_norm", args.batch_norm),
-            "pool": i in args.pool_after,
+            "pool": pool,
         })
+        pools += pool
     low, high, step = args.fc_width
     return {"conv": conv, "fc": [trial.suggest_int("fc_width", low, high, step=step)],
             "dropout": trial.suggest_float("dropout", *args.dropout), "num_classes": 10}
@@ -188,25 +207,37 @@ def main(argv=None):
 
     started, searched, interrupted = time.perf_counter(), [], False
     describe_trial = training_of if network else network_of
+    several = len(args.objectives) > 1
+    if several and args.pruner != "none":
+        log.info(f"objectives {' '.join(args.objectives)}: Optuna cannot prune multi-objective trials, so every "
+                 f"trial trains its {max_steps} epochs (--pruner {args.pruner} has no effect)")
     for seed in args.seeds:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials)
+        # a searched skeleton's parameters come and go with its depth: multivariate TPE on the groups of
+        # parameters that occur together models each group where it exists, not absent blocks
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials,
+                                             multivariate=args.skeleton == "searched" and not network,
+                                             group=args.skeleton == "searched" and not network)
         name = f"{args.study_prefix}-optim-seed{seed}" if network else f"{args.study_prefix}-seed{seed}"
-        pruner = studies.make_pruner(args.pruner, max_steps)
+        pruner = studies.make_pruner("none" if several else args.pruner, max_steps)
         study = studies.study_for(run, name, sampler, pruner, args, network=network)
         searched.append(("seed", seed, study))
         if network and not args.retrain_only:
             enqueue_recipe(study, recipe, args)
-        objective = studies.run_objective(run, suggest, seed, max_mmac=None if network else args.max_mmac)
+        objective = studies.run_objective(run, suggest, seed, max_mmac=None if network else args.max_mmac,
+                                          objectives=args.objectives)
         n_trials = 0 if args.retrain_only else args.n_trials
         if studies.search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial):
             interrupted = True
             break
-    best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial)
+    ranked, front = studies.rank(searched, args.objectives, args.pick_mmac)
+    best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
+                              args.objectives, args.pick_mmac)
     best_study = next((study for _, seed, study in searched if best and seed == summary["best"]["seed"]), None)
-    return final.finish(final.FinalConfig.from_args(args), run, best, summary,
-                        [t for _, _, study in searched for t in study.trials], interrupted,
-                        meta={"study_seed": summary["best"] and summary["best"]["seed"], "stage": args.stage},
-                        plot_studies=([study for _, _, study in searched], best_study))
+    return final.finish(final.FinalConfig.from_args(args), run, [trial for _, trial in ranked], summary,
+                        interrupted, meta={"study_seed": summary["best"] and summary["best"]["seed"],
+                                           "stage": args.stage},
+                        plot_studies=([study for _, _, study in searched], best_study,
+                                      studies.merged_study(searched, args.objectives)[0] if several else None))
 
 
 # ---- command line: a flag per constant above, checks across them --------------------
@@ -219,7 +250,9 @@ def build_parser():
         "WEIGHT_DECAY": cli.nonneg_float, "L1": cli.nonneg_float, "LABEL_SMOOTHING": cli.fraction,
         "DROPOUT": cli.fraction, "OPTIM_LABEL_SMOOTHING": cli.fraction, "STAGE": cli.one_of("model", "optim"),
         "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int, "POOL_AFTER": (cli.positive_int, "*"),
-        "MAX_MMAC": cli.positive_float})
+        "MAX_MMAC": cli.positive_float, "OBJECTIVES": cli.one_of(*studies.DIRECTIONS),
+        "PICK_MMAC": cli.optional_positive_float, "MAX_POOLS": cli.nonneg_int,
+        "SKELETON": cli.one_of("fixed", "searched")})
     cli.add_run_flags(parser, QUICK)
     return parser
 
@@ -230,6 +263,12 @@ def validate(args):
     cli.check(all(1 <= p <= args.conv_layers for p in args.pool_after),
               f"--pool-after names conv blocks 1..{args.conv_layers}")
     cli.check(len(args.pool_after) <= 4, "--pool-after: at most 4 pools fit a 28x28 image")
+    cli.check(len(set(args.pool_after)) == len(args.pool_after), "--pool-after: each block once")
+    cli.check(args.max_pools <= 4, "--max-pools: at most 4 pools fit a 28x28 image")
+    cli.check(args.objectives[0] == "accuracy" and len(set(args.objectives)) == len(args.objectives),
+              "--objectives: accuracy first, then mmac and/or latency, each once (e.g. --objectives accuracy mmac)")
+    cli.check(len(args.objectives) == 1 or args.stage == "model",
+              "--objectives with mmac or latency compares networks; stage optim trains one fixed network")
     cli.check(len(set(args.seeds)) == len(args.seeds), "--seeds: each seed once")
     cli.check(args.stage == "model" or args.backbone, "--stage optim needs --backbone PATH (a best_params.json)")
     studies.train_config(args)  # unknown optimizer or schedule names fail here, before any work

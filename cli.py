@@ -39,6 +39,13 @@ def optional_positive_int(text):
     return positive_int(text)
 
 
+def optional_positive_float(text):
+    """'none' for no limit, else a number > 0."""
+    if text.lower() == "none":
+        return None
+    return positive_float(text)
+
+
 def boolean(text):
     if text.lower() in ("true", "1", "yes"):
         return True

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from optuna.trial import TrialState
 
 from cli import stop_code
 from data import (
@@ -23,6 +22,7 @@ from data import (
 from models import build_model, count_macs, count_parameters
 from reporting import (
     Stopwatch,
+    accuracy,
     best_params_payload,
     command_line,
     mean_std,
@@ -76,10 +76,11 @@ def load_test(data_dir, device, mean, std):
     return normalise(images, mean, std, device), labels.to(device)
 
 
-def finish(cfg, run, best, summary, trials, interrupted, meta, plot_studies):
-    """The common ending of both scripts; returns the exit code.
+def finish(cfg, run, ranking, summary, interrupted, meta, plot_studies):
+    """The common ending of both scripts; returns the exit code. `ranking`: the candidate trials, best first
+    (studies.rank: by validation accuracy; of a multi-objective run, the front within --pick-mmac).
 
-    Interrupted: say how to resume (130). No complete trial: nothing to retrain (1). Otherwise, unless
+    Interrupted: say how to resume (130). No candidate: nothing to retrain (1). Otherwise, unless
     --no-final: with --promote N, retrain the N best distinct trials like the final model and choose among
     them on validation; retrain the chosen network on train+validation, read the test set once, save
     model.pt and model.onnx (checked against PyTorch in ONNX Runtime); with --ensemble K, also retrain
@@ -87,7 +88,7 @@ def finish(cfg, run, best, summary, trials, interrupted, meta, plot_studies):
     averaged softmax. Then the plots.
     """
     data, out_dir = run.data, run.out_dir
-    history = None
+    history, best = None, ranking[0] if ranking else None
     if interrupted or best is None or cfg.skip:
         # with a final stage ahead, summary.json waits for it: stopping that stage leaves the previous
         # summary.json beside the previous model.pt instead of one without the model's test accuracy
@@ -97,12 +98,12 @@ def finish(cfg, run, best, summary, trials, interrupted, meta, plot_studies):
               f"--out-dir {out_dir} to resume")
         return stop_code()
     if best is None:
-        print("no trial completed, so there is nothing to retrain")
+        print("nothing to retrain: " + ("no candidate within --pick-mmac" if summary.get("pick_mmac") is not None
+                                        else "no trial completed"))
         return 1
     if not cfg.skip:
         label = " (with augmentation)" if cfg.augment else ""
         meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std}
-        ranking = [best] + [t for t in sorted(completed(trials), key=lambda t: -t.value) if t is not best]
         if cfg.promote > 1:
             promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, out_dir)
             summary["promotion"] = promoted["record"]
@@ -116,7 +117,7 @@ def finish(cfg, run, best, summary, trials, interrupted, meta, plot_studies):
 
         def retrain(trial, checkpoint, repeat=0):
             recipe = final_config(trial, cfg)
-            info = {**meta, "val_accuracy": trial.value, "trial": trial.number, "repeat": repeat,
+            info = {**meta, "val_accuracy": accuracy(trial), "trial": trial.number, "repeat": repeat,
                     "study": trial.user_attrs.get("study")}
             with progress(cfg.epochs, "final epochs", "epoch") as bar:
                 return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
@@ -179,10 +180,6 @@ def _config_key(trial):
     return json.dumps([trial.user_attrs.get("model"), trial.user_attrs.get("train")], sort_keys=True)
 
 
-def completed(trials):
-    return [t for t in trials if t.state == TrialState.COMPLETE]
-
-
 def top_distinct(ranking, k):
     """The first k trials of `ranking` whose (network, training) differ from all before them."""
     members, seen = [], set()
@@ -234,10 +231,10 @@ def promote(candidates, data, cfg, out_dir):
             del model
             release_memory()
         result = done[key]
-        rows.append({"trial": trial, "search_rank": search_rank, "search_val": trial.value,
+        rows.append({"trial": trial, "search_rank": search_rank, "search_val": accuracy(trial),
                      "promoted_val": result["val_accuracy"], "seconds": result["seconds"]})
         log.info(f"promotion {search_rank}/{len(candidates)}: {trial.user_attrs.get('study', '')} trial "
-                 f"{trial.number}  search val {100 * trial.value:.2f} %  promoted val "
+                 f"{trial.number}  search val {100 * accuracy(trial):.2f} %  promoted val "
                  f"{100 * result['val_accuracy']:.2f} %  {result['seconds']:.0f} s")
     rows.sort(key=lambda row: (-row["promoted_val"], row["search_rank"]))
     correlation = spearman([row["search_val"] for row in rows], [row["promoted_val"] for row in rows])
@@ -291,9 +288,9 @@ def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label)
         logits = predict_logits(model, test_x)
         accuracy = (logits.argmax(1) == test_y).float().mean().item()
         probabilities = probabilities + torch.softmax(logits, 1)
-        results.append({"trial": trial.number, "seed": trial.user_attrs["seed"], "val_accuracy": trial.value,
+        results.append({"trial": trial.number, "seed": trial.user_attrs["seed"], "val_accuracy": accuracy(trial),
                         "test_accuracy": accuracy})
-        print(f"ensemble member {index}: trial {trial.number}  val {100 * trial.value:.2f} %  "
+        print(f"ensemble member {index}: trial {trial.number}  val {100 * accuracy(trial):.2f} %  "
               f"test accuracy: {100 * accuracy:.2f} %{label}")
     accuracy = (probabilities.argmax(1) == test_y).float().mean().item()
     print(f"ensemble of {len(members)} (averaged softmax): test accuracy: {100 * accuracy:.2f} %{label}")

@@ -1,4 +1,4 @@
-"""Explicit CNN skeletons built from a plain, JSON-serialisable config, and their size helpers.
+"""Explicit CNN skeletons built from a plain, JSON-serialisable config, and their cost helpers (size, MACs, latency).
 
 A config is a dict:
     {"conv": [{"channels": 32, "kernel": 3, "slope": 0.01, "batch_norm": true, "pool": false}, ...],
@@ -8,6 +8,8 @@ Dropout sits only in the fully connected head, where no BatchNorm follows it: a 
 into a BatchNorm shifts the variance the BatchNorm learned between training and inference.
 """
 import copy
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -152,9 +154,24 @@ def mmac(config):
 
 
 def describe(config):
-    """A short human name of a network, e.g. 'conv 32-64 k3-3 + FC 128'."""
+    """A short human name of a network, e.g. 'conv 32-64p k3-3 + FC 128' (p: a 2x2 max-pool follows)."""
     conv = config["conv"]
-    channels = "-".join(str(b["channels"]) for b in conv)
+    channels = "-".join(f"{b['channels']}{'p' if b.get('pool') else ''}" for b in conv)
     kernels = "-".join(str(b["kernel"]) for b in conv)
     head = "-".join(str(w) for w in config["fc"]) or "none"
     return f"conv {channels} k{kernels} + FC {head}"
+
+
+def cpu_latency_ms(model, batch=64, repeats=5):
+    """Median CPU inference time per image in milliseconds (a copy of the model in eval mode, batches of
+    `batch`, after a warm-up). Measured, so it moves with whatever else the machine runs at the time."""
+    model = copy.deepcopy(model).to("cpu").eval()
+    images = torch.zeros(batch, *INPUT_SHAPE).to(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        model(images)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times) / batch

@@ -19,6 +19,7 @@ SEARCH_PLOTS = {
     "intermediate_values": optuna_plots.plot_intermediate_values,
     "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
 }
+AXIS_NAMES = {"accuracy": "validation accuracy", "mmac": "MMAC per image", "latency": "CPU ms per image"}
 
 
 def _save(axes, path):
@@ -29,11 +30,12 @@ def _save(axes, path):
     plt.close(figure)
 
 
-def write_plots(out_dir, studies, best_study, final_history=None):
+def write_plots(out_dir, studies, best_study, front_study=None, final_history=None):
     """Write what can be drawn into <out_dir>/plots/; return the paths written.
 
     A plot that the trials cannot support (for example importances with one complete trial) is
-    skipped with a log line rather than stopping the run.
+    skipped with a log line rather than stopping the run. `front_study`: a multi-objective run's trials in
+    one study (studies.merged_study), drawn as pareto_front.png; the other plots then show accuracy.
     """
     folder = Path(out_dir) / "plots"
     folder.mkdir(exist_ok=True)
@@ -41,13 +43,29 @@ def write_plots(out_dir, studies, best_study, final_history=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)  # matplotlib on flat axes of a tiny study
+        several = len(best_study.directions) > 1
         for name, plot in SEARCH_PLOTS.items():
+            if several and name == "intermediate_values":
+                continue  # Optuna cannot prune multi-objective trials, so they report no intermediate values
             target = studies if name == "optimization_history" and len(studies) > 1 else best_study
+            # a multi-objective study has no single value: draw its first objective, validation accuracy
+            accuracy = dict(target=lambda t: t.values[0], target_name="validation accuracy") if several else {}
             try:
-                _save(plot(target), folder / f"{name}.png")
+                _save(plot(target, **accuracy), folder / f"{name}.png")
                 written.append(folder / f"{name}.png")
             except (ValueError, RuntimeError, ZeroDivisionError) as error:
                 log.info(f"plot {name} skipped: {error}")
+    if front_study is not None and len(front_study.directions) > 1:
+        path = folder / "pareto_front.png"
+        try:
+            names = [AXIS_NAMES.get(name, name) for name in front_study.metric_names]
+            axes = optuna_plots.plot_pareto_front(front_study, target_names=names)
+            if len(names) == 2 and front_study.metric_names[1] == "mmac":
+                axes.set_yscale("log")  # a front spans from a tenth of a MMAC to tens of them
+            _save(axes, path)
+            written.append(path)
+        except (ValueError, RuntimeError) as error:
+            log.info(f"plot pareto_front skipped: {error}")
     if final_history:
         path = folder / "final_training.png"
         _training_curves(final_history, path)

@@ -91,14 +91,23 @@ def training_of(trial):
             f"bs {t['batch_size']} ls {t['label_smoothing']:.2f} {t['epochs']} ep")
 
 
+def accuracy(trial):
+    """A trial's validation accuracy: its value, or its first value in a multi-objective study; None if it has none."""
+    return trial.values[0] if trial.values else None
+
+
+def latency_of(trial):
+    return f" {trial.user_attrs['latency_ms']:.3f} ms/img" if trial.user_attrs.get("latency_ms") is not None else ""
+
+
 def trial_line(trial, label="", describe_trial=network_of):
     seconds = trial.duration.total_seconds() if trial.duration else float("nan")
-    value = f"val {100 * trial.value:6.2f} %" if trial.value is not None else " " * 12
+    value = f"val {100 * accuracy(trial):6.2f} %" if accuracy(trial) is not None else " " * 12
     last = max(trial.intermediate_values) if trial.intermediate_values else None
     where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
     reason = f"  [{trial.user_attrs['reason']}]" if trial.user_attrs.get("reason") else ""
     return (f"{label}trial {trial.number:3d}  {trial.state.name:8s}{where:10s} {value}  {describe_trial(trial)}"
-            f"  {seconds:6.1f} s{reason}")
+            f"{latency_of(trial)}  {seconds:6.1f} s{reason}")
 
 
 def print_trial_lines(label="", describe_trial=network_of):
@@ -121,8 +130,9 @@ def state_counts(trials):
 
 
 def best_or_none(study):
+    """The study's most accurate complete trial (of equals, the cheaper network, then the earlier trial)."""
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    return max(completed, key=lambda t: t.value) if completed else None
+    return min(completed, key=lambda t: (-accuracy(t), t.user_attrs.get("mmac", float("inf")))) if completed else None
 
 
 def params_lines(params, indent="    "):
@@ -178,7 +188,7 @@ def write_trials_csv(path, studies):
 
 def best_params_payload(trial, **extra):
     """Everything needed to rebuild and retrain the best network, with nothing else."""
-    return {"value": trial.value, "trial": trial.number, "params": trial.params,
+    return {"value": accuracy(trial), "trial": trial.number, "params": trial.params,
             "model": trial.user_attrs["model"], "train": trial.user_attrs["train"],
             "seed": trial.user_attrs.get("seed"), **extra}
 
@@ -241,37 +251,67 @@ def source_version():
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def summarise(studies, out_dir, wall, describe_trial, extra=None):
-    """Print the summary block of the (label, value, study) searches and write trials.csv and best_params.json;
-    return (the best trial overall, the summary dict)."""
+def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, objectives=("accuracy",), pick_mmac=None,
+              extra=None):
+    """Print the summary block of the (label, key, study) searches and write trials.csv and best_params.json;
+    return (the chosen trial, the summary dict). `ranked`: (key, trial) pairs best first (studies.rank), whose
+    first is the chosen network; `front`: the Pareto front of a multi-objective run, listed in full."""
     print("\n==== summary ====")
-    per_study, all_trials, best, best_key = {}, [], None, None
+    per_study, all_trials = {}, []
     for label, key, study in studies:
         trial = best_or_none(study)
         all_trials += study.trials
         if trial is None:
             print(f"{label} {key}: no complete trial")
             continue
-        per_study[key] = {"value": trial.value, "trial": trial.number, "params": trial.params}
-        print(f"{label} {key}: best val {100 * trial.value:.2f} %  trial {trial.number}  {describe_trial(trial)}")
-        if best is None or trial.value > best.value:
-            best, best_key = trial, key
+        per_study[key] = {"value": accuracy(trial), "trial": trial.number, "params": trial.params}
+        print(f"{label} {key}: best val {100 * accuracy(trial):.2f} %  trial {trial.number}  {describe_trial(trial)}")
     counts = state_counts(all_trials)
     mean, std = mean_std([v["value"] for v in per_study.values()])
     skipped = f", {counts['not_trained']} not trained (over budget or repeats)" if counts["not_trained"] else ""
     print(f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed{skipped}")
     if len(per_study) > 1:
         print(f"per-{label} best: {100 * mean:.2f} ± {100 * std:.2f} % over {len(per_study)} {label}s")
+    if front is not None:
+        print_front(front, objectives, label, describe_trial)
+    best_key, best = ranked[0] if ranked else (None, None)
+    within = "" if pick_mmac is None else f" within {pick_mmac:g} MMAC"
     if best is not None:
-        print(f"best trial: val {100 * best.value:.2f} %  {label} {best_key}  trial {best.number}  "
+        what = f"chosen: the most accurate front network{within}" if front is not None else f"best trial{within}"
+        print(f"{what}: val {100 * accuracy(best):.2f} %  {label} {best_key}  trial {best.number}  "
               f"{describe_trial(best)}")
         print("\n".join(params_lines(best.params)))
+    elif per_study and pick_mmac is not None:
+        print(f"no {'front network' if front is not None else 'complete trial'} within --pick-mmac {pick_mmac:g}; "
+              "rerun with --retrain-only and a larger --pick-mmac")
     print(f"search wall time: {wall:.1f} s")
     summary = {"seeds": per_study, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
-               "best": None if best is None else {"seed": best_key, "trial": best.number, "value": best.value,
+               "best": None if best is None else {"seed": best_key, "trial": best.number, "value": accuracy(best),
                                                  "params": best.params},
+               "objectives": list(objectives), "pick_mmac": pick_mmac,
                "search_seconds": wall, "command": command_line(), "out_dir": str(out_dir), **(extra or {})}
+    if front is not None:
+        summary["front"] = [{label: key, "trial": t.number, "values": dict(zip(objectives, t.values)),
+                             "params": t.params, "network": describe_trial(t)} for key, t in front]
     write_trials_csv(out_dir / "trials.csv", studies)
     if best is not None:
         write_json(out_dir / "best_params.json", best_params_payload(best, study_seed=best_key))
     return best, summary
+
+
+def print_front(front, objectives, label, describe_trial):
+    """The Pareto-optimal trials, cheapest first: each objective's value, the network, the parameters."""
+    print(f"\n==== Pareto front: {' vs '.join(objectives)} ({len(front)} networks) ====")
+    latency = "latency" in objectives
+    print(f"   val acc      MMAC{'   ms/img' if latency else ''}  {label:>5s}  trial  network")
+    for key, trial in front:
+        values = dict(zip(objectives, trial.values))
+        ms = f"  {values['latency']:7.3f}" if latency else ""
+        print(f"  {100 * values['accuracy']:6.2f} %  {trial.user_attrs.get('mmac', float('nan')):8.2f}{ms}"
+              f"  {str(key):>5s}  {trial.number:5d}  {describe_trial(trial)}")
+        print("         " + " ".join(f"{name}={_short(value)}" for name, value in trial.params.items()))
+    print()
+
+
+def _short(value):
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -121,26 +121,42 @@ def make_storage(spec, out_dir, must_exist=False):
             raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
 
 
-def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False):
+def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False,
+               objectives=("accuracy",)):
     """Create the study or join/resume the existing one of that name.
 
     `search` holds the settings that define the study's trials (space, data, recipe, backbone, grid). A
     study keeps the first run's as a user attribute; a later run (another worker, a rerun in the same
     folder) whose settings differ is refused, so it never silently continues a different search, unless
-    the user consents with --resume-anyway. `must_exist`: --retrain-only, which adds no trial.
+    the user consents with --resume-anyway. `must_exist`: --retrain-only, which adds no trial. `objectives`
+    (studies.DIRECTIONS' names, accuracy first) are fixed for a study's life: not even --resume-anyway changes them.
     """
+    directions = [optuna.study.StudyDirection.MAXIMIZE if name_ == "accuracy" else
+                  optuna.study.StudyDirection.MINIMIZE for name_ in objectives]
     if must_exist:
         try:
-            return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         except KeyError:
             raise UserError(f"--retrain-only: no study named {name} in this storage; pass the --storage (and "
                             "--out-dir) of the search to retrain from") from None
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
-    if search is None:
+    else:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                    directions=directions, load_if_exists=True)
+    if study.directions != directions:
+        had = study.metric_names or (["accuracy"] if len(study.directions) == 1 else
+                                     [direction.name.lower() for direction in study.directions])
+        raise UserError(f"study {name} optimises {' '.join(had)}, this run asks for --objectives "
+                        f"{' '.join(objectives)}; pass the study's own --objectives, or a new --out-dir (or "
+                        "--study-prefix) for a new search")
+    if len(objectives) > 1 and study.metric_names != list(objectives):
+        study.set_metric_names(list(objectives))  # trials.csv then has a values_<name> column per objective
+    if search is None or must_exist:
         return study
     search = json.loads(json.dumps(search, default=json_default))
     before = study.user_attrs.get("search")
+    if before is not None:  # a setting added after the study began had, then, the value below
+        added = json.loads(json.dumps(ADDED_SETTINGS))
+        before = {**{key: value for key, value in added.items() if key in search}, **before}
     if before is not None and before != search and not resume_anyway:
         differ = [key for key in sorted(set(before) | set(search)) if before.get(key) != search.get(key)]
         key = differ[0]
@@ -163,7 +179,9 @@ def _flag_text(value):
 # settings that say how and where to run, or what to do after the search: a rerun may change them
 NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "deterministic", "compile", "quick", "no_final",
               "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
-              "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone"}
+              "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac"}
+# settings added after studies existed, with the behaviour a study that does not record them was searched with
+ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3}
 
 
 def search_settings(args, **resolved):

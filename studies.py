@@ -18,12 +18,13 @@ from optuna.trial import TrialState
 from cli import interrupted_by_user
 from data import load_search_data, resolve_data_dir
 from errors import UserError
-from models import build_model
+from models import build_model, cpu_latency_ms
 from models import mmac as network_mmac
 from reporting import (
     NOT_TRAINED,
     OVER_BUDGET,
     TWIN,
+    accuracy,
     print_trial_lines,
     progress,
     start_run,
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 PRUNERS = ("hyperband", "median", "none")
 INTERRUPTED = "interrupted"
+# what a study can optimise, and which way; validation accuracy always comes first (trial.values[0])
+DIRECTIONS = {"accuracy": "maximize", "mmac": "minimize", "latency": "minimize"}
 
 
 def make_pruner(name, epochs, n_startup_trials=2, n_warmup_steps=0, interval_steps=1):
@@ -200,14 +203,19 @@ def twin_of(trial):
     return None
 
 
-def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoch=1, max_mmac=None):
-    """Train the trial's network, report validation accuracy, prune; return the last validation accuracy.
+def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoch=1, max_mmac=None,
+              objectives=("accuracy",)):
+    """Train the trial's network, report validation accuracy, prune; return the last validation accuracy, or
+    with several `objectives` the values of each (accuracy, MMAC, CPU latency in ms per image) in their order.
 
     Not trained: a network over `max_mmac` million MACs per image (pruned), and a configuration an earlier
     trial of the study trained or is training (the resumed TPE start-up draws, concurrent workers): it takes
-    that trial's value when there is one and is pruned otherwise. A diverged loss prunes the trial and an
-    out-of-memory fails it. Each keeps its reason in the trial's user attributes; the study goes on.
+    that trial's value when there is one and is pruned otherwise (always pruned in a multi-objective study,
+    so the front never lists one network twice). A diverged loss prunes the trial and an out-of-memory fails
+    it. Each keeps its reason in the trial's user attributes; the study goes on. Optuna cannot prune a
+    multi-objective trial, so such a trial trains all its epochs and reports nothing on the way.
     """
+    several = len(objectives) > 1
     seed = trial_seed(study_seed, trial.params)
     trial.set_user_attr("model", model_config)
     trial.set_user_attr("train", train_cfg.to_dict())
@@ -224,8 +232,8 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     twin = twin_of(trial)
     if twin is not None:
         trial.set_user_attr("reason", f"{TWIN} {twin.number}; not trained again")
-        if twin.state == TrialState.COMPLETE:
-            return twin.value
+        if twin.state == TrialState.COMPLETE and not several:
+            return accuracy(twin)
         raise optuna.TrialPruned(f"the configuration of trial {twin.number}, which was pruned or is training")
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
@@ -233,6 +241,8 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     last_step = train_cfg.epochs * reports_per_epoch
 
     def on_report(step, val_accuracy):
+        if several:
+            return
         trial.report(val_accuracy, step)
         # pruning after the last report would only throw away a finished result
         if step < last_step and trial.should_prune():
@@ -241,6 +251,8 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     try:
         history = train(model, data.train_x, data.train_y, train_cfg, seed, val=(data.val_x, data.val_y),
                         on_report=on_report, reports_per_epoch=reports_per_epoch, background=data.background)
+        if "latency" in objectives:
+            trial.set_user_attr("latency_ms", cpu_latency_ms(model))
     except Divergence as error:
         trial.set_user_attr("reason", f"diverged: {error}")
         raise optuna.TrialPruned(str(error)) from None
@@ -255,7 +267,9 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
         release_memory()
         if torch.cuda.is_available():  # what a trial leaves behind; flat over many trials means no leak
             trial.set_user_attr("cuda_memory_mb", torch.cuda.memory_allocated() / 2**20)
-    return history[-1]["val_accuracy"]
+    measured = {"accuracy": history[-1]["val_accuracy"], "mmac": mmac,
+                "latency": trial.user_attrs.get("latency_ms")}
+    return tuple(measured[name] for name in objectives) if several else measured["accuracy"]
 
 
 def release_memory():
@@ -300,17 +314,56 @@ def study_for(run, name, sampler, pruner, args, **resolved):
     """The study `name` in the run's storage. It must have been searched with this run's settings (what
     --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one."""
     return open_study(name, run.storage, sampler, pruner, search_settings(args, **resolved), args.resume_anyway,
-                      must_exist=args.retrain_only)
+                      must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)))
 
 
-def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None):
+def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None, objectives=("accuracy",)):
     """The objective of a search: claim the trial (so a worker killed at any later point leaves a trial that
     requeue_lost_trials recognises), let `suggest(trial)` give (model config, TrainConfig), train it."""
     def objective(trial):
         claim(trial, run.run_id)
         model_config, train_cfg = suggest(trial)
-        return run_trial(trial, model_config, train_cfg, run.data, study_seed, reports_per_epoch, max_mmac)
+        return run_trial(trial, model_config, train_cfg, run.data, study_seed, reports_per_epoch, max_mmac,
+                         objectives)
     return objective
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def merged_study(searched, objectives):
+    """The finished trials of a run's studies ((label, key, study) each) in one in-memory study with the same
+    objectives, and those trials as a list: the merged study's trial k is list item k. Its best_trials is
+    the run's Pareto front across seeds (for one study, that study's own best_trials), and Optuna's plots
+    draw it."""
+    trials = [t for _, _, study in searched for t in study.get_trials(deepcopy=False, states=FINISHED)]
+    merged = optuna.create_study(directions=[DIRECTIONS[name] for name in objectives])
+    if len(objectives) > 1:
+        merged.set_metric_names(list(objectives))
+    merged.add_trials(trials)
+    return merged, trials
+
+
+def rank(searched, objectives, pick_mmac=None):
+    """(the candidates for the final model, best first, as (key, trial); the Pareto front as (key, trial)
+    sorted by MMAC, or None for one objective). One objective: every complete trial by validation accuracy.
+    Several: the front's networks by validation accuracy. Either way only networks within `pick_mmac` MMAC
+    when it is given; ties go to the cheaper network. Chosen on validation alone."""
+    merged, trials = merged_study(searched, objectives)
+    key_of = {study.study_name: key for _, key, study in searched}
+    keyed = [(key_of.get(t.user_attrs.get("study")), t) for t in trials]
+    complete = [pair for pair in keyed if pair[1].state == TrialState.COMPLETE]
+    front = None
+    if len(objectives) > 1:
+        front = sorted((keyed[t.number] for t in merged.best_trials), key=lambda pair: mmac_of(pair[1]))
+        complete = front
+    within = [pair for pair in complete if pick_mmac is None or mmac_of(pair[1]) <= pick_mmac]
+    # stable: among equals the earlier study and trial stays first, as the single-objective summary always did
+    return sorted(within, key=lambda pair: (-accuracy(pair[1]), mmac_of(pair[1]))), front
+
+
+def mmac_of(trial):
+    return trial.user_attrs.get("mmac", float("inf"))
 
 
 class SmallestChoice:
@@ -323,7 +376,8 @@ class SmallestChoice:
         return low
 
     def suggest_categorical(self, name, choices):
-        return min(choices)
+        # yes/no answers yes: pooling is what makes a network cheaper, and batch norm adds no MACs
+        return True if set(choices) == {False, True} else min(choices)
 
 
 def check_budget(suggest_model, max_mmac):
