@@ -14,13 +14,15 @@ from conftest import (
     run_script,
 )
 
-COLUMNS = ["seed", "number", "state", "value"]
+COLUMNS = ["seed", "number", "state"]
 
 
 def trials(out_dir):
+    """trials.csv's seed, number, state, objective value(s) and parameters."""
     frame = pd.read_csv(out_dir / "trials.csv")
+    values = sorted(c for c in frame.columns if c == "value" or c.startswith("values_"))
     params = sorted(c for c in frame.columns if c.startswith("params_"))
-    return frame[COLUMNS + params]
+    return frame[COLUMNS + values + params]
 
 
 def test_quick_run_end_to_end(tmp_path):
@@ -46,7 +48,9 @@ def test_same_seeds_same_trials_other_seed_other_trials(tmp_path):
     assert not runs["a"][params].equals(runs["c"][params])
 
 
-def test_search_never_reads_the_test_set(data_dir, tmp_path):
+@pytest.mark.parametrize("search", [[], ["--skeleton", "searched", "--conv-depth", "1", "3", "--objectives", "accuracy",
+                                         "mmac", "--n-trials", "4"]], ids=["accuracy", "front"])
+def test_search_never_reads_the_test_set(data_dir, tmp_path, search):
     # same training files, test labels shuffled: every trial value must stay the same
     shuffled = tmp_path / "shuffled"
     (shuffled / "MNIST" / "raw").mkdir(parents=True)
@@ -60,7 +64,7 @@ def test_search_never_reads_the_test_set(data_dir, tmp_path):
     labels_path.chmod(0o644)
     labels_path.write_bytes(bytes(content))
 
-    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--seeds", "0", "--promote", "2", "--no-plots"]
+    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--seeds", "0", "--promote", "2", "--no-plots", *search]
     real = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "real")
     fake = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "fake", data_dir=shuffled)
     assert real.returncode == 0 and fake.returncode == 0, real.stderr + fake.stderr
@@ -71,6 +75,7 @@ def test_search_never_reads_the_test_set(data_dir, tmp_path):
     def promoted(summary):
         return [{k: row[k] for k in ("trial", "search_val", "promoted_val")} for row in summary["promotion"]["rows"]]
     assert promoted(summary_real) == promoted(summary_fake)
+    assert summary_real.get("front") == summary_fake.get("front") and summary_real["best"] == summary_fake["best"]
     assert summary_fake["test_accuracy"] < 0.3 < summary_real["test_accuracy"]  # read once, after the choice
 
 

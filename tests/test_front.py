@@ -1,0 +1,141 @@
+"""The searched skeleton (depth and pooling) and the multi-objective search: the accuracy-vs-MMAC front."""
+import json
+import re
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import TINY, assert_one_line_error, load_script, run_script
+
+import studies
+from storages import JOURNAL_NAME
+
+pytestmark = pytest.mark.timeout(600)
+
+# a searched skeleton small enough for seconds per trial: 1-4 blocks, at most 2 pools, 2-8 base filters
+SEARCHED = ["--skeleton", "searched", "--conv-depth", "1", "4", "--max-pools", "2", "--conv-filters", "2", "8", "2",
+            "--kernel-sizes", "3", "--fc-width", "16", "32", "16"]
+FRONT = [*TINY, *SEARCHED, "--objectives", "accuracy", "mmac", "--seeds", "0", "--n-trials", "6",
+         "--n-startup-trials", "6", "--promote", "0"]
+
+
+def test_a_block_the_network_lacks_has_no_parameters():
+    script = load_script("MNIST-optuna.py")
+    args = script.build_parser().parse_args(["--skeleton", "searched", "--conv-depth", "2", "5", "--max-pools", "2"])
+    study = optuna.create_study()
+    for depth in (2, 5, 3):
+        # pools after blocks 1 and 2 spend the two allowed: no later block may pool, or even ask
+        study.enqueue_trial({"conv_blocks": depth, "conv1_pool": True, "conv2_pool": True})
+        trial = study.ask()
+        model = script.suggest_model(trial, args)
+        assert len(model["conv"]) == depth
+        blocks = {int(m.group(1)) for m in (re.match(r"conv(\d+)_", name) for name in trial.params) if m}
+        assert blocks == set(range(1, depth + 1)), trial.params
+        assert [b["pool"] for b in model["conv"]] == [True, True] + [False] * (depth - 2)
+        assert not any(f"conv{i}_pool" in trial.params for i in range(3, depth + 1))
+        # each pool before a block doubles (FILTER_GROWTH) its base filter count
+        for i, block in enumerate(model["conv"], start=1):
+            assert block["channels"] == trial.params[f"conv{i}_base_filters"] * 2 ** min(i - 1, 2)
+        study.tell(trial, 0.5)
+
+
+def study_of(points, objectives):
+    """An in-memory study with one complete trial per (accuracy, mmac) point."""
+    study = optuna.create_study(study_name="s", directions=["maximize", "minimize"][:len(objectives)])
+    for accuracy, mmac in points:
+        study.add_trial(optuna.trial.create_trial(values=[accuracy, mmac][:len(objectives)], params={},
+                                                  distributions={}, user_attrs={"mmac": mmac, "study": "s"}))
+    return study
+
+
+def test_pick_mmac_takes_the_most_accurate_front_network_within_the_budget():
+    points = [(0.90, 1.0), (0.95, 4.0), (0.93, 6.0), (0.96, 4.5), (0.97, 10.0), (0.97, 12.0)]
+    study = study_of(points, ["accuracy", "mmac"])
+    searched = [("seed", 0, study)]
+
+    def chosen(pick):
+        ranked, _ = studies.rank(searched, ["accuracy", "mmac"], pick)
+        return ranked[0][1].number if ranked else None
+
+    _, front = studies.rank(searched, ["accuracy", "mmac"])
+    assert {t.number for _, t in front} == {t.number for t in study.best_trials} == {0, 1, 3, 4}
+    assert [t.number for _, t in front] == [0, 1, 3, 4]  # cheapest first
+    assert chosen(None) == 4
+    assert chosen(5) == 3 and chosen(4.4) == 1 and chosen(1) == 0
+    assert chosen(0.5) is None
+    # one objective: every complete trial within the budget competes, not only a front
+    single = [("seed", 0, study_of(points, ["accuracy"]))]
+    ranked, none = studies.rank(single, ["accuracy"], 7)
+    assert none is None and [t.number for _, t in ranked] == [3, 1, 2, 0]
+
+
+def printed_front(output):
+    """(trial numbers, MMACs) of the front block a run printed."""
+    block = output.split("==== Pareto front")[1].split("\n\n")[0]
+    rows = re.findall(r"^\s+[\d.]+ %\s+([\d.]+)\s+\S+\s+(\d+)\s+conv", block, flags=re.M)
+    return [int(number) for _, number in rows], [float(mmac) for mmac, _ in rows]
+
+
+def test_the_front_is_optunas_and_pick_mmac_retrains_within_budget(tmp_path):
+    out = tmp_path / "front"
+    result = run_script("MNIST-optuna.py", *FRONT, "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="mnist-cnn-seed0", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / JOURNAL_NAME))))
+    numbers, mmacs = printed_front(result.stdout)
+    assert sorted(numbers) == sorted(t.number for t in study.best_trials) and len(numbers) >= 2
+    assert mmacs == sorted(mmacs)
+    table = pd.read_csv(out / "trials.csv")
+    assert {"values_accuracy", "values_mmac"} <= set(table.columns)
+    assert (out / "plots" / "pareto_front.png").stat().st_size > 0 and "test accuracy:" in result.stdout
+    most_accurate = max(study.best_trials, key=lambda t: (t.values[0], -t.values[1]))
+    assert json.loads((out / "best_params.json").read_text())["trial"] == most_accurate.number
+
+    # the budget of the second-cheapest front network: it is the most accurate one within it
+    front = sorted(study.best_trials, key=lambda t: t.values[1])
+    budget = front[1].user_attrs["mmac"]
+    again = run_script("MNIST-optuna.py", *FRONT, "--retrain-only", "--pick-mmac", budget, "--out-dir", out)
+    assert again.returncode == 0, again.stderr
+    assert f"within {budget:g} MMAC" in again.stdout and "test accuracy:" in again.stdout
+    assert json.loads((out / "best_params.json").read_text())["trial"] == front[1].number
+    assert json.loads((out / "summary.json").read_text())["pick_mmac"] == budget
+
+    below = run_script("MNIST-optuna.py", *FRONT, "--retrain-only", "--pick-mmac", front[0].values[1] / 2,
+                       "--out-dir", out, "--no-plots")
+    assert below.returncode == 1 and "larger --pick-mmac" in below.stdout
+
+
+def test_a_study_keeps_its_objectives(tmp_path):
+    out = tmp_path / "single"
+    base = [*TINY, *SEARCHED, "--seeds", "0", "--n-trials", "1", "--no-final", "--out-dir", out]
+    assert run_script("MNIST-optuna.py", *base).returncode == 0
+    # a study begun before a setting existed is read as searched with that setting's old behaviour
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / JOURNAL_NAME)))
+    study = optuna.load_study(study_name="mnist-cnn-seed0", storage=storage)
+    settings = study.user_attrs["search"]
+    study.set_user_attr("search", {k: v for k, v in settings.items() if k != "objectives"})
+    again = run_script("MNIST-optuna.py", *base[:-3], "--n-trials", "2", "--no-final", "--out-dir", out)
+    assert again.returncode == 0, again.stderr
+    # ... and that old behaviour is 3 pools at most: this search's 2 differ, so it is refused
+    study.set_user_attr("search", {k: v for k, v in settings.items() if k != "max_pools"})
+    assert "--max-pools" in assert_one_line_error(run_script("MNIST-optuna.py", *base))
+    # other objectives are another study: refused, even with --resume-anyway, and nothing is added
+    before = len(optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).trials)
+    for extra in ([], ["--resume-anyway"]):
+        refused = run_script("MNIST-optuna.py", *base, "--objectives", "accuracy", "mmac", *extra)
+        assert "--objectives" in assert_one_line_error(refused)
+    assert len(optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).trials) == before >= 2
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--objectives", "mmac", "accuracy"], "--objectives"),
+    (["--objectives", "accuracy", "accuracy"], "--objectives"),
+    (["--objectives", "accuracy", "speed"], "--objectives"),
+    (["--pick-mmac", "0"], "--pick-mmac"),
+    (["--max-pools", "5"], "--max-pools"),
+    (["--skeleton", "deep"], "--skeleton"),
+    (["--conv-depth", "4", "2"], "--conv-depth"),
+])
+def test_bad_front_flags_get_one_line(tmp_path, flags, says):
+    result = run_script("MNIST-optuna.py", "--quick", *flags, "--out-dir", tmp_path / "out")
+    assert says in assert_one_line_error(result)
