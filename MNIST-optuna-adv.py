@@ -67,6 +67,8 @@ FINAL_EPOCHS = 6              # retrain of the best network on train+validation
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct networks and average their softmax
+MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): trials, final model as runs
+ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
 DEVICE = "auto"               # auto (CUDA when available) | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
@@ -89,7 +91,7 @@ def backbone_of(args):
     """The conv blocks of --backbone (a best_params.json or model.pt), else CONV_BLOCKS."""
     if args.backbone is None:
         return normalise_config({"conv": args.conv_blocks, "fc": []})["conv"]
-    return read_backbone(args.backbone)[0]["conv"]
+    return read_backbone(args.backbone, args.artifacts)[0]["conv"]
 
 
 def suggest_head(trial, args, backbone, heads):
@@ -127,7 +129,7 @@ def main(argv=None):
     heads = head_grid(args.fc_depths, args.fc_widths)
     backbone = backbone_of(args)
     train_cfg = studies.train_config(args)  # unknown optimizer or schedule names fail here, before any work
-    run = studies.open_run(args, args.seed, record={"backbone_conv": backbone})
+    run = studies.open_run(args, args.seed, record={"backbone_conv": backbone}, experiment=args.study_name)
     if run.device.type == "cpu" and args.device == "auto":
         print("no CUDA GPU found: the search and the retrain of the best network run on the CPU")
 
@@ -158,7 +160,8 @@ def main(argv=None):
 
     objective = studies.run_objective(run, suggest, args.seed, reports_per_epoch=args.reports_per_epoch)
     n_trials = 0 if args.retrain_only else len(heads) if args.n_trials is None else args.n_trials
-    interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_of, feed=feed, bar="grid")
+    interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_of, feed=feed, bar="grid",
+                                 callbacks=run.tracker and [run.tracker.trial_callback()])
     searched = [("seed", args.seed, study)]
     ranked, _ = studies.rank(searched, ("accuracy",))
     _, summary = summarise(searched, run.out_dir, time.perf_counter() - started, head_of, ranked,

@@ -80,6 +80,8 @@ FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified 
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct configs and average their softmax
 AUGMENT = False               # small random affine per batch on the device (results are labelled)
+MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): trials, final model as runs
+ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
 DEVICE = "auto"               # auto | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
@@ -191,10 +193,10 @@ def main(argv=None):
     cli.setup_logging(args.verbose, args.quiet)
     validate(args)
     if args.evaluate:
-        return final.evaluate(args.evaluate, args.data_dir, args.device)
-    network, recipe = read_backbone(args.backbone) if args.stage == "optim" else (None, None)
+        return final.evaluate(args.evaluate, args.data_dir, args.device, args.artifacts)
+    network, recipe = read_backbone(args.backbone, args.artifacts) if args.stage == "optim" else (None, None)
     max_steps = args.optim_epochs[1] if network else args.epochs
-    run = studies.open_run(args, args.split_seed)
+    run = studies.open_run(args, args.split_seed, experiment=args.study_prefix)
     what = f"the training of the network of {args.backbone}" if network else "the network"
     log.info(f"stage {args.stage}: searching {what}; train {len(run.data.train_y)} / validation "
              f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials"
@@ -226,7 +228,8 @@ def main(argv=None):
         objective = studies.run_objective(run, suggest, seed, max_mmac=None if network else args.max_mmac,
                                           objectives=args.objectives)
         n_trials = 0 if args.retrain_only else args.n_trials
-        if studies.search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial):
+        if studies.search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial,
+                          callbacks=run.tracker and [run.tracker.trial_callback(args.objectives)]):
             interrupted = True
             break
     ranked, front = studies.rank(searched, args.objectives, args.pick_mmac)

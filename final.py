@@ -31,7 +31,8 @@ from reporting import (
     source_version,
     write_json,
 )
-from studies import release_memory
+from studies import FinalStage, release_memory
+from tracking import local_file, open_artifact_store, publish, published_text
 from training import (
     TrainConfig,
     derive_seed,
@@ -60,13 +61,14 @@ class FinalConfig:
     augment: bool = False  # on-device random affine in the final retrains (results are labelled)
     compile: bool = False
     skip: bool = False     # --no-final: stop after the search summary
+    again: bool = False    # --retrain-only: run the final stage even when another worker ran it for this choice
     plots: bool = True
 
     @classmethod
     def from_args(cls, args):
         return cls(promote=args.promote, epochs=args.final_epochs, subset=args.final_subset, seeds=args.final_seeds,
                    ensemble=args.ensemble, augment=args.augment, compile=args.compile, skip=args.no_final,
-                   plots=not args.no_plots)
+                   again=args.retrain_only, plots=not args.no_plots)
 
 
 def load_test(data_dir, device, mean, std):
@@ -87,7 +89,7 @@ def finish(cfg, run, ranking, summary, interrupted, meta, plot_studies):
     the next K - 1 distinct configurations of the (promoted, then search) ranking and report their
     averaged softmax. Then the plots.
     """
-    data, out_dir = run.data, run.out_dir
+    out_dir = run.out_dir
     history, best = None, ranking[0] if ranking else None
     if interrupted or best is None or cfg.skip:
         # with a final stage ahead, summary.json waits for it: stopping that stage leaves the previous
@@ -101,57 +103,98 @@ def finish(cfg, run, ranking, summary, interrupted, meta, plot_studies):
         print("nothing to retrain: " + ("no candidate within --pick-mmac" if summary.get("pick_mmac") is not None
                                         else "no trial completed"))
         return 1
+    model, stage = None, None
     if not cfg.skip:
-        label = " (with augmentation)" if cfg.augment else ""
-        meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std}
-        if cfg.promote > 1:
-            promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, out_dir)
-            summary["promotion"] = promoted["record"]
-            ranking = promoted["ranking"] + ranking
-            # the chosen network, which model.pt will be: promoted first, not necessarily the search's best
-            write_json(out_dir / "best_params.json",
-                       best_params_payload(ranking[0], promoted_val=promoted["record"]["chosen"]["promoted_val"]))
-        best = ranking[0]
-        # the search and its choice are over: this is the one place the test set is read
-        test = load_test(run.data_dir, run.device, data.mean, data.std)
-
-        def retrain(trial, checkpoint, repeat=0):
-            recipe = final_config(trial, cfg)
-            info = {**meta, "val_accuracy": accuracy(trial), "trial": trial.number, "repeat": repeat,
-                    "study": trial.user_attrs.get("study")}
-            with progress(cfg.epochs, "final epochs", "epoch") as bar:
-                return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
-                                        checkpoint, info, on_epoch=lambda record: bar.update(1),
-                                        background=data.background)
-
-        x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
-        log.info(f"\nretraining on {len(y)} train+validation images for {cfg.epochs} epochs{label} "
-                 f"on {describe_device(run.device)}")
-        model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
-        print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
-              f"(final training {seconds:.0f} s on {len(y)} images)")
-        onnx_path = export_onnx(model, out_dir / "model.onnx")
-        max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
-        print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
-              f"{100 * agreement:.1f} %")
-        summary = {**summary, "test_accuracy": test_accuracy, "augment": cfg.augment, "final_seconds": seconds,
-                   "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
-        if cfg.seeds > 1:
-            summary["final_seeds"] = repeat_seeds(best, cfg.seeds, test_accuracy, seconds, retrain, out_dir,
-                                                  label)
-        if cfg.ensemble > 1:
-            summary["ensemble"] = ensemble(top_distinct(ranking, cfg.ensemble), model, test, retrain, out_dir,
-                                           predict_logits, label)
-        write_json(out_dir / "summary.json", summary)
+        stage = None if cfg.again else FinalStage(run.storage, best.user_attrs.get("study", "study"),
+                                                  final_key(best, cfg), run.run_id)
+        other = stage.acquire(on_wait=waiting) if stage else None
+        if other is not None:
+            attrs = other.user_attrs
+            print(f"final stage: already run by worker {attrs.get('worker')} (run folder {attrs.get('out_dir')}); "
+                  f"its results: {published_text(attrs.get('published') or {})}")
+            write_json(out_dir / "summary.json", {**summary, "final_stage_by": attrs.get("worker"),
+                                                  "published": attrs.get("published")})
+            return 0
+        try:
+            summary, model, history, best = retrain_chosen(cfg, run, ranking, summary, meta)
+        except BaseException:
+            if stage:
+                stage.release(None)  # another worker (or a rerun) takes the final stage over
+            raise
+    written = []
     if cfg.plots:
         from plots import write_plots
 
         written = write_plots(out_dir, *plot_studies, final_history=history)
         log.info(f"plots: {len(written)} PNG files in {out_dir / 'plots'}")
+    if model is not None:
+        files = [out_dir / name for name in ("model.pt", "model.onnx", "best_params.json")] + written
+        summary["published"] = publish(run.tracker, run.artifacts, run.storage, best, summary, model, out_dir, files)
+        write_json(out_dir / "summary.json", summary)
+        if stage:
+            stage.release({**summary["published"], "out_dir": str(out_dir), "test_accuracy": summary["test_accuracy"]})
     print(f"results: {out_dir}/  (best_params.json, trials.csv, summary.json"
           f"{'' if cfg.skip else ', model.pt, model.onnx'}{'' if not cfg.plots else ', plots/'})")
     print(f"reproduce: {command_line()}")
     return 0
+
+
+def waiting(claim):
+    print(f"final stage: worker {claim.user_attrs.get('worker')} is running it; waiting for its results "
+          "(it takes over if that worker dies)")
+
+
+def final_key(trial, cfg):
+    """What a final stage is for: the search's choice and every setting of the stage."""
+    return json.dumps([trial.user_attrs.get("study"), trial.number, cfg.promote, cfg.epochs, cfg.subset, cfg.seeds,
+                       cfg.ensemble, cfg.augment])
+
+
+def retrain_chosen(cfg, run, ranking, summary, meta):
+    """Promotion (with --promote), the retrain of the chosen network, the test read once, ONNX, seed repeats and the
+    ensemble; returns (summary with the results, the model, its training history, the chosen trial)."""
+    data, out_dir = run.data, run.out_dir
+    label = " (with augmentation)" if cfg.augment else ""
+    meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std}
+    if cfg.promote > 1:
+        promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, out_dir)
+        summary["promotion"] = promoted["record"]
+        ranking = promoted["ranking"] + ranking
+        # the chosen network, which model.pt will be: promoted first, not necessarily the search's best
+        write_json(out_dir / "best_params.json",
+                   best_params_payload(ranking[0], promoted_val=promoted["record"]["chosen"]["promoted_val"]))
+    best = ranking[0]
+    # the search and its choice are over: this is the one place the test set is read
+    test = load_test(run.data_dir, run.device, data.mean, data.std)
+
+    def retrain(trial, checkpoint, repeat=0):
+        recipe = final_config(trial, cfg)
+        info = {**meta, "val_accuracy": accuracy(trial), "trial": trial.number, "repeat": repeat,
+                "study": trial.user_attrs.get("study")}
+        with progress(cfg.epochs, "final epochs", "epoch") as bar:
+            return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
+                                    checkpoint, info, on_epoch=lambda record: bar.update(1),
+                                    background=data.background)
+
+    x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
+    log.info(f"\nretraining on {len(y)} train+validation images for {cfg.epochs} epochs{label} "
+             f"on {describe_device(run.device)}")
+    model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
+    print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
+          f"(final training {seconds:.0f} s on {len(y)} images)")
+    onnx_path = export_onnx(model, out_dir / "model.onnx")
+    max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
+    print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
+          f"{100 * agreement:.1f} %")
+    summary = {**summary, "test_accuracy": test_accuracy, "augment": cfg.augment, "final_seconds": seconds,
+               "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
+    if cfg.seeds > 1:
+        summary["final_seeds"] = repeat_seeds(best, cfg.seeds, test_accuracy, seconds, retrain, out_dir,
+                                              label)
+    if cfg.ensemble > 1:
+        summary["ensemble"] = ensemble(top_distinct(ranking, cfg.ensemble), model, test, retrain, out_dir,
+                                       predict_logits, label)
+    return summary, model, history, best
 
 
 def repeat_seed(trial, repeat):
@@ -319,17 +362,20 @@ def ensemble_accuracy(members):
     return (probabilities.argmax(1) == members[0]["labels"]).float().mean().item()
 
 
-def evaluate(paths, data_dir=None, device="auto"):
-    """--evaluate PATH [PATH ...] of either script: see print_evaluation."""
-    return print_evaluation(paths, resolve_data_dir(data_dir), resolve_device(device))
+def evaluate(paths, data_dir=None, device="auto", artifacts=None):
+    """--evaluate PATH [PATH ...] of either script (a path, or an artifact id in the --artifacts store): see
+    print_evaluation."""
+    store = open_artifact_store(artifacts)
+    local = [local_file(path, store, "--evaluate") for path in paths]
+    return print_evaluation(local, resolve_data_dir(data_dir), resolve_device(device), shown=paths)
 
 
-def print_evaluation(paths, data_dir, device):
+def print_evaluation(paths, data_dir, device, shown=None):
     """--evaluate: each checkpoint's test accuracy, size and MACs; for several, their averaged-softmax ensemble's."""
     clock = Stopwatch()
     members = evaluate_checkpoints(paths, data_dir, device)
     lines = []
-    for path, member in zip(paths, members):
+    for path, member in zip(shown or paths, members):
         label = " (with augmentation)" if member["meta"].get("augment") else ""
         name = f"{path}: " if len(paths) > 1 else ""
         lines.append(f"{name}test accuracy: {100 * member['accuracy']:.2f} %{label}   parameters: "

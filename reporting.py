@@ -205,9 +205,12 @@ class Stopwatch:
         return time.perf_counter() - self.started
 
 
-def read_backbone(path):
-    """(model config, training recipe dict or None) from a best_params.json or a model.pt checkpoint."""
-    path = Path(path)
+def read_backbone(path, artifacts=None):
+    """(model config, training recipe dict or None) from a best_params.json or a model.pt checkpoint, given as a
+    path or as an artifact id in the --artifacts store."""
+    from tracking import local_file, open_artifact_store
+
+    path = Path(local_file(str(path), open_artifact_store(artifacts), "--backbone"))
     if not path.is_file():
         raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
     if path.suffix == ".pt":

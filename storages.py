@@ -179,7 +179,8 @@ def _flag_text(value):
 # settings that say how and where to run, or what to do after the search: a rerun may change them
 NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "deterministic", "compile", "quick", "no_final",
               "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
-              "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac"}
+              "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac",
+              "mlflow", "artifacts"}
 # settings added after studies existed, with the behaviour a study that does not record them was searched with
 ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3}
 

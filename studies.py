@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from reporting import (
     progress,
     start_run,
 )
-from storages import RETRY, open_run_folder, open_study, search_settings
+from storages import GRACE_SECONDS, HEARTBEAT_SECONDS, RETRY, open_run_folder, open_study, search_settings
+from tracking import Tracker, open_artifact_store
 from training import (
     Divergence,
     TrainConfig,
@@ -139,7 +142,8 @@ def remaining_trials(study, n_trials, run_id):
     return max(0, n_trials - done)
 
 
-def search(study, objective, n_trials, run_id, label, describe_trial, feed=None, max_rounds=None, bar=None):
+def search(study, objective, n_trials, run_id, label, describe_trial, feed=None, max_rounds=None, bar=None,
+           callbacks=None):
     """Run trials until this run folder has its n_trials counted ones; True when the user stopped the run.
 
     Trials that trained nothing (over the compute budget, a repeat of another trial's configuration) do not
@@ -149,7 +153,7 @@ def search(study, objective, n_trials, run_id, label, describe_trial, feed=None,
     """
     rounds = max_rounds or 20 + 2 * n_trials
     todo = remaining_trials(study, n_trials, run_id)
-    callbacks = [print_trial_lines(label, describe_trial), lambda s, _: requeue_lost_trials(s)]
+    callbacks = [print_trial_lines(label, describe_trial), *(callbacks or []), lambda s, _: requeue_lost_trials(s)]
     try:
         with progress(todo, bar or label.strip() or "trials") as bar:
             for _ in range(rounds):
@@ -297,17 +301,100 @@ class Run:
     out_dir: Path
     storage: object       # the Optuna storage of its studies
     run_id: str           # this run folder's id: a rerun in the folder resumes, a new folder adds trials
+    tracker: object = None    # tracking.Tracker of --mlflow, or None
+    artifacts: object = None  # the Optuna artifact store of --artifacts, or None
 
 
-def open_run(args, split_seed, record=None):
-    """Device, data (validated before any folder is made), run folder, storage and config.json, in that order."""
+def open_run(args, split_seed, record=None, experiment=None):
+    """Device, data, MLflow and the artifact store (each checked before any folder is made), run folder, storage
+    and config.json, in that order."""
     device = resolve_device(args.device, args.deterministic)
     data_dir = resolve_data_dir(args.data_dir)
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, split_seed)
+    tracker = Tracker(args.mlflow, experiment or "mnist-optuna") if args.mlflow else None
+    artifacts = open_artifact_store(args.artifacts)
     out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
     run_id = start_run(out_dir, {**vars(args), **(record or {})})
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
-    return Run(device, data_dir, data, out_dir, storage, run_id)
+    return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts)
+
+
+class FinalStage:
+    """The final stage of a search runs once per study and choice, not once per worker that reaches the end.
+
+    Claims are trials of a side study `<study>:final` (Optuna's storage, so every worker sees them), each with the
+    choice it is for (`key`), its worker and a heartbeat. The lowest-numbered live claim for a key wins; a claim
+    whose worker died (process gone on this host, or no heartbeat for GRACE_SECONDS) is taken over. A finished
+    claim of another run folder is not run again: the others print where its results are. A rerun in the same
+    folder goes ahead (its checkpoints make it cheap), and --retrain-only always does.
+    """
+    POLL_SECONDS = 2
+
+    def __init__(self, storage, study_name, key, run_id):
+        self.study = optuna.create_study(study_name=f"{study_name}:final", storage=storage, load_if_exists=True,
+                                         direction="maximize")
+        self.key, self.run_id, self.mine, self.beating = key, run_id, None, None
+
+    def _claims(self):
+        return [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("key") == self.key]
+
+    def _alive(self, trial):
+        return (trial.state == TrialState.RUNNING and not _worker_dead(trial)
+                and time.time() - trial.user_attrs.get("alive_at", 0) < GRACE_SECONDS)
+
+    def acquire(self, on_wait=None):
+        """None when this worker runs the final stage (the claim is held until release), else the finished claim of
+        another run: its user attributes say where the results are. Waits while another live worker runs it."""
+        waited = False
+        while True:
+            claims = self._claims()
+            done = [t for t in claims if t.state == TrialState.COMPLETE]
+            if done and done[-1].user_attrs.get("run") != self.run_id:
+                return done[-1]
+            live = [t for t in claims if self._alive(t)]
+            if not live or live[0].user_attrs.get("run") == self.run_id:
+                if self._take():
+                    return None
+                continue
+            if not waited and on_wait:
+                on_wait(live[0])
+            waited = True
+            time.sleep(self.POLL_SECONDS)
+
+    def _take(self):
+        trial = self.study.ask()
+        attributes = {"key": self.key, "worker": worker_id(), "run": self.run_id, "alive_at": time.time()}
+        for name, value in attributes.items():
+            trial.set_user_attr(name, value)
+        # a claim created just before ours may still be getting its attributes: give it a moment to show them
+        time.sleep(0.5)
+        live = [t for t in self._claims() if self._alive(t)]
+        if live and live[0].number == trial.number:
+            self.mine = trial
+            self.beating = threading.Event()
+            threading.Thread(target=self._beat, daemon=True).start()
+            return True
+        self.study.tell(trial, state=TrialState.FAIL)
+        return False
+
+    def _beat(self):
+        while not self.beating.wait(HEARTBEAT_SECONDS):
+            try:
+                self.mine.set_user_attr("alive_at", time.time())
+            except Exception:  # a storage hiccup; the next beat tries again
+                pass
+
+    def release(self, published=None):
+        """Finished (published: where the results are) or, with None, given up so another worker takes over."""
+        if self.mine is None:
+            return
+        self.beating.set()
+        if published is None:
+            self.study.tell(self.mine, state=TrialState.FAIL)
+        else:
+            self.mine.set_user_attr("published", published)
+            self.study.tell(self.mine, 1.0)
+        self.mine = None
 
 
 def study_for(run, name, sampler, pruner, args, **resolved):
