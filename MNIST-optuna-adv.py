@@ -163,6 +163,8 @@ def main(argv=None):
     interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_of, feed=feed, bar="grid",
                                  callbacks=run.tracker and [run.tracker.trial_callback()])
     searched = [("seed", args.seed, study)]
+    if not (interrupted or args.no_final):
+        studies.wait_for_others(searched)  # with a shared storage: all workers then choose alike
     ranked, _ = studies.rank(searched, ("accuracy",))
     _, summary = summarise(searched, run.out_dir, time.perf_counter() - started, head_of, ranked,
                            extra={"grid_size": len(heads)})

@@ -232,6 +232,8 @@ def main(argv=None):
                           callbacks=run.tracker and [run.tracker.trial_callback(args.objectives)]):
             interrupted = True
             break
+    if not (interrupted or args.no_final):
+        studies.wait_for_others(searched)  # with a shared storage: all workers then choose alike
     ranked, front = studies.rank(searched, args.objectives, args.pick_mmac)
     best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
                               args.objectives, args.pick_mmac)

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,6 +318,29 @@ def open_run(args, split_seed, record=None, experiment=None):
     run_id = start_run(out_dir, {**vars(args), **(record or {})})
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
     return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts)
+
+
+def wait_for_others(searched, poll_seconds=5):
+    """Wait until no other worker is training a trial of these studies ((label, key, study) each), so that every
+    worker that reaches the end sees the same trials, makes the same choice and one of them runs the final stage.
+    A trial whose worker died is failed and queued again (RDB: no heartbeat; journal: its process on this host is
+    gone) and stops the wait."""
+    told = False
+    while True:
+        running = []
+        for _, _, study in searched:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # RDB heartbeats; does nothing for a journal
+            requeue_lost_trials(study)
+            running += [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                        if t.user_attrs.get("worker") != worker_id()]
+        if not running:
+            return
+        if not told:
+            log.info(f"waiting for {len(running)} trial(s) of other workers to finish before the final stage")
+            told = True
+        time.sleep(poll_seconds)
 
 
 class FinalStage:

@@ -1,0 +1,170 @@
+"""Results a team finds: MLflow runs (--mlflow), Optuna's artifact store (--artifacts), one final stage per study."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+import optuna
+import pytest
+import torch
+from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_script
+from test_distributed import finish, postgres_or_skip, start
+
+import studies
+from final import load_test
+from storages import make_storage
+from training import load_checkpoint, predict_logits
+
+pytestmark = pytest.mark.timeout(600)
+SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "0"]
+
+
+def journal_study(out, name="mnist-cnn-seed0"):
+    return optuna.load_study(study_name=name, storage=make_storage(None, out))
+
+
+def test_mlflow_and_the_artifact_store_hold_every_trial_and_the_final_model(tmp_path):
+    import mlflow
+
+    out, db, store = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "artifacts"
+    result = run_script("MNIST-optuna.py", *SEARCH, "--out-dir", out, "--mlflow", f"sqlite:///{db}",
+                        "--artifacts", store)
+    assert result.returncode == 0, result.stderr
+    study = journal_study(out)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("mnist-cnn").experiment_id
+    runs = client.search_runs([experiment])
+    trial_runs = {int(r.data.tags["optuna.trial"]): r for r in runs if r.data.tags.get("state")}
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert sorted(trial_runs) == [t.number for t in finished]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in trial_runs.values()}
+    assert len(parents) == 1 and client.get_run(parents.pop()).data.tags["optuna.study"] == study.study_name
+    for trial in finished:
+        run = trial_runs[trial.number]
+        assert run.data.params == {k: str(v) for k, v in trial.params.items()}
+        assert run.data.tags["state"] == trial.state.name and run.data.tags["seed"] == str(trial.user_attrs["seed"])
+        if trial.state.name == "COMPLETE":
+            assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
+
+    # the final model: MLflow gives it back and it predicts like model.pt
+    final = [r for r in runs if r.data.tags.get("mnist_optuna.role") == "final"]
+    assert len(final) == 1 and final[0].data.metrics["test_accuracy"] > 0.5
+    assert len(client.get_metric_history(final[0].info.run_id, "train_loss")) == 1  # one per final epoch
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    logged = mlflow.pytorch.load_model(f"runs:/{final[0].info.run_id}/model")
+    model, payload = load_checkpoint(out / "model.pt")
+    images = load_test(DATA_DIR, torch.device("cpu"), payload["meta"]["mean"], payload["meta"]["std"])[0][:100]
+    assert (predict_logits(logged, images) - predict_logits(model, images)).abs().max() < 1e-5
+
+    # the artifact store: model.pt comes back byte for byte; --evaluate takes its artifact id
+    attached = study.user_attrs["final_artifacts"]
+    assert attached["trial"] == json.loads((out / "best_params.json").read_text())["trial"]
+    fetched = tmp_path / "fetched.pt"
+    optuna.artifacts.download_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(store)),
+                                       file_path=str(fetched), artifact_id=attached["artifacts"]["model.pt"])
+    assert fetched.read_bytes() == (out / "model.pt").read_bytes()
+    by_id = run_script("MNIST-optuna.py", "--evaluate", attached["artifacts"]["model.pt"], "--artifacts", store)
+    by_path = run_script("MNIST-optuna.py", "--evaluate", out / "model.pt")
+    assert by_id.returncode == 0 and by_id.stdout.split("   (")[0] == by_path.stdout.split("   (")[0]
+
+    # MLflow's own server serves those runs over HTTP
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                               "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", method="POST",
+                                         data=json.dumps({"experiment_ids": [experiment]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        served = None
+        for _ in range(120):
+            try:
+                served = json.loads(urllib.request.urlopen(request, timeout=5).read())
+                break
+            except OSError:
+                time.sleep(1)
+        assert served is not None, "mlflow server did not answer in 2 minutes"
+        assert {r["info"]["run_id"] for r in served["runs"]} == {r.info.run_id for r in runs}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--mlflow", "http://127.0.0.1:9"], "MLflow"),
+    (["--mlflow", "bogus://nowhere"], "MLflow"),
+    (["--artifacts", "/proc/no-such-folder"], "--artifacts"),
+])
+def test_an_unusable_tracker_or_store_is_one_line_and_loses_nothing(tmp_path, flags, says):
+    out = tmp_path / "run"
+    assert run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out).returncode == 0
+    journal = (out / "study.journal").read_bytes()
+    result = run_script("MNIST-optuna.py", *SEARCH, "--n-trials", "4", "--out-dir", out, *flags)
+    assert says in assert_one_line_error(result)
+    assert (out / "study.journal").read_bytes() == journal
+    fresh = run_script("MNIST-optuna.py", *SEARCH, "--out-dir", tmp_path / "new", *flags)
+    assert_one_line_error(fresh)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture(params=["journal", "postgresql"])
+def shared_storage(request, tmp_path):
+    return str(tmp_path / "shared.journal") if request.param == "journal" else postgres_or_skip()
+
+
+def test_two_workers_run_one_final_stage_and_a_third_finds_the_model(shared_storage, tmp_path):
+    storage = shared_storage
+    name = f"final-{uuid.uuid4().hex[:8]}"
+    common = [*SEARCH, "--storage", storage, "--study-prefix", name, "--artifacts", tmp_path / "shared"]
+    workers = [start("MNIST-optuna.py", *common, "--out-dir", tmp_path / f"w{i}") for i in range(2)]
+    outputs = []
+    for worker in workers:
+        code, output = finish(worker)
+        assert code == 0, output
+        outputs.append(output)
+    trained = [o for o in outputs if "test accuracy:" in o]
+    assert len(trained) == 1, outputs
+    other = next(o for o in outputs if o is not trained[0])
+    study = optuna.load_study(study_name=f"{name}-seed0", storage=make_storage(storage, tmp_path))
+    model_id = study.user_attrs["final_artifacts"]["artifacts"]["model.pt"]
+    assert model_id in other and "final stage: already run by worker" in other
+    # a third process that ran no trial finds the model through the study alone
+    fetched = tmp_path / "third.pt"
+    attached = optuna.load_study(study_name=f"{name}-seed0", storage=make_storage(storage, tmp_path)).user_attrs
+    optuna.artifacts.download_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "shared")),
+                                       file_path=str(fetched), artifact_id=attached["final_artifacts"]["artifacts"]
+                                       ["model.pt"])
+    winner = next(i for i, o in enumerate(outputs) if o is trained[0])
+    assert fetched.read_bytes() == (tmp_path / f"w{winner}" / "model.pt").read_bytes()
+
+
+def test_a_final_stage_waits_for_a_live_claim_and_takes_over_a_dead_one(tmp_path):
+    storage = make_storage(str(tmp_path / "claims.journal"), tmp_path)
+    first = studies.FinalStage(storage, "s", "key", "run-a")
+    assert first.acquire() is None
+    studies.FinalStage.POLL_SECONDS = 0.2
+    second = studies.FinalStage(storage, "s", "key", "run-b")
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(claim=second.acquire()))
+    waiter.start()
+    time.sleep(2)
+    assert waiter.is_alive()  # a live claim: the second worker waits instead of training the same model
+    first.release({"artifacts": {"model.pt": "id-1"}})
+    waiter.join(timeout=30)
+    assert result["claim"].user_attrs["published"] == {"artifacts": {"model.pt": "id-1"}}
+
+    # a claim whose process is gone is taken over at once
+    third = studies.FinalStage(storage, "s", "other key", "run-c")
+    assert third.acquire() is None
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    third.mine.set_user_attr("worker", f"{socket.gethostname()}:{gone.stdout.strip()}")
+    third.beating.set()
+    fourth = studies.FinalStage(storage, "s", "other key", "run-d")
+    assert fourth.acquire() is None and fourth.mine is not None
+    fourth.release({})
