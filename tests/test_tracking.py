@@ -137,9 +137,9 @@ def test_two_workers_run_one_final_stage_and_a_third_finds_the_model(shared_stor
     # a third process that ran no trial finds the model through the study alone
     fetched = tmp_path / "third.pt"
     attached = optuna.load_study(study_name=f"{name}-seed0", storage=make_storage(storage, tmp_path)).user_attrs
-    optuna.artifacts.download_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "shared")),
-                                       file_path=str(fetched), artifact_id=attached["final_artifacts"]["artifacts"]
-                                       ["model.pt"])
+    shared = optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "shared"))
+    optuna.artifacts.download_artifact(artifact_store=shared, file_path=str(fetched),
+                                       artifact_id=attached["final_artifacts"]["artifacts"]["model.pt"])
     winner = next(i for i, o in enumerate(outputs) if o is trained[0])
     assert fetched.read_bytes() == (tmp_path / f"w{winner}" / "model.pt").read_bytes()
 
