@@ -22,13 +22,13 @@ from data import (
 from models import build_model, count_macs, count_parameters
 from reporting import (
     Stopwatch,
-    accuracy,
     best_params_payload,
     command_line,
     mean_std,
     network_of,
     progress,
     source_version,
+    trial_accuracy,
     write_json,
 )
 from studies import FinalStage, release_memory
@@ -62,13 +62,14 @@ class FinalConfig:
     compile: bool = False
     skip: bool = False     # --no-final: stop after the search summary
     again: bool = False    # --retrain-only: run the final stage even when another worker ran it for this choice
+    shared: bool = False   # --storage given: other workers may share the study, so the final stage is claimed
     plots: bool = True
 
     @classmethod
     def from_args(cls, args):
         return cls(promote=args.promote, epochs=args.final_epochs, subset=args.final_subset, seeds=args.final_seeds,
                    ensemble=args.ensemble, augment=args.augment, compile=args.compile, skip=args.no_final,
-                   again=args.retrain_only, plots=not args.no_plots)
+                   again=args.retrain_only, shared=args.storage is not None, plots=not args.no_plots)
 
 
 def load_test(data_dir, device, mean, std):
@@ -105,8 +106,8 @@ def finish(cfg, run, ranking, summary, interrupted, meta, plot_studies):
         return 1
     model, stage = None, None
     if not cfg.skip:
-        stage = None if cfg.again else FinalStage(run.storage, best.user_attrs.get("study", "study"),
-                                                  final_key(best, cfg), run.run_id)
+        if cfg.shared and not cfg.again:
+            stage = FinalStage(run.storage, best.user_attrs.get("study", "study"), final_key(best, cfg), run.run_id)
         other = stage.acquire(on_wait=waiting) if stage else None
         if other is not None:
             attrs = other.user_attrs
@@ -169,7 +170,7 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
 
     def retrain(trial, checkpoint, repeat=0):
         recipe = final_config(trial, cfg)
-        info = {**meta, "val_accuracy": accuracy(trial), "trial": trial.number, "repeat": repeat,
+        info = {**meta, "val_accuracy": trial_accuracy(trial), "trial": trial.number, "repeat": repeat,
                 "study": trial.user_attrs.get("study")}
         with progress(cfg.epochs, "final epochs", "epoch") as bar:
             return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
@@ -274,10 +275,10 @@ def promote(candidates, data, cfg, out_dir):
             del model
             release_memory()
         result = done[key]
-        rows.append({"trial": trial, "search_rank": search_rank, "search_val": accuracy(trial),
+        rows.append({"trial": trial, "search_rank": search_rank, "search_val": trial_accuracy(trial),
                      "promoted_val": result["val_accuracy"], "seconds": result["seconds"]})
         log.info(f"promotion {search_rank}/{len(candidates)}: {trial.user_attrs.get('study', '')} trial "
-                 f"{trial.number}  search val {100 * accuracy(trial):.2f} %  promoted val "
+                 f"{trial.number}  search val {100 * trial_accuracy(trial):.2f} %  promoted val "
                  f"{100 * result['val_accuracy']:.2f} %  {result['seconds']:.0f} s")
     rows.sort(key=lambda row: (-row["promoted_val"], row["search_rank"]))
     correlation = spearman([row["search_val"] for row in rows], [row["promoted_val"] for row in rows])
@@ -331,9 +332,9 @@ def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label)
         logits = predict_logits(model, test_x)
         accuracy = (logits.argmax(1) == test_y).float().mean().item()
         probabilities = probabilities + torch.softmax(logits, 1)
-        results.append({"trial": trial.number, "seed": trial.user_attrs["seed"], "val_accuracy": accuracy(trial),
-                        "test_accuracy": accuracy})
-        print(f"ensemble member {index}: trial {trial.number}  val {100 * accuracy(trial):.2f} %  "
+        results.append({"trial": trial.number, "seed": trial.user_attrs["seed"],
+                        "val_accuracy": trial_accuracy(trial), "test_accuracy": accuracy})
+        print(f"ensemble member {index}: trial {trial.number}  val {100 * trial_accuracy(trial):.2f} %  "
               f"test accuracy: {100 * accuracy:.2f} %{label}")
     accuracy = (probabilities.argmax(1) == test_y).float().mean().item()
     print(f"ensemble of {len(members)} (averaged softmax): test accuracy: {100 * accuracy:.2f} %{label}")

@@ -91,7 +91,7 @@ def training_of(trial):
             f"bs {t['batch_size']} ls {t['label_smoothing']:.2f} {t['epochs']} ep")
 
 
-def accuracy(trial):
+def trial_accuracy(trial):
     """A trial's validation accuracy: its value, or its first value in a multi-objective study; None if it has none."""
     return trial.values[0] if trial.values else None
 
@@ -102,7 +102,7 @@ def latency_of(trial):
 
 def trial_line(trial, label="", describe_trial=network_of):
     seconds = trial.duration.total_seconds() if trial.duration else float("nan")
-    value = f"val {100 * accuracy(trial):6.2f} %" if accuracy(trial) is not None else " " * 12
+    value = f"val {100 * trial_accuracy(trial):6.2f} %" if trial_accuracy(trial) is not None else " " * 12
     last = max(trial.intermediate_values) if trial.intermediate_values else None
     where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
     reason = f"  [{trial.user_attrs['reason']}]" if trial.user_attrs.get("reason") else ""
@@ -132,7 +132,9 @@ def state_counts(trials):
 def best_or_none(study):
     """The study's most accurate complete trial (of equals, the cheaper network, then the earlier trial)."""
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    return min(completed, key=lambda t: (-accuracy(t), t.user_attrs.get("mmac", float("inf")))) if completed else None
+    if not completed:
+        return None
+    return min(completed, key=lambda t: (-trial_accuracy(t), t.user_attrs.get("mmac", float("inf"))))
 
 
 def params_lines(params, indent="    "):
@@ -188,7 +190,7 @@ def write_trials_csv(path, studies):
 
 def best_params_payload(trial, **extra):
     """Everything needed to rebuild and retrain the best network, with nothing else."""
-    return {"value": accuracy(trial), "trial": trial.number, "params": trial.params,
+    return {"value": trial_accuracy(trial), "trial": trial.number, "params": trial.params,
             "model": trial.user_attrs["model"], "train": trial.user_attrs["train"],
             "seed": trial.user_attrs.get("seed"), **extra}
 
@@ -267,8 +269,9 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
         if trial is None:
             print(f"{label} {key}: no complete trial")
             continue
-        per_study[key] = {"value": accuracy(trial), "trial": trial.number, "params": trial.params}
-        print(f"{label} {key}: best val {100 * accuracy(trial):.2f} %  trial {trial.number}  {describe_trial(trial)}")
+        per_study[key] = {"value": trial_accuracy(trial), "trial": trial.number, "params": trial.params}
+        print(f"{label} {key}: best val {100 * trial_accuracy(trial):.2f} %  trial {trial.number}  "
+              f"{describe_trial(trial)}")
     counts = state_counts(all_trials)
     mean, std = mean_std([v["value"] for v in per_study.values()])
     skipped = f", {counts['not_trained']} not trained (over budget or repeats)" if counts["not_trained"] else ""
@@ -281,7 +284,7 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
     within = "" if pick_mmac is None else f" within {pick_mmac:g} MMAC"
     if best is not None:
         what = f"chosen: the most accurate front network{within}" if front is not None else f"best trial{within}"
-        print(f"{what}: val {100 * accuracy(best):.2f} %  {label} {best_key}  trial {best.number}  "
+        print(f"{what}: val {100 * trial_accuracy(best):.2f} %  {label} {best_key}  trial {best.number}  "
               f"{describe_trial(best)}")
         print("\n".join(params_lines(best.params)))
     elif per_study and pick_mmac is not None:
@@ -289,8 +292,8 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
               "rerun with --retrain-only and a larger --pick-mmac")
     print(f"search wall time: {wall:.1f} s")
     summary = {"seeds": per_study, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
-               "best": None if best is None else {"seed": best_key, "trial": best.number, "value": accuracy(best),
-                                                 "params": best.params},
+               "best": None if best is None else {"seed": best_key, "trial": best.number,
+                                                 "value": trial_accuracy(best), "params": best.params},
                "objectives": list(objectives), "pick_mmac": pick_mmac,
                "search_seconds": wall, "command": command_line(), "out_dir": str(out_dir), **(extra or {})}
     if front is not None:

@@ -1,6 +1,9 @@
-"""Running Optuna studies reliably: the run (device, data, folder, storage), pruners, lost trials queued
-again, one trial (its seed, the compute budget, no configuration trained twice) and the loop that runs
-trials until the run folder has its share. Training itself is training.py's; nothing here reads the test set."""
+"""Running Optuna studies reliably: the run (device, data, folder, storage, tracker), pruners, lost trials queued
+again, one trial (its seed, the compute budget, no configuration trained twice, one or several objectives), the
+loop that runs trials until the run folder has its share, the ranking (or Pareto front) the final stage draws
+from, and the claim that lets one worker of a shared study run that stage. Training itself is training.py's;
+nothing here reads the test set."""
+import datetime
 import errno
 import gc
 import hashlib
@@ -27,12 +30,19 @@ from reporting import (
     NOT_TRAINED,
     OVER_BUDGET,
     TWIN,
-    accuracy,
     print_trial_lines,
     progress,
     start_run,
+    trial_accuracy,
 )
-from storages import GRACE_SECONDS, HEARTBEAT_SECONDS, RETRY, open_run_folder, open_study, search_settings
+from storages import (
+    GRACE_SECONDS,
+    HEARTBEAT_SECONDS,
+    RETRY,
+    open_run_folder,
+    open_study,
+    search_settings,
+)
 from tracking import Tracker, open_artifact_store
 from training import (
     Divergence,
@@ -238,7 +248,7 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     if twin is not None:
         trial.set_user_attr("reason", f"{TWIN} {twin.number}; not trained again")
         if twin.state == TrialState.COMPLETE and not several:
-            return accuracy(twin)
+            return trial_accuracy(twin)
         raise optuna.TrialPruned(f"the configuration of trial {twin.number}, which was pruned or is training")
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
@@ -324,7 +334,8 @@ def wait_for_others(searched, poll_seconds=5):
     """Wait until no other worker is training a trial of these studies ((label, key, study) each), so that every
     worker that reaches the end sees the same trials, makes the same choice and one of them runs the final stage.
     A trial whose worker died is failed and queued again (RDB: no heartbeat; journal: its process on this host is
-    gone) and stops the wait."""
+    gone) and stops the wait; one that has run more than twice as long as the longest finished trial (plus the
+    heartbeat grace) is not waited for (a journal cannot tell a dead worker on another host from a slow one)."""
     told = False
     while True:
         running = []
@@ -333,8 +344,12 @@ def wait_for_others(searched, poll_seconds=5):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # RDB heartbeats; does nothing for a journal
             requeue_lost_trials(study)
-            running += [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                        if t.user_attrs.get("worker") != worker_id()]
+            trials = study.get_trials(deepcopy=False)
+            longest = max((t.duration.total_seconds() for t in trials if t.duration), default=0)
+            patience = datetime.timedelta(seconds=2 * longest + GRACE_SECONDS)
+            now = datetime.datetime.now()
+            running += [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") != worker_id()
+                        and t.datetime_start and now - t.datetime_start < patience]
         if not running:
             return
         if not told:
@@ -470,7 +485,7 @@ def rank(searched, objectives, pick_mmac=None):
         complete = front
     within = [pair for pair in complete if pick_mmac is None or mmac_of(pair[1]) <= pick_mmac]
     # stable: among equals the earlier study and trial stays first, as the single-objective summary always did
-    return sorted(within, key=lambda pair: (-accuracy(pair[1]), mmac_of(pair[1]))), front
+    return sorted(within, key=lambda pair: (-trial_accuracy(pair[1]), mmac_of(pair[1]))), front
 
 
 def mmac_of(trial):
