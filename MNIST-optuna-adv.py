@@ -18,6 +18,7 @@ import optuna
 import cli
 import final
 import studies
+import workers
 from models import normalise_config
 from reporting import network_of, read_backbone, summarise
 
@@ -114,7 +115,7 @@ def next_grid_point(study, order):
     """
     held = set()
     for trial in study.get_trials(deepcopy=False):
-        if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("worker") == studies.worker_id():
+        if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("worker") == workers.worker_id():
             held.add(trial.user_attrs.get("head", trial.params.get("fc")))
     return next((head for head in order if head not in held), None)
 
@@ -164,7 +165,7 @@ def main(argv=None):
                                  callbacks=run.tracker and [run.tracker.trial_callback()])
     searched = [("seed", args.seed, study)]
     if not (interrupted or args.no_final):
-        studies.wait_for_others(searched)  # with a shared storage: all workers then choose alike
+        workers.wait_for_others(searched)  # with a shared storage: all workers then choose alike
     ranked, _ = studies.rank(searched, ("accuracy",))
     _, summary = summarise(searched, run.out_dir, time.perf_counter() - started, head_of, ranked,
                            extra={"grid_size": len(heads)})

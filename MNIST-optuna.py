@@ -20,6 +20,7 @@ import optuna
 import cli
 import final
 import studies
+import workers
 from reporting import network_of, read_backbone, summarise, training_of
 from training import TrainConfig
 
@@ -233,7 +234,7 @@ def main(argv=None):
             interrupted = True
             break
     if not (interrupted or args.no_final):
-        studies.wait_for_others(searched)  # with a shared storage: all workers then choose alike
+        workers.wait_for_others(searched)  # with a shared storage: all workers then choose alike
     ranked, front = studies.rank(searched, args.objectives, args.pick_mmac)
     best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
                               args.objectives, args.pick_mmac)

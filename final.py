@@ -31,7 +31,7 @@ from reporting import (
     trial_accuracy,
     write_json,
 )
-from studies import FinalStage, release_memory
+from studies import release_memory
 from tracking import local_file, open_artifact_store, publish, published_text
 from training import (
     TrainConfig,
@@ -46,6 +46,7 @@ from training import (
     seed_everything,
     train,
 )
+from workers import FinalStage
 
 log = logging.getLogger(__name__)
 

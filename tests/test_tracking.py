@@ -14,7 +14,7 @@ import torch
 from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_script
 from test_distributed import finish, postgres_or_skip, start
 
-import studies
+import workers
 from final import load_test
 from storages import make_storage
 from training import load_checkpoint, predict_logits
@@ -146,10 +146,10 @@ def test_two_workers_run_one_final_stage_and_a_third_finds_the_model(shared_stor
 
 def test_a_final_stage_waits_for_a_live_claim_and_takes_over_a_dead_one(tmp_path):
     storage = make_storage(str(tmp_path / "claims.journal"), tmp_path)
-    first = studies.FinalStage(storage, "s", "key", "run-a")
+    first = workers.FinalStage(storage, "s", "key", "run-a")
     assert first.acquire() is None
-    studies.FinalStage.POLL_SECONDS = 0.2
-    second = studies.FinalStage(storage, "s", "key", "run-b")
+    workers.FinalStage.POLL_SECONDS = 0.2
+    second = workers.FinalStage(storage, "s", "key", "run-b")
     result = {}
     waiter = threading.Thread(target=lambda: result.update(claim=second.acquire()))
     waiter.start()
@@ -160,11 +160,11 @@ def test_a_final_stage_waits_for_a_live_claim_and_takes_over_a_dead_one(tmp_path
     assert result["claim"].user_attrs["published"] == {"artifacts": {"model.pt": "id-1"}}
 
     # a claim whose process is gone is taken over at once
-    third = studies.FinalStage(storage, "s", "other key", "run-c")
+    third = workers.FinalStage(storage, "s", "other key", "run-c")
     assert third.acquire() is None
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     third.mine.set_user_attr("worker", f"{socket.gethostname()}:{gone.stdout.strip()}")
     third.beating.set()
-    fourth = studies.FinalStage(storage, "s", "other key", "run-d")
+    fourth = workers.FinalStage(storage, "s", "other key", "run-d")
     assert fourth.acquire() is None and fourth.mine is not None
     fourth.release({})

@@ -1,0 +1,176 @@
+"""What workers sharing a study agree on: who a worker is, which trials were lost with their worker (queued
+again), waiting for each other before the final stage, and the claim that lets one of them run that stage."""
+import datetime
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+
+import optuna
+from optuna.trial import TrialState
+
+from storages import GRACE_SECONDS, HEARTBEAT_SECONDS, RETRY
+
+log = logging.getLogger(__name__)
+INTERRUPTED = "interrupted"  # the reason of a trial stopped by Ctrl-C or SIGTERM: a rerun queues it again
+
+
+def worker_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as error:
+        return error.errno == errno.EPERM
+    return True
+
+
+def _worker_dead(trial):
+    """True when the trial's worker ran on this host and its process is gone."""
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
+
+
+def requeue_lost_trials(study):
+    """Queue again the trials whose worker was interrupted or died, once each.
+
+    RDB storages find dead workers by heartbeat; a journal file has none, so a RUNNING trial whose
+    process on this host is gone is failed here. Both then go through the same retry callback, which
+    re-creates the trial with the same parameters (and grid point) as a WAITING trial.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = lost_numbers(trials)
+    requeued = 0
+    for trial in trials:
+        if trial.number in retried:
+            continue
+        if trial.state == TrialState.RUNNING and _worker_dead(trial):
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # another live worker got there first and requeues it
+            trial = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        elif not (trial.state == TrialState.FAIL and trial.user_attrs.get("reason") == INTERRUPTED):
+            continue
+        RETRY(study, trial)
+        requeued += 1
+    if requeued:
+        log.info(f"{study.study_name}: {requeued} interrupted trial(s) queued to run again")
+    return requeued
+
+
+def lost_numbers(trials):
+    """Numbers of the trials that were queued again (interrupted, or their worker died): their retries count."""
+    return {number for trial in trials for number in RETRY.retry_history(trial)}
+
+
+
+def wait_for_others(searched, poll_seconds=5):
+    """Wait until no other worker is training a trial of these studies ((label, key, study) each), so that every
+    worker that reaches the end sees the same trials, makes the same choice and one of them runs the final stage.
+    A trial whose worker died is failed and queued again (RDB: no heartbeat; journal: its process on this host is
+    gone) and stops the wait; one that has run more than twice as long as the longest finished trial (plus the
+    heartbeat grace) is not waited for (a journal cannot tell a dead worker on another host from a slow one)."""
+    told = False
+    while True:
+        running = []
+        for _, _, study in searched:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # RDB heartbeats; does nothing for a journal
+            requeue_lost_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            longest = max((t.duration.total_seconds() for t in trials if t.duration), default=0)
+            patience = datetime.timedelta(seconds=2 * longest + GRACE_SECONDS)
+            now = datetime.datetime.now()
+            running += [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") != worker_id()
+                        and t.datetime_start and now - t.datetime_start < patience]
+        if not running:
+            return
+        if not told:
+            log.info(f"waiting for {len(running)} trial(s) of other workers to finish before the final stage")
+            told = True
+        time.sleep(poll_seconds)
+
+
+class FinalStage:
+    """The final stage of a search runs once per study and choice, not once per worker that reaches the end.
+
+    Claims are trials of a side study `<study>:final` (Optuna's storage, so every worker sees them), each with the
+    choice it is for (`key`), its worker and a heartbeat. The lowest-numbered live claim for a key wins; a claim
+    whose worker died (process gone on this host, or no heartbeat for GRACE_SECONDS) is taken over. A finished
+    claim of another run folder is not run again: the others print where its results are. A rerun in the same
+    folder goes ahead (its checkpoints make it cheap), and --retrain-only always does.
+    """
+    POLL_SECONDS = 2
+
+    def __init__(self, storage, study_name, key, run_id):
+        self.study = optuna.create_study(study_name=f"{study_name}:final", storage=storage, load_if_exists=True,
+                                         direction="maximize")
+        self.key, self.run_id, self.mine, self.beating = key, run_id, None, None
+
+    def _claims(self):
+        return [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("key") == self.key]
+
+    def _alive(self, trial):
+        return (trial.state == TrialState.RUNNING and not _worker_dead(trial)
+                and time.time() - trial.user_attrs.get("alive_at", 0) < GRACE_SECONDS)
+
+    def acquire(self, on_wait=None):
+        """None when this worker runs the final stage (the claim is held until release), else the finished claim of
+        another run: its user attributes say where the results are. Waits while another live worker runs it."""
+        waited = False
+        while True:
+            claims = self._claims()
+            done = [t for t in claims if t.state == TrialState.COMPLETE]
+            if done and done[-1].user_attrs.get("run") != self.run_id:
+                return done[-1]
+            live = [t for t in claims if self._alive(t)]
+            if not live or live[0].user_attrs.get("run") == self.run_id:
+                if self._take():
+                    return None
+                continue
+            if not waited and on_wait:
+                on_wait(live[0])
+            waited = True
+            time.sleep(self.POLL_SECONDS)
+
+    def _take(self):
+        trial = self.study.ask()
+        attributes = {"key": self.key, "worker": worker_id(), "run": self.run_id, "alive_at": time.time()}
+        for name, value in attributes.items():
+            trial.set_user_attr(name, value)
+        # a claim created just before ours may still be getting its attributes: give it a moment to show them
+        time.sleep(0.5)
+        live = [t for t in self._claims() if self._alive(t)]
+        if live and live[0].number == trial.number:
+            self.mine = trial
+            self.beating = threading.Event()
+            threading.Thread(target=self._beat, daemon=True).start()
+            return True
+        self.study.tell(trial, state=TrialState.FAIL)
+        return False
+
+    def _beat(self):
+        while not self.beating.wait(HEARTBEAT_SECONDS):
+            try:
+                self.mine.set_user_attr("alive_at", time.time())
+            except Exception:  # a storage hiccup; the next beat tries again
+                pass
+
+    def release(self, published=None):
+        """Finished (published: where the results are) or, with None, given up so another worker takes over."""
+        if self.mine is None:
+            return
+        self.beating.set()
+        if published is None:
+            self.study.tell(self.mine, state=TrialState.FAIL)
+        else:
+            self.mine.set_user_attr("published", published)
+            self.study.tell(self.mine, 1.0)
+        self.mine = None
