@@ -260,13 +260,13 @@ class Run:
 
 
 def open_run(args, split_seed, record=None, experiment=None):
-    """Device, data, MLflow and the artifact store (each checked before any folder is made), run folder, storage
+    """Device, MLflow, the artifact store and the data (each checked before any folder is made), run folder, storage
     and config.json, in that order."""
     device = resolve_device(args.device, args.deterministic)
     data_dir = resolve_data_dir(args.data_dir)
-    data = load_search_data(data_dir, device, args.val_size, args.train_subset, split_seed)
     tracker = Tracker(args.mlflow, experiment or "mnist-optuna") if args.mlflow else None
     artifacts = open_artifact_store(args.artifacts)
+    data = load_search_data(data_dir, device, args.val_size, args.train_subset, split_seed)
     out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
     run_id = start_run(out_dir, {**vars(args), **(record or {})})
     log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
