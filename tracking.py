@@ -178,13 +178,16 @@ def local_file(text, store, what):
     if Path(text).exists() or store is None:
         return text
     folder = Path(tempfile.mkdtemp(prefix="mnist-optuna-artifact-"))
-    target = folder / f"{text}.pt"
+    target = folder / text
     try:
         optuna.artifacts.download_artifact(artifact_store=store, file_path=str(target), artifact_id=text)
     except Exception as error:  # the store says "not found" in its own way
         raise UserError(f"{what} {text} is neither a file nor an artifact id in --artifacts "
                         f"({_first_line(error)})") from None
-    return str(target)
+    # the readers go by suffix: a best_params.json is JSON text, a model.pt a zip archive
+    with open(target, "rb") as file:
+        suffix = ".json" if file.read(1) == b"{" else ".pt"
+    return str(target.rename(target.with_name(text + suffix)))
 
 
 def publish(tracker, store, storage, trial, summary, model, out_dir, files):

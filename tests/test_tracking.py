@@ -70,6 +70,12 @@ def test_mlflow_and_the_artifact_store_hold_every_trial_and_the_final_model(tmp_
     by_id = run_script("MNIST-optuna.py", "--evaluate", attached["artifacts"]["model.pt"], "--artifacts", store)
     by_path = run_script("MNIST-optuna.py", "--evaluate", out / "model.pt")
     assert by_id.returncode == 0 and by_id.stdout.split("   (")[0] == by_path.stdout.split("   (")[0]
+    stage2 = run_script("MNIST-optuna.py", *TINY, "--stage", "optim", "--backbone",
+                        attached["artifacts"]["best_params.json"], "--artifacts", store, "--seeds", "0",
+                        "--n-trials", "1", "--no-final", "--out-dir", tmp_path / "stage2")
+    assert stage2.returncode == 0, stage2.stderr
+    network = json.loads((tmp_path / "stage2" / "best_params.json").read_text())["model"]
+    assert network == json.loads((out / "best_params.json").read_text())["model"]
 
     # MLflow's own server serves those runs over HTTP
     with socket.socket() as probe:
