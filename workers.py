@@ -70,7 +70,7 @@ def lost_numbers(trials):
 
 
 
-def wait_for_others(searched, poll_seconds=5):
+def wait_for_others(searched, poll_seconds=1):
     """Wait until no other worker is training a trial of these studies ((label, key, study) each), so that every
     worker that reaches the end sees the same trials, makes the same choice and one of them runs the final stage.
     A trial whose worker died is failed and queued again (RDB: no heartbeat; journal: its process on this host is
@@ -107,7 +107,7 @@ class FinalStage:
     claim of another run folder is not run again: the others print where its results are. A rerun in the same
     folder goes ahead (its checkpoints make it cheap), and --retrain-only always does.
     """
-    POLL_SECONDS = 2
+    POLL_SECONDS = 1
 
     def __init__(self, storage, study_name, key, run_id):
         self.study = optuna.create_study(study_name=f"{study_name}:final", storage=storage, load_if_exists=True,
