@@ -48,8 +48,7 @@ def test_same_seeds_same_trials_other_seed_other_trials(tmp_path):
     assert not runs["a"][params].equals(runs["c"][params])
 
 
-@pytest.mark.parametrize("search", [[], ["--skeleton", "searched", "--conv-depth", "1", "3", "--objectives", "accuracy",
-                                         "mmac", "--n-trials", "4"]], ids=["accuracy", "front"])
+@pytest.mark.parametrize("search", [[], ["--objectives", "accuracy", "mmac"]], ids=["accuracy", "front"])
 def test_search_never_reads_the_test_set(data_dir, tmp_path, search):
     # same training files, test labels shuffled: every trial value must stay the same
     shuffled = tmp_path / "shuffled"

@@ -14,7 +14,9 @@ import torch
 from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_script
 from test_distributed import POSTGRES, finish, start
 
+import tracking
 import workers
+from errors import UserError
 from final import load_test
 from storages import make_storage
 from training import load_checkpoint, predict_logits
@@ -117,6 +119,10 @@ def test_an_unusable_tracker_or_store_is_one_line_and_loses_nothing(tmp_path):
         assert says in assert_one_line_error(result)
         assert (out / "study.journal").read_bytes() == journal
     # checked before any folder is made
+    with pytest.raises(UserError, match="MLflow"):
+        tracking.Tracker("bogus://nowhere", "x")
+    with pytest.raises(UserError, match="--artifacts"):
+        tracking.open_artifact_store("/proc/no-such-folder")
     fresh = run_script("MNIST-optuna.py", *SEARCH, "--out-dir", tmp_path / "new", "--mlflow", "http://127.0.0.1:9")
     assert "MLflow" in assert_one_line_error(fresh)
     assert not (tmp_path / "new").exists()
