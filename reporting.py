@@ -45,14 +45,21 @@ def prepare_out_dir(out_dir, root="runs"):
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise UserError(f"--out-dir {out_dir} exists and was not made by this tool; "
                         "choose a new folder so nothing in it is overwritten")
+    return writable_folder(out_dir, "--out-dir", "choose a writable folder")
+
+
+def writable_folder(folder, flag, advice):
+    """`folder`, made if missing and proven writable with a probe file (root ignores permission bits, so only
+    a real write tells); otherwise one line naming `flag` and what to do."""
+    folder = Path(folder)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-check.{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise UserError(f"cannot write in --out-dir {out_dir} ({error.strerror}); choose a writable folder") from None
-    return out_dir
+        raise UserError(f"cannot write in {flag} {folder} ({error.strerror or error}); {advice}") from None
+    return folder
 
 
 def start_run(out_dir, settings):

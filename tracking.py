@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 
 from errors import UserError
+from reporting import writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +151,7 @@ def open_artifact_store(spec):
         except ImportError:
             raise UserError("--artifacts s3://… needs boto3: pip install boto3") from None
         return optuna.artifacts.Boto3ArtifactStore(spec[len("s3://"):].strip("/"), client=boto3.client("s3"))
-    folder = Path(spec)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-check.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write in --artifacts {folder} ({error.strerror or error}); pass a writable folder") \
-            from None
+    folder = writable_folder(spec, "--artifacts", "pass a writable folder")
     return optuna.artifacts.FileSystemArtifactStore(str(folder))
 
 
