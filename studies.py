@@ -161,6 +161,22 @@ def twin_of(trial):
     return None
 
 
+class TwinFound(Exception):
+    """A trial's configuration turned out, while it trained, to be trained by an earlier trial too."""
+
+    def __init__(self, twin):
+        super().__init__(f"trial {twin.number} trains the same configuration")
+        self.twin = twin
+
+
+def yield_to_twin(trial, twin, several):
+    """Leave the configuration to its twin: take the twin's accuracy when it has one, else prune."""
+    trial.set_user_attr("reason", f"{TWIN} {twin.number}; not trained again")
+    if twin.state == TrialState.COMPLETE and not several:
+        return trial_accuracy(twin)
+    raise optuna.TrialPruned(f"the configuration of trial {twin.number}, which was pruned or is training")
+
+
 def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoch=1, max_mmac=None,
               objectives=("accuracy",)):
     """Train the trial's network, report validation accuracy, prune; return the last validation accuracy, or
@@ -189,16 +205,19 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
         raise optuna.TrialPruned(f"{mmac:.1f} MMAC is over the budget of {max_mmac:g}")
     twin = twin_of(trial)
     if twin is not None:
-        trial.set_user_attr("reason", f"{TWIN} {twin.number}; not trained again")
-        if twin.state == TrialState.COMPLETE and not several:
-            return trial_accuracy(twin)
-        raise optuna.TrialPruned(f"the configuration of trial {twin.number}, which was pruned or is training")
+        return yield_to_twin(trial, twin, several)
     seed_everything(seed)
     model = build_model(model_config).to(data.train_x.device)
 
     last_step = train_cfg.epochs * reports_per_epoch
 
     def on_report(step, val_accuracy):
+        # two workers can start one configuration at the same moment, each reading the study before the
+        # other wrote its parameters; one of them always sees the other by its first report, so the later one
+        # stops here and only one of them trains (its last chance is the check after training)
+        twin = twin_of(trial)
+        if twin is not None:
+            raise TwinFound(twin)
         if several:
             return
         trial.report(val_accuracy, step)
@@ -209,8 +228,11 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     try:
         history = train(model, data.train_x, data.train_y, train_cfg, seed, val=(data.val_x, data.val_y),
                         on_report=on_report, reports_per_epoch=reports_per_epoch, background=data.background)
-        if "latency" in objectives:
+        twin = twin_of(trial)
+        if twin is None and "latency" in objectives:
             trial.set_user_attr("latency_ms", cpu_latency_ms(model))
+    except TwinFound as found:
+        twin = found.twin
     except Divergence as error:
         trial.set_user_attr("reason", f"diverged: {error}")
         raise optuna.TrialPruned(str(error)) from None
@@ -225,6 +247,8 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
         release_memory()
         if torch.cuda.is_available():  # what a trial leaves behind; flat over many trials means no leak
             trial.set_user_attr("cuda_memory_mb", torch.cuda.memory_allocated() / 2**20)
+    if twin is not None:
+        return yield_to_twin(trial, twin, several)
     measured = {"accuracy": history[-1]["val_accuracy"], "mmac": mmac,
                 "latency": trial.user_attrs.get("latency_ms")}
     return tuple(measured[name] for name in objectives) if several else measured["accuracy"]

@@ -3,9 +3,11 @@ import pytest
 import torch
 from torch import nn
 
+import studies
 import training
 from data import load_search_data
 from models import build_model
+from reporting import TWIN
 from studies import run_trial
 from training import Divergence, TrainConfig, l1_penalty, train
 
@@ -87,3 +89,26 @@ def test_device_choice():
     assert training.resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(training.UserError, match="choose one of"):
         training.resolve_device("nonsense")
+
+
+def test_of_two_trials_that_start_one_configuration_together_only_the_earlier_trains(small, monkeypatch):
+    # the race of two workers on a shared storage, in one process: the later trial checks for a twin before
+    # the earlier one has written its parameters, so only a check during training can find it
+    study = optuna.create_study(direction="maximize")
+    earlier, later = study.ask(), study.ask()
+    later.suggest_int("width", 8, 8)
+    real_train = studies.train
+
+    def train_while_the_earlier_trial_starts(*args, **kwargs):
+        earlier.suggest_int("width", 8, 8)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(studies, "train", train_while_the_earlier_trial_starts)
+    cfg = TrainConfig(epochs=2, batch_size=100)
+    with pytest.raises(optuna.TrialPruned):
+        run_trial(later, CONFIG, cfg, small, 0)
+    assert later.user_attrs["reason"] == f"{TWIN} {earlier.number}; not trained again"
+    study.tell(later, state=optuna.trial.TrialState.PRUNED)
+    monkeypatch.setattr(studies, "train", real_train)
+    assert run_trial(earlier, CONFIG, cfg, small, 0) > 0.1  # the later one does not hold the earlier one back
+    assert "reason" not in earlier.user_attrs
