@@ -112,6 +112,7 @@ def main():
     parser.add_argument("--images", type=int, default=1_500, help="training images per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; each number is their median")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--eval-images", type=int, default=5_000, help="images per evaluation measurement")
     args = parser.parse_args()
     device = resolve_device(args.device, deterministic=False)
     print(f"device: {device}, torch threads: {torch.get_num_threads()}, {args.repeats} interleaved rounds")
@@ -143,8 +144,8 @@ def main():
           f"(median of {len(all_peaks)}, interleaved with the measurements)")
     model = build_model(NETWORKS["hand recipe"]).to(device).eval()
     folded = fold_batchnorm(model)
-    x = torch.randn(5_000, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (5_000,), device=device)
+    x = torch.randn(args.eval_images, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.eval_images,), device=device)
     for batch_size in (250, 500, 1000):
         seconds = {"plain": [], "folded BN": []}
         for _ in range(max(1, args.repeats // 2)):

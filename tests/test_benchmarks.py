@@ -20,7 +20,9 @@ def test_pipeline_benchmark_prints_a_ratio():
 def test_throughput_benchmark_reports_utilisation():
     # compiling would take minutes: the eager variants only
     result = run("benchmarks/throughput.py", "--device", "cpu", "--batch-sizes", "32", "--images", "64",
-                 "--repeats", "1", "--variants", "eager channels_last", "eager contiguous")
+                 "--repeats", "1", "--variants", "eager channels_last", "eager contiguous", "--eval-images", "500")
     assert result.returncode == 0, result.stderr
     assert "fp32 matmul peak" in result.stdout and result.stdout.count("%") >= 4
     assert re.search(r"^ratio eager contiguous / eager channels_last: \d+\.\d\dx$", result.stdout, re.MULTILINE)
+    assert len(re.findall(r"^evaluation, hand recipe, batch +\d+: plain +\d+ img/s, folded BN +\d+ img/s$",
+                          result.stdout, re.MULTILINE)) == 3
