@@ -50,6 +50,24 @@ def quick_run(script, out_dir):
     return result.stdout
 
 
+# each script's --quick run is made once and read by several tests; a test that reads one carries its
+# xdist group, so pytest-xdist (--dist loadgroup) runs all of them on one worker and the run happens once
+QUICK_MAIN = pytest.mark.xdist_group("quick-main")
+QUICK_ADV = pytest.mark.xdist_group("quick-adv")
+
+
+@pytest.fixture(scope="session")
+def quick_main_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick-main") / "run"
+    return out, quick_run("MNIST-optuna.py", out)
+
+
+@pytest.fixture(scope="session")
+def quick_adv_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick-adv") / "run"
+    return out, quick_run("MNIST-optuna-adv.py", out)
+
+
 def load_script(name):
     """Import a hyphenated script as a module (nothing runs at import time)."""
     spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)

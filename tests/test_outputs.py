@@ -14,19 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import DATA_DIR, ROOT, TINY_ADV, run_script
+from conftest import DATA_DIR, QUICK_ADV, ROOT, TINY_ADV, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def quick_adv_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("adv") / "run"
-    result = run_script("MNIST-optuna-adv.py", "--quick", "--out-dir", out)
-    assert result.returncode == 0, result.stderr
-    return out, result.stdout
-
-
+@QUICK_ADV
 def test_plots_are_valid_pngs(quick_adv_run):
     out, _ = quick_adv_run
     pngs = sorted((out / "plots").glob("*.png"))
@@ -37,6 +30,7 @@ def test_plots_are_valid_pngs(quick_adv_run):
     assert (out / "plots" / "final_training.png").is_file()
 
 
+@QUICK_ADV
 def test_onnx_model_matches_pytorch(quick_adv_run):
     out, stdout = quick_adv_run
     assert (out / "model.onnx").stat().st_size > 1_000
@@ -46,6 +40,7 @@ def test_onnx_model_matches_pytorch(quick_adv_run):
     assert summary["onnx_max_abs_diff"] < 1e-4 and summary["onnx_label_agreement"] == 1.0
 
 
+@QUICK_ADV
 def test_backbone_accepts_a_checkpoint(quick_adv_run, tmp_path):
     out, _ = quick_adv_run
     result = run_script("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", out / "model.pt", "--fc-depths", "1",
@@ -93,6 +88,7 @@ def free_port():
         return probe.getsockname()[1]
 
 
+@QUICK_ADV
 def test_dashboard_lists_the_study(quick_adv_run):
     out, _ = quick_adv_run
     port = free_port()

@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import TINY, TINY_CNN, load_script, run_script
+from conftest import QUICK_MAIN, TINY, TINY_CNN, load_script, run_script
 from test_distributed import finish, start
 from test_resume import kill_inside_a_trial
 from torch import nn
@@ -99,13 +99,11 @@ def test_an_out_of_memory_trial_fails_with_its_reason_and_the_study_goes_on(smal
     assert second.state.name == "COMPLETE" and second.value > 0.1
 
 
-def test_onnx_file_gives_the_logits_of_model_pt(tmp_path, data_dir):
+@QUICK_MAIN
+def test_onnx_file_gives_the_logits_of_model_pt(quick_main_run, data_dir):
     import onnxruntime
 
-    out = tmp_path / "run"
-    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "1", "--promote", "0",
-                        "--no-plots", "--out-dir", out)
-    assert result.returncode == 0, result.stderr
+    out, _ = quick_main_run
     model, payload = training.load_checkpoint(out / "model.pt")
     images, _ = load_test(data_dir, torch.device("cpu"), payload["meta"]["mean"], payload["meta"]["std"])
     images = images[:500].contiguous()

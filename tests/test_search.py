@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
+    QUICK_MAIN,
     TINY,
     TINY_CNN,
     assert_one_line_error,
     load_script,
-    quick_run,
     run_script,
 )
 
@@ -25,9 +25,9 @@ def trials(out_dir):
     return frame[COLUMNS + values + params]
 
 
-def test_quick_run_end_to_end(tmp_path):
-    out = tmp_path / "quick"
-    quick_run("MNIST-optuna.py", out)
+@QUICK_MAIN
+def test_quick_run_end_to_end(quick_main_run):
+    out, _ = quick_main_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
     assert 0.5 < summary["test_accuracy"] <= 1
@@ -36,21 +36,10 @@ def test_quick_run_end_to_end(tmp_path):
     assert len(trials(out)) == 4 and set(trials(out)["seed"]) == {0, 1}
 
 
-def test_same_seeds_same_trials_other_seed_other_trials(tmp_path):
-    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--n-startup-trials", "2", "--no-final"]
-    runs = {}
-    for name, seeds in (("a", ["5"]), ("b", ["5"]), ("c", ["6"])):
-        result = run_script("MNIST-optuna.py", *args, "--seeds", *seeds, "--out-dir", tmp_path / name)
-        assert result.returncode == 0, result.stderr
-        runs[name] = trials(tmp_path / name)
-    pd.testing.assert_frame_equal(runs["a"], runs["b"])
-    params = [c for c in runs["a"].columns if c.startswith("params_")]
-    assert not runs["a"][params].equals(runs["c"][params])
-
-
 @pytest.mark.parametrize("search", [[], ["--objectives", "accuracy", "mmac"]], ids=["accuracy", "front"])
-def test_search_never_reads_the_test_set(data_dir, tmp_path, search):
-    # same training files, test labels shuffled: every trial value must stay the same
+def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_dir, tmp_path, search):
+    # two runs of one seed, the second with the test labels shuffled: every trial (TPE's proposals after its
+    # two random ones included), value and validation choice must be the same, and only the test accuracy moves
     shuffled = tmp_path / "shuffled"
     (shuffled / "MNIST" / "raw").mkdir(parents=True)
     for path in (data_dir / "MNIST" / "raw").iterdir():
@@ -63,9 +52,9 @@ def test_search_never_reads_the_test_set(data_dir, tmp_path, search):
     labels_path.chmod(0o644)
     labels_path.write_bytes(bytes(content))
 
-    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--seeds", "0", "--promote", "2", "--no-plots", *search]
-    real = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "real")
-    fake = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "fake", data_dir=shuffled)
+    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--n-startup-trials", "2", "--promote", "2", "--no-plots", *search]
+    real = run_script("MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "real")
+    fake = run_script("MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "fake", data_dir=shuffled)
     assert real.returncode == 0 and fake.returncode == 0, real.stderr + fake.stderr
     pd.testing.assert_frame_equal(trials(tmp_path / "real"), trials(tmp_path / "fake"))
     summary_real = json.loads((tmp_path / "real" / "summary.json").read_text())
@@ -76,6 +65,11 @@ def test_search_never_reads_the_test_set(data_dir, tmp_path, search):
     assert promoted(summary_real) == promoted(summary_fake)
     assert summary_real.get("front") == summary_fake.get("front") and summary_real["best"] == summary_fake["best"]
     assert summary_fake["test_accuracy"] < 0.3 < summary_real["test_accuracy"]  # read once, after the choice
+    if not search:  # and another seed gives other trials
+        other = run_script("MNIST-optuna.py", *args, "--seeds", "6", "--no-final", "--out-dir", tmp_path / "other")
+        assert other.returncode == 0, other.stderr
+        params = [c for c in trials(tmp_path / "real").columns if c.startswith("params_")]
+        assert not trials(tmp_path / "real")[params].equals(trials(tmp_path / "other")[params])
 
 
 @pytest.mark.parametrize("flags, says", [
