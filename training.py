@@ -93,10 +93,7 @@ def resolve_device(name, deterministic=True):
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
-    if name != "cpu":
-        # the CPU kernels of these networks are deterministic for a fixed thread count already (the tests train
-        # twice and compare the weights); the switch itself imports torch's compiler, 1.3 s of every run here
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return torch.device(name)
 
 

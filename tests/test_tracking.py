@@ -38,7 +38,7 @@ def test_mlflow_and_the_artifact_store_hold_every_trial_and_the_final_model(tmp_
         port = probe.getsockname()[1]
     # MLflow's own server on the same store, started now: it takes tens of seconds to come up
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                               "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         check_runs_and_files(tmp_path, out, db, store, port)
