@@ -76,6 +76,31 @@ def load_script(name):
     return module
 
 
+def run_in_process(capsys, script, *args):
+    """A script's main() through cli.run in this process, as run_script would run it (a CompletedProcess with its
+    exit code and output): for runs that stop at a bad flag, without the seconds a new Python needs for torch.
+    An exception that cli.run lets through (a traceback in a terminal) fails the test."""
+    import logging
+    import signal
+
+    import cli
+
+    module = load_script(script)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    logging_state = root.handlers[:], root.level
+    command = [*map(str, args)] + ([] if "--data-dir" in args else ["--data-dir", str(DATA_DIR)])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run(module.main, command)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        root.handlers[:], root.level = logging_state
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *command], exited.value.code, out, err)
+
+
 def assert_one_line_error(result):
     assert result.returncode == 2, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -1,20 +1,15 @@
-"""MNIST-optuna-adv.py: the distinct FC grid, its seed lock, resume after a kill, and pruning."""
+"""MNIST-optuna-adv.py: the distinct FC grid, its seed lock and pruning (resume after a kill: tests/test_resume.py)."""
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
 from conftest import (
-    DATA_DIR,
     QUICK_ADV,
-    ROOT,
     TINY_ADV,
     assert_one_line_error,
     load_script,
+    run_in_process,
     run_script,
 )
 
@@ -66,32 +61,6 @@ def test_same_seed_same_order_and_values(tmp_path):
     assert adv.grid_order(heads, 3) != adv.grid_order(heads, 4)
 
 
-def test_killed_run_resumes_and_finishes_every_network_once(tmp_path):
-    out = tmp_path / "run"
-    args = [*TINY_ADV, "--fc-depths", "1", "2", "--fc-widths", "8,16,32", "8,16", "--no-final", "--out-dir", out,
-            "--data-dir", DATA_DIR]
-    worker = subprocess.Popen([sys.executable, str(ROOT / "MNIST-optuna-adv.py"), *map(str, args)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trial_lines = 0
-    for line in worker.stdout:
-        trial_lines += line.lstrip().startswith("trial")
-        if trial_lines == 2:
-            break
-    time.sleep(0.3)  # let it get into the next trial
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=30)
-    assert worker.returncode == -signal.SIGKILL
-
-    result = run_script("MNIST-optuna-adv.py", *args[:-2], "--data-dir", DATA_DIR)
-    assert result.returncode == 0, result.stderr
-    heads = finished(out)["params_fc"].astype(str)
-    assert sorted(heads) == sorted(adv.head_grid([1, 2], [[8, 16, 32], [8, 16]]))  # all 9, each once
-    rows = len(pd.read_csv(out / "trials.csv"))
-    rerun = run_script("MNIST-optuna-adv.py", *args[:-2], "--data-dir", DATA_DIR)
-    assert rerun.returncode == 0 and "grid is finished already" in rerun.stdout
-    assert len(pd.read_csv(out / "trials.csv")) == rows  # nothing trained again
-
-
 def test_median_pruner_prunes_a_crippled_network(tmp_path):
     heads = adv.head_grid([1], [[1, 32, 64, 128]])
     # a grid seed that does not put the width-1 network among the trials the pruner waits for
@@ -109,10 +78,10 @@ def test_median_pruner_prunes_a_crippled_network(tmp_path):
 
 
 @pytest.mark.parametrize("content, says", [("{not json", "not valid JSON"), ('{"model": {}}', "no 'model'")])
-def test_bad_backbone_file_is_one_line_exit_2(tmp_path, content, says):
+def test_bad_backbone_file_is_one_line_exit_2(capsys, tmp_path, content, says):
     path = tmp_path / "backbone.json"
     path.write_text(content)
-    result = run_script("MNIST-optuna-adv.py", "--quick", "--backbone", path, "--out-dir", tmp_path / "out")
+    result = run_in_process(capsys, "MNIST-optuna-adv.py", "--quick", "--backbone", path, "--out-dir", tmp_path / "out")
     assert says in assert_one_line_error(result)
 
 

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import optuna
@@ -12,6 +13,7 @@ from conftest import DATA_DIR, ROOT, TINY, TINY_ADV, TINY_CNN, load_script
 
 from reporting import trained
 from storages import make_storage
+from studies import trial_seed
 
 adv = load_script("MNIST-optuna-adv.py")
 POSTGRES = os.environ.get("MNIST_OPTUNA_POSTGRES")
@@ -66,7 +68,9 @@ def test_two_adv_workers_share_one_grid(storage, tmp_path):
     assert sorted(done) == sorted(GRID_HEADS)  # every network once: none lost, none twice
 
 
-def test_two_tpe_workers_add_up(storage, tmp_path):
+def test_two_tpe_workers_add_up(tmp_path):
+    # on PostgreSQL; two TPE workers on one journal: tests/test_resume.py
+    storage = postgres_or_skip()
     prefix = f"tpe-{uuid.uuid4().hex[:8]}"
     common = [*TINY, *TINY_CNN, "--seeds", "0", "--storage", storage, "--study-prefix", prefix, "--no-final"]
     workers = [start("MNIST-optuna.py", *common, "--n-trials", n, "--out-dir", tmp_path / f"w{n}") for n in (2, 3)]
@@ -83,6 +87,18 @@ def wait_for_trial_lines(worker, count):
         if sum(text.lstrip().startswith(("trial", "seed")) and "trial" in text for text in seen) >= count:
             return "".join(seen)
     raise AssertionError("the worker ended before it finished enough trials:\n" + "".join(seen))
+
+
+def kill_inside_a_trial(worker, journal, name, after, signal_number=signal.SIGKILL):
+    """Send the signal (SIGKILL: no warning) while the worker trains the trial after its first `after` lines."""
+    wait_for_trial_lines(worker, after)
+    for _ in range(400):
+        study = optuna.load_study(study_name=name, storage=make_storage(str(journal), None))
+        if any(t.state.name == "RUNNING" and "model" in t.user_attrs for t in study.trials):
+            break
+        time.sleep(0.05)
+    worker.send_signal(signal_number)
+    worker.wait(timeout=60)
 
 
 def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
@@ -114,34 +130,40 @@ def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
     assert sorted(done) == sorted(GRID_HEADS)
 
 
-@pytest.mark.parametrize("stop, code_expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_keeps_the_study_and_a_rerun_completes_it(tmp_path, stop, code_expected):
+def test_ctrl_c_and_sigterm_keep_the_study_and_a_rerun_completes_it(tmp_path):
     out = tmp_path / "run"
-    # trials of a few seconds, so the signal lands inside the search
+    journal, name = out / "study.journal", "mnist-cnn-seed0"
+    # trials of a few seconds, so each signal lands inside the search
     args = [*TINY, *TINY_CNN, "--train-subset", "5000", "--epochs", "2", "--seeds", "0", "--n-trials", "4",
             "--no-final", "--out-dir", out]
-    worker = start("MNIST-optuna.py", *args)
-    before = wait_for_trial_lines(worker, 1)
-    worker.send_signal(stop)
-    code, output = finish(worker)
-    assert code == code_expected, before + output
-    assert "==== summary ====" in output and "rerun the same command" in output
-    assert "Traceback" not in output  # neither ours nor Optuna's logged one
-
-    study = load(str(out / "study.journal"), "mnist-cnn-seed0")
-    rows = (out / "trials.csv").read_text().strip().splitlines()[1:]
-    assert len(rows) == len(study.trials)  # trials.csv was written after the stop
-    finished_before = sum(t.state.name in ("COMPLETE", "PRUNED") and trained(t) for t in study.trials)
-    assert 1 <= finished_before < 4
+    finished = 0
+    for stop, code_expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        worker = start("MNIST-optuna.py", *args)
+        kill_inside_a_trial(worker, journal, name, after=1, signal_number=stop)
+        code, output = finish(worker)
+        assert code == code_expected, output
+        assert "==== summary ====" in output and "rerun the same command" in output
+        assert "Traceback" not in output  # neither ours nor Optuna's logged one
+        study = load(str(journal), name)
+        rows = (out / "trials.csv").read_text().strip().splitlines()[1:]
+        assert len(rows) == len(study.trials)  # trials.csv was written after the stop
+        now = sum(t.state.name in ("COMPLETE", "PRUNED") and trained(t) for t in study.trials)
+        assert finished < now < 4
+        finished = now
 
     code, output = finish(start("MNIST-optuna.py", *args))
     assert code == 0, output
-    study = load(str(out / "study.journal"), "mnist-cnn-seed0")
+    study = load(str(journal), name)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") and trained(t) for t in study.trials) == 4
-    interrupted = [t for t in study.trials if t.state.name == "FAIL"]
-    assert all(t.user_attrs.get("reason") == "interrupted" for t in interrupted)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
+    # each stopped trial ran again, once, with its parameters and their seed
+    interrupted = [t for t in study.trials if t.state.name == "FAIL"]
+    assert interrupted and all(t.user_attrs.get("reason") == "interrupted" for t in interrupted)
+    for trial in interrupted:
+        retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert len(retried) == 1 and retried[0].state.name in ("COMPLETE", "PRUNED")
+        assert retried[0].params == trial.params and retried[0].user_attrs["seed"] == trial_seed(0, trial.params)
 
 
 SIGINT_INSIDE_CLEANUP = """

@@ -4,7 +4,7 @@ import signal
 
 import optuna
 import pytest
-from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_script
+from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_in_process, run_script
 from test_distributed import finish, start
 
 pytestmark = pytest.mark.timeout(600)
@@ -116,9 +116,9 @@ def test_an_unreachable_database_leaves_no_empty_folder(tmp_path):
     ("MNIST-optuna-adv.py", ["--seed", "-1"], "--seed"),
     ("MNIST-optuna.py", ["--out-dir", "/proc/mnist-optuna-out"], "--out-dir"),
 ])
-def test_values_beyond_what_the_libraries_take_are_one_line(tmp_path, script, flags, says):
+def test_values_beyond_what_the_libraries_take_are_one_line(capsys, tmp_path, script, flags, says):
     args = ["--quick", *flags] + ([] if "--out-dir" in flags else ["--out-dir", tmp_path / "out"])
-    assert says in assert_one_line_error(run_script(script, *args))
+    assert says in assert_one_line_error(run_in_process(capsys, script, *args))
 
 
 def test_stopping_a_retrain_keeps_the_previous_summary_and_model(tmp_path):

@@ -1,14 +1,12 @@
-"""Issue 13: tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, requeue, grid seed)."""
+"""Issue 13: tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, grid seed, ensembles);
+Ctrl-C rerunning its trial: tests/test_distributed.py."""
 import json
-import signal
 
 import numpy as np
 import optuna
 import pytest
 import torch
 from conftest import QUICK_MAIN, TINY, TINY_CNN, load_script, run_script
-from test_distributed import finish, start
-from test_resume import kill_inside_a_trial
 from torch import nn
 
 import studies
@@ -16,7 +14,6 @@ import training
 from data import load_search_data
 from final import load_test
 from models import build_model
-from storages import make_storage
 from training import TrainConfig, train
 
 CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
@@ -114,25 +111,6 @@ def test_onnx_file_gives_the_logits_of_model_pt(quick_main_run, data_dir):
     got = session.run(None, {"image": images.numpy()})[0]
     assert got.shape == (500, 10) and np.abs(got - expected).max() < 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
-
-
-def test_ctrl_c_reruns_the_interrupted_trial_with_its_parameters(tmp_path):
-    out = tmp_path / "run"
-    args = [*TINY, *TINY_CNN, "--train-subset", "5000", "--epochs", "2", "--seeds", "0", "--n-trials", "3",
-            "--no-final", "--out-dir", out]
-    worker = start("MNIST-optuna.py", *args)
-    kill_inside_a_trial(worker, out / "study.journal", "mnist-cnn-seed0", after=1, signal_number=signal.SIGINT)
-    assert worker.returncode == 130
-    code, output = finish(start("MNIST-optuna.py", *args))
-    assert code == 0, output
-    storage = make_storage(str(out / "study.journal"), None)
-    trials = optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).trials
-    interrupted = [t for t in trials if t.state.name == "FAIL"]
-    assert len(interrupted) == 1 and interrupted[0].user_attrs["reason"] == "interrupted"
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted[0].number]
-    assert len(retried) == 1 and retried[0].state.name in ("COMPLETE", "PRUNED")
-    assert retried[0].params == interrupted[0].params and retried[0].user_attrs["seed"] == \
-        studies.trial_seed(0, interrupted[0].params)
 
 
 def test_the_grid_order_follows_the_seed():

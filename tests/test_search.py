@@ -11,6 +11,7 @@ from conftest import (
     TINY_CNN,
     assert_one_line_error,
     load_script,
+    run_in_process,
     run_script,
 )
 
@@ -82,9 +83,11 @@ def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_d
     (["--pruner", "bogus"], "--pruner"),
     (["--conv-filters", "32", "16", "8"], "--conv-filters"),
 ])
-def test_bad_flags_get_one_line_and_exit_2(tmp_path, flags, says):
-    result = run_script("MNIST-optuna.py", "--quick", *flags, "--out-dir", tmp_path / "out")
+def test_bad_flags_get_one_line_and_exit_2(capsys, tmp_path, flags, says):
+    # in-process; test_an_unrelated_folder_is_never_overwritten runs such a refusal as its own process
+    result = run_in_process(capsys, "MNIST-optuna.py", "--quick", *flags, "--out-dir", tmp_path / "out")
     assert says in assert_one_line_error(result)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unrelated_folder_is_never_overwritten(tmp_path):
