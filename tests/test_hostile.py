@@ -32,7 +32,7 @@ def test_a_rerun_that_changes_the_search_is_refused(tmp_path):
     assert len(study_trials(out / "study.journal")) == rows  # nothing was added to the old study
 
     # settings of the final stage do not change the search: allowed, and nothing is searched again
-    final = run_script("MNIST-optuna.py", *SEARCH, "--final-epochs", "2", "--out-dir", out)
+    final = run_script("MNIST-optuna.py", *SEARCH, "--final-epochs", "2", "--promote", "0", "--out-dir", out)
     assert final.returncode == 0, final.stderr
     assert len(study_trials(out / "study.journal")) == rows
     # explicit consent continues the study with the new settings
@@ -80,7 +80,8 @@ def test_a_torn_last_journal_record_is_mended_and_kept(tmp_path):
     assert len(backups) == 1 and backups[0].read_bytes() == original[:-40]
     finished = [t for t in study_trials(journal) if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) >= 3  # readable, and the study went on
-    again = run_script("MNIST-optuna.py", *SEARCH, "--n-trials", "3", "--retrain-only", "--out-dir", out)
+    again = run_script("MNIST-optuna.py", *SEARCH, "--n-trials", "3", "--retrain-only", "--promote", "0",
+                       "--out-dir", out)
     assert again.returncode == 0 and "test accuracy:" in again.stdout, again.stderr
 
 
