@@ -239,9 +239,6 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     except (torch.OutOfMemoryError, MemoryError) as error:
         trial.set_user_attr("reason", f"out of memory: {str(error).splitlines()[0] if str(error) else ''}")
         raise
-    except KeyboardInterrupt:
-        trial.set_user_attr("reason", INTERRUPTED)  # Optuna marks it failed; a rerun queues it again
-        raise
     finally:
         del model
         release_memory()
@@ -308,10 +305,17 @@ def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None, 
     """The objective of a search: claim the trial (so a worker killed at any later point leaves a trial that
     requeue_lost_trials recognises), let `suggest(trial)` give (model config, TrainConfig), train it."""
     def objective(trial):
-        claim(trial, run.run_id)
-        model_config, train_cfg = suggest(trial)
-        return run_trial(trial, model_config, train_cfg, run.data, study_seed, reports_per_epoch, max_mmac,
-                         objectives)
+        try:
+            claim(trial, run.run_id)
+            model_config, train_cfg = suggest(trial)
+            return run_trial(trial, model_config, train_cfg, run.data, study_seed, reports_per_epoch, max_mmac,
+                             objectives)
+        except BaseException as error:
+            # Ctrl-C or SIGTERM at any point of the trial, not only in training: Optuna marks it failed, and
+            # this reason makes a rerun queue it again (a trial without it would count as a real failure)
+            if interrupted_by_user(error):
+                trial.set_user_attr("reason", INTERRUPTED)
+            raise
     return objective
 
 

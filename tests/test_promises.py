@@ -1,6 +1,7 @@
-"""Issue 13: tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, grid seed, ensembles);
-Ctrl-C rerunning its trial: tests/test_distributed.py."""
+"""Issue 13: tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, grid seed, ensembles,
+a stop before training); Ctrl-C and SIGTERM end to end: tests/test_distributed.py."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -11,6 +12,7 @@ from torch import nn
 
 import studies
 import training
+import workers
 from data import load_search_data
 from final import load_test
 from models import build_model
@@ -131,3 +133,21 @@ def test_ensemble_members_are_distinct_configurations(tmp_path):
                                                               out / "ensemble-2.pt")]
     keys = {json.dumps([m["config"], m["train"]], sort_keys=True) for m in members}
     assert len(keys) == 3
+
+
+def test_ctrl_c_before_training_still_queues_the_trial_again():
+    # a stop that lands while the trial is being set up (its parameters drawn, nothing trained yet) is an
+    # interruption like one in training: the rerun must queue the trial again, not count it as a failure
+    def suggest(trial):
+        trial.suggest_int("width", 8, 64)
+        raise KeyboardInterrupt
+
+    study = optuna.create_study(direction="maximize")
+    objective = studies.run_objective(SimpleNamespace(run_id="run", data=None), suggest, 0)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=1)
+    (stopped,) = study.trials
+    assert stopped.state.name == "FAIL" and stopped.user_attrs["reason"] == "interrupted"
+    assert not studies.counted(stopped)
+    assert workers.requeue_lost_trials(study) == 1
+    assert study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0].params == stopped.params
