@@ -214,7 +214,7 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     def on_report(step, val_accuracy):
         # two workers can start one configuration at the same moment, each reading the study before the
         # other wrote its parameters; one of them always sees the other by its first report, so the later one
-        # stops here and only one of them trains (its last chance is the check after training)
+        # stops here and only one of them trains (the last report comes after the last training step)
         twin = twin_of(trial)
         if twin is not None:
             raise TwinFound(twin)
@@ -228,8 +228,7 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     try:
         history = train(model, data.train_x, data.train_y, train_cfg, seed, val=(data.val_x, data.val_y),
                         on_report=on_report, reports_per_epoch=reports_per_epoch, background=data.background)
-        twin = twin_of(trial)
-        if twin is None and "latency" in objectives:
+        if "latency" in objectives:
             trial.set_user_attr("latency_ms", cpu_latency_ms(model))
     except TwinFound as found:
         twin = found.twin
