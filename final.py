@@ -11,7 +11,6 @@ import torch
 
 from cli import stop_code
 from data import (
-    ensure_files,
     final_training_set,
     normalise,
     promotion_training_set,
@@ -75,7 +74,6 @@ class FinalConfig:
 
 def load_test(data_dir, device, mean, std):
     """The test set, normalised with the training statistics: read only after the search and its choice."""
-    ensure_files(data_dir)
     images, labels = read_split(data_dir, "test")
     return normalise(images, mean, std, device), labels.to(device)
 
