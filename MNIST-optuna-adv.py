@@ -21,6 +21,7 @@ import studies
 import workers
 from models import normalise_config
 from reporting import network_of, read_backbone, summarise
+from training import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,14 @@ L1 = 0.0                      # explicit L1 penalty on weights (torch has no bui
 AUGMENT = False               # small random affine per batch on the device (results are labelled)
 LABEL_SMOOTHING = 0.0         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
+PRECISION = "auto"            # auto | fp32 | bf16: bf16 autocast in training (weights fp32); auto: where native
 # ---- final model -------------------------------------------------------------
 PROMOTE = 0                   # N > 1: the N best distinct heads retrained like the final model, chosen on validation
+PROMOTE_EPOCHS = None         # epochs of each promoted retrain; None: FINAL_EPOCHS
 FINAL_EPOCHS = 6              # retrain of the best network on train+validation
+FINAL_EMA = 0.5               # > 0: promoted and final models keep a moving average of their weights over about this
+                              # many epochs (the average is scored and saved); 0: the last weights
+TTA = False                   # score promoted, final and ensemble models on the image and its 4 one-pixel shifts
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct networks and average their softmax
@@ -129,8 +135,9 @@ def main(argv=None):
     cli.setup_logging(args.verbose, args.quiet)
     heads = head_grid(args.fc_depths, args.fc_widths)
     backbone = backbone_of(args)
-    train_cfg = studies.train_config(args)  # unknown optimizer or schedule names fail here, before any work
+    studies.train_config(args)  # unknown optimizer or schedule names fail here, before any work
     run = studies.open_run(args, args.seed, record={"backbone_conv": backbone}, experiment=args.study_name)
+    train_cfg = studies.train_config(args, run.precision)
     if run.device.type == "cpu" and args.device == "auto":
         print("no CUDA GPU found: the search and the retrain of the best network run on the CPU")
 
@@ -169,7 +176,7 @@ def main(argv=None):
     ranked, _ = studies.rank(searched, ("accuracy",))
     _, summary = summarise(searched, run.out_dir, time.perf_counter() - started, head_of, ranked,
                            extra={"grid_size": len(heads)})
-    return final.finish(final.FinalConfig.from_args(args), run, [trial for _, trial in ranked], summary, interrupted,
+    return final.finish(final.FinalConfig.from_args(args, run.precision), run, [trial for _, trial in ranked], summary, interrupted,
                         meta={"grid_seed": args.seed}, plot_studies=([study], study))
 
 
@@ -183,7 +190,8 @@ def build_parser():
         "MEDIAN_STARTUP_TRIALS": cli.nonneg_int, "MEDIAN_WARMUP_STEPS": cli.nonneg_int, "DROPOUT": cli.fraction,
         "TRAIN_SUBSET": cli.optional_positive_int, "FINAL_SUBSET": cli.optional_positive_int,
         "WEIGHT_DECAY": cli.nonneg_float, "L1": cli.nonneg_float, "LABEL_SMOOTHING": cli.fraction,
-        "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int})
+        "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int, "PRECISION": cli.one_of(*PRECISIONS),
+        "PROMOTE_EPOCHS": cli.optional_positive_int, "FINAL_EMA": cli.nonneg_float})
     cli.add_run_flags(parser, QUICK)
     return parser
 

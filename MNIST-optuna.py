@@ -22,7 +22,7 @@ import final
 import studies
 import workers
 from reporting import network_of, read_backbone, summarise, training_of
-from training import TrainConfig
+from training import PRECISIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 # ---- study -------------------------------------------------------------------
@@ -49,6 +49,7 @@ WEIGHT_DECAY = 5e-4           # L2 through the optimizer
 L1 = 0.0                      # explicit L1 penalty on weights (torch has no built-in)
 LABEL_SMOOTHING = 0.1         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
+PRECISION = "auto"            # auto | fp32 | bf16: bf16 autocast in training (weights fp32); auto: where native
 # ---- search space (model hyperparameters) -------------------------------------
 SKELETON = "fixed"            # fixed: CONV_LAYERS blocks pooled after POOL_AFTER | searched: depth and pools too
 CONV_LAYERS = 5               # fixed skeleton: conv blocks (conv -> BN -> LeakyReLU), as in the original
@@ -76,7 +77,11 @@ OPTIM_LABEL_SMOOTHING = (0.0, 0.15)  # range
 OPTIM_EPOCHS = (2, 5)         # epochs per trial; the upper end is the pruner's last step
 # ---- final model -------------------------------------------------------------
 PROMOTE = 3                   # the N best distinct trials retrained like the final model, chosen on validation
-FINAL_EPOCHS = 12             # retrain of the chosen network on train+validation (and of the promoted ones)
+PROMOTE_EPOCHS = 4            # epochs of each promoted retrain (on the 50,000 training images); None: FINAL_EPOCHS
+FINAL_EPOCHS = 8              # retrain of the chosen network on train+validation
+FINAL_EMA = 0.5               # > 0: promoted and final models keep a moving average of their weights over about this
+                              # many epochs (the average is scored and saved); 0: the last weights
+TTA = False                   # score promoted, final and ensemble models on the image and its 4 one-pixel shifts
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct configs and average their softmax
@@ -91,7 +96,7 @@ EVALUATE = []                 # checkpoints (model.pt) to evaluate on the test s
 
 QUICK = dict(SEEDS=[0, 1], N_TRIALS=2, N_STARTUP_TRIALS=2, EPOCHS=1, TRAIN_SUBSET=5000, VAL_SIZE=2000,
              BATCH_SIZE=64, CONV_LAYERS=3, POOL_AFTER=[1, 2], CONV_FILTERS=(8, 16, 8), FC_WIDTH=(32, 64, 32),
-             PROMOTE=2, FINAL_EPOCHS=1, FINAL_SUBSET=10000)
+             PROMOTE=2, PROMOTE_EPOCHS=None, FINAL_EPOCHS=1, FINAL_SUBSET=10000)
 
 
 def suggest_model(trial, args):
@@ -138,7 +143,7 @@ def optim_space(args):
     return ranges, choices
 
 
-def suggest_training(trial, args):
+def suggest_training(trial, args, precision):
     """Stage 2: the optimization and regularization hyperparameters of one trial."""
     ranges, choices = optim_space(args)
     use_l1 = trial.suggest_categorical("use_l1", [False, True])
@@ -151,7 +156,7 @@ def suggest_training(trial, args):
         weight_decay=trial.suggest_float("weight_decay", *ranges["weight_decay"], log=True),
         l1=trial.suggest_float("l1", *ranges["l1"], log=True) if use_l1 else 0.0,
         label_smoothing=trial.suggest_float("label_smoothing", *ranges["label_smoothing"]),
-        augment=args.augment, compile=args.compile)
+        augment=args.augment, compile=args.compile, precision=precision)
 
 
 def recipe_params(train, args):
@@ -205,8 +210,8 @@ def main(argv=None):
 
     def suggest(trial):  # (the network, its training) of one trial
         if network:
-            return network, suggest_training(trial, args)
-        return suggest_model(trial, args), studies.train_config(args)
+            return network, suggest_training(trial, args, run.precision)
+        return suggest_model(trial, args), studies.train_config(args, run.precision)
 
     started, searched, interrupted = time.perf_counter(), [], False
     describe_trial = training_of if network else network_of
@@ -239,7 +244,7 @@ def main(argv=None):
     best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
                               args.objectives, args.pick_mmac)
     best_study = next((study for _, seed, study in searched if best and seed == summary["best"]["seed"]), None)
-    return final.finish(final.FinalConfig.from_args(args), run, [trial for _, trial in ranked], summary,
+    return final.finish(final.FinalConfig.from_args(args, run.precision), run, [trial for _, trial in ranked], summary,
                         interrupted, meta={"study_seed": summary["best"] and summary["best"]["seed"],
                                            "stage": args.stage},
                         plot_studies=([study for _, _, study in searched], best_study,
@@ -255,7 +260,8 @@ def build_parser():
         "TRAIN_SUBSET": cli.optional_positive_int, "FINAL_SUBSET": cli.optional_positive_int,
         "WEIGHT_DECAY": cli.nonneg_float, "L1": cli.nonneg_float, "LABEL_SMOOTHING": cli.fraction,
         "DROPOUT": cli.fraction, "OPTIM_LABEL_SMOOTHING": cli.fraction, "STAGE": cli.one_of("model", "optim"),
-        "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int, "POOL_AFTER": (cli.positive_int, "*"),
+        "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int, "PRECISION": cli.one_of(*PRECISIONS),
+        "PROMOTE_EPOCHS": cli.optional_positive_int, "FINAL_EMA": cli.nonneg_float, "POOL_AFTER": (cli.positive_int, "*"),
         "MAX_MMAC": cli.positive_float, "OBJECTIVES": cli.one_of(*studies.DIRECTIONS),
         "PICK_MMAC": cli.optional_positive_float, "MAX_POOLS": cli.nonneg_int,
         "SKELETON": cli.one_of("fixed", "searched")})

@@ -36,6 +36,7 @@ from training import (
     TrainConfig,
     derive_seed,
     describe_device,
+    evaluate,
     export_onnx,
     load_checkpoint,
     onnx_parity,
@@ -54,7 +55,11 @@ log = logging.getLogger(__name__)
 class FinalConfig:
     """What happens after the search: the --promote, --final-*, --ensemble, --augment and output flags."""
     promote: int = 0       # N > 1: the N best distinct trials retrained like the final model, chosen on validation
-    epochs: int = 8        # of the final retrain (and of each promoted one)
+    epochs: int = 8        # of the final retrain (and of each promoted one unless promote_epochs)
+    promote_epochs: int = None  # epochs of each promoted retrain; None: `epochs`
+    ema: float = 0.0       # > 0: the final (and promoted) retrains keep a moving average of the weights (epochs)
+    tta: bool = False      # score promoted, final and ensemble models with shift test-time augmentation
+    precision: str = "fp32"  # of every retrain: the run's resolved --precision
     subset: int = None     # None: all 60,000 images; else a stratified subset (quick runs)
     seeds: int = 1         # N > 1: the chosen network retrained N times with different seeds
     ensemble: int = 0      # K > 1: the K first distinct configurations retrained, their softmax averaged
@@ -66,10 +71,17 @@ class FinalConfig:
     plots: bool = True
 
     @classmethod
-    def from_args(cls, args):
-        return cls(promote=args.promote, epochs=args.final_epochs, subset=args.final_subset, seeds=args.final_seeds,
-                   ensemble=args.ensemble, augment=args.augment, compile=args.compile, skip=args.no_final,
-                   again=args.retrain_only, shared=args.storage is not None, plots=not args.no_plots)
+    def from_args(cls, args, precision):
+        return cls(promote=args.promote, epochs=args.final_epochs, promote_epochs=args.promote_epochs,
+                   ema=args.final_ema, tta=args.tta, precision=precision, subset=args.final_subset,
+                   seeds=args.final_seeds, ensemble=args.ensemble, augment=args.augment, compile=args.compile,
+                   skip=args.no_final, again=args.retrain_only, shared=args.storage is not None,
+                   plots=not args.no_plots)
+
+    @property
+    def label(self):
+        """What every result of these retrains is labelled with: augmentation, test-time augmentation."""
+        return (" (with augmentation)" if self.augment else "") + (" (shift TTA)" if self.tta else "")
 
 
 def load_test(data_dir, device, mean, std):
@@ -147,14 +159,14 @@ def waiting(claim):
 def final_key(trial, cfg):
     """What a final stage is for: the search's choice and every setting of the stage."""
     return json.dumps([trial.user_attrs.get("study"), trial.number, cfg.promote, cfg.epochs, cfg.subset, cfg.seeds,
-                       cfg.ensemble, cfg.augment])
+                       cfg.ensemble, cfg.augment, cfg.promote_epochs, cfg.ema, cfg.tta, cfg.precision])
 
 
 def retrain_chosen(cfg, run, ranking, summary, meta):
     """Promotion (with --promote), the retrain of the chosen network, the test read once, ONNX, seed repeats and the
     ensemble; returns (summary with the results, the model, its training history, the chosen trial)."""
     data, out_dir = run.data, run.out_dir
-    label = " (with augmentation)" if cfg.augment else ""
+    label = cfg.label
     meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std}
     if cfg.promote > 1:
         promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, out_dir)
@@ -174,11 +186,12 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
         with progress(cfg.epochs, "final epochs", "epoch") as bar:
             return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
                                     checkpoint, info, on_epoch=lambda record: bar.update(1),
-                                    background=data.background)
+                                    background=data.background, tta=cfg.tta)
 
     x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
     log.info(f"\nretraining on {len(y)} train+validation images for {cfg.epochs} epochs{label} "
-             f"on {describe_device(run.device)}")
+             f"on {describe_device(run.device)}, {cfg.precision}"
+             f"{f', weights averaged over {cfg.ema:g} epochs' if cfg.ema else ''}")
     model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
     print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
           f"(final training {seconds:.0f} s on {len(y)} images)")
@@ -186,14 +199,16 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
     max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
     print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
           f"{100 * agreement:.1f} %")
-    summary = {**summary, "test_accuracy": test_accuracy, "augment": cfg.augment, "final_seconds": seconds,
+    summary = {**summary, "test_accuracy": test_accuracy, "augment": cfg.augment, "tta": cfg.tta,
+               "precision": cfg.precision, "ema": cfg.ema, "final_seconds": seconds,
                "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
     if cfg.seeds > 1:
         summary["final_seeds"] = repeat_seeds(best, cfg.seeds, test_accuracy, seconds, retrain, out_dir,
                                               label)
     if cfg.ensemble > 1:
         summary["ensemble"] = ensemble(top_distinct(ranking, cfg.ensemble), model, test, retrain, out_dir,
-                                       predict_logits, label)
+                                       lambda member, images: predict_logits(member, images, tta=cfg.tta,
+                                                                             background=data.background), label)
     return summary, model, history, best
 
 
@@ -233,10 +248,11 @@ def top_distinct(ranking, k):
     return members
 
 
-def final_config(trial, cfg):
-    """The trial's training recipe as the final model trains: --final-epochs, --augment."""
-    return TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": cfg.epochs, "augment": cfg.augment,
-                                  "compile": cfg.compile})
+def final_config(trial, cfg, epochs=None):
+    """The trial's training recipe as the final model trains: --final-epochs (or `epochs`), --final-ema,
+    --augment, the run's precision."""
+    return TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": epochs or cfg.epochs, "augment": cfg.augment,
+                                  "compile": cfg.compile, "precision": cfg.precision, "ema": cfg.ema})
 
 
 def promote(candidates, data, cfg, out_dir):
@@ -254,13 +270,15 @@ def promote(candidates, data, cfg, out_dir):
     except (OSError, ValueError):
         done = {}
     x, y = promotion_training_set(data, cfg.subset)  # the same images for every candidate
+    epochs = cfg.promote_epochs or cfg.epochs
     log.info(f"\npromotion: the {len(candidates)} best distinct trials retrained like the final model "
-             f"({cfg.epochs} epochs on {len(y)} training images{' with augmentation' if cfg.augment else ''})"
-             ", scored on validation")
+             f"({epochs} epochs on {len(y)} training images{' with augmentation' if cfg.augment else ''})"
+             f", scored on validation{' with shift TTA' if cfg.tta else ''}")
     rows = []
     for search_rank, trial in enumerate(candidates, start=1):
-        recipe, seed = final_config(trial, cfg), repeat_seed(trial, 0)
-        key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)], sort_keys=True)
+        recipe, seed = final_config(trial, cfg, epochs), repeat_seed(trial, 0)
+        key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else []),
+                         sort_keys=True)
         if key not in done:
             seed_everything(seed)
             model = build_model(trial.user_attrs["model"]).to(x.device)
@@ -268,7 +286,9 @@ def promote(candidates, data, cfg, out_dir):
             with progress(recipe.epochs, f"promotion {search_rank}", "epoch") as bar:
                 history = train(model, x, y, recipe, seed, val=(data.val_x, data.val_y),
                                 on_epoch=lambda record: bar.update(1), background=data.background)
-            done[key] = {"val_accuracy": history[-1]["val_accuracy"], "seconds": clock.seconds(),
+            score = (evaluate(model, data.val_x, data.val_y, tta=True, background=data.background) if cfg.tta
+                     else history[-1]["val_accuracy"])
+            done[key] = {"val_accuracy": score, "seconds": clock.seconds(),
                          "val_curve": [record["val_accuracy"] for record in history]}
             write_json(path, done)
             del model
@@ -290,7 +310,7 @@ def promote(candidates, data, cfg, out_dir):
               f"  {100 * row['search_val']:8.2f} %  {100 * row['promoted_val']:10.2f} %  {network_of(trial)}")
     text = "n/a (fewer than 2 distinct scores)" if correlation is None else f"{correlation:+.2f}"
     print(f"rank correlation of search and promoted validation (Spearman): {text}")
-    record = {"epochs": cfg.epochs, "train_images": len(y), "augment": cfg.augment,
+    record = {"epochs": epochs, "train_images": len(y), "augment": cfg.augment, "tta": cfg.tta,
               "spearman": correlation,
               "rows": [{"study": row["trial"].user_attrs.get("study"), "trial": row["trial"].number,
                         "search_rank": row["search_rank"], "search_val": row["search_val"],
@@ -349,11 +369,18 @@ def evaluate_checkpoints(paths, data_dir, device):
         meta = payload.get("meta", {})
         mean, std = (meta["mean"], meta["std"]) if "mean" in meta else training_statistics(data_dir)
         test_x, test_y = load_test(data_dir, device, mean, std)
-        probabilities = torch.softmax(predict_logits(model, test_x), 1)
+        # scored as its run scored it: with shift TTA when that run chose it
+        probabilities = torch.softmax(predict_logits(model, test_x, tta=bool(meta.get("tta")),
+                                                     background=-mean / std), 1)
         members.append({"accuracy": (probabilities.argmax(1) == test_y).float().mean().item(), "labels": test_y,
                         "probabilities": probabilities, "parameters": count_parameters(model),
                         "macs": count_macs(model), "meta": meta})
     return members
+
+
+def labelled(meta):
+    """The label of a checkpoint's results: augmentation in its training, shift TTA in its scoring."""
+    return ((" (with augmentation)" if meta.get("augment") else "") + (" (shift TTA)" if meta.get("tta") else ""))
 
 
 def ensemble_accuracy(members):
@@ -376,12 +403,12 @@ def print_evaluation(paths, data_dir, device, shown=None):
     members = evaluate_checkpoints(paths, data_dir, device)
     lines = []
     for path, member in zip(shown or paths, members):
-        label = " (with augmentation)" if member["meta"].get("augment") else ""
+        label = labelled(member["meta"])
         name = f"{path}: " if len(paths) > 1 else ""
         lines.append(f"{name}test accuracy: {100 * member['accuracy']:.2f} %{label}   parameters: "
                      f"{member['parameters']:,}   MMAC/image: {member['macs'] / 1e6:.1f}")
     if len(paths) > 1:
-        label = " (with augmentation)" if any(m["meta"].get("augment") for m in members) else ""
+        label = labelled({key: any(m["meta"].get(key) for m in members) for key in ("augment", "tta")})
         lines.append(f"ensemble of {len(paths)} (averaged softmax): ensemble test accuracy: "
                      f"{100 * ensemble_accuracy(members):.2f} %{label}   MMAC/image: "
                      f"{sum(m['macs'] for m in members) / 1e6:.1f}")

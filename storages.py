@@ -180,9 +180,10 @@ def _flag_text(value):
 NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "deterministic", "compile", "quick", "no_final",
               "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
               "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac",
-              "mlflow", "artifacts"}
+              "mlflow", "artifacts", "promote_epochs", "final_ema", "tta"}
 # settings added after studies existed, with the behaviour a study that does not record them was searched with
-ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3}
+ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3,
+                  "precision": "fp32"}
 
 
 def search_settings(args, **resolved):

@@ -39,6 +39,7 @@ from training import (
     derive_seed,
     describe_device,
     resolve_device,
+    resolve_precision,
     seed_everything,
     train,
 )
@@ -259,11 +260,11 @@ def release_memory():
 CATCH = (torch.OutOfMemoryError, MemoryError)  # fail the trial, keep the study going
 
 
-def train_config(args):
-    """The per-trial training settings of the shared flags."""
+def train_config(args, precision="fp32"):
+    """The per-trial training settings of the shared flags; `precision` is the run's resolved one (Run.precision)."""
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, l1=args.l1, label_smoothing=args.label_smoothing,
-                       schedule=args.schedule, augment=args.augment, compile=args.compile)
+                       schedule=args.schedule, augment=args.augment, compile=args.compile, precision=precision)
 
 
 @dataclass
@@ -277,25 +278,28 @@ class Run:
     run_id: str           # this run folder's id: a rerun in the folder resumes, a new folder adds trials
     tracker: object = None    # tracking.Tracker of --mlflow, or None
     artifacts: object = None  # the Optuna artifact store of --artifacts, or None
+    precision: str = "fp32"   # what --precision resolved to on this device: fp32 | bf16
 
 
 def open_run(args, split_seed, record=None, experiment=None):
     """Device, MLflow, the artifact store and the data (each checked before any folder is made), run folder, storage
     and config.json, in that order."""
     device = resolve_device(args.device, args.deterministic)
+    precision, why = resolve_precision(args.precision, device)
     data_dir = resolve_data_dir(args.data_dir)
     tracker = Tracker(args.mlflow, experiment or "mnist-optuna") if args.mlflow else None
     artifacts = open_artifact_store(args.artifacts)
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, split_seed)
     out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
-    run_id = start_run(out_dir, {**vars(args), **(record or {})})
-    log.info(f"device: {describe_device(device)}   data: {data_dir}   out: {out_dir}")
-    return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts)
+    run_id = start_run(out_dir, {**vars(args), **(record or {}), "precision": precision})
+    log.info(f"device: {describe_device(device)}   precision: {precision} ({why})   data: {data_dir}   out: {out_dir}")
+    return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision)
 
 
 def study_for(run, name, sampler, pruner, args, **resolved):
     """The study `name` in the run's storage. It must have been searched with this run's settings (what
     --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one."""
+    resolved = {"precision": run.precision, **resolved}  # what auto chose here, not "auto"
     return open_study(name, run.storage, sampler, pruner, search_settings(args, **resolved), args.resume_anyway,
                       must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)))
 
