@@ -22,7 +22,7 @@ import final
 import studies
 import workers
 from reporting import network_of, read_backbone, summarise, training_of
-from training import PRECISIONS, TrainConfig
+from training import PRECISIONS, TrainConfig, minutes, training_seconds
 
 log = logging.getLogger(__name__)
 # ---- study -------------------------------------------------------------------
@@ -204,9 +204,15 @@ def main(argv=None):
     max_steps = args.optim_epochs[1] if network else args.epochs
     run = studies.open_run(args, args.split_seed, experiment=args.study_prefix)
     what = f"the training of the network of {args.backbone}" if network else "the network"
+    typical = network or suggest_model(studies.MiddleChoice(), args)
+    recipe = studies.train_config(args, run.precision)
+    recipe.epochs = max_steps
+    estimate = len(args.seeds) * (0 if args.retrain_only else args.n_trials) * training_seconds(
+        typical, recipe, run.device, len(run.data.train_y), len(run.data.val_y) * max_steps)
     log.info(f"stage {args.stage}: searching {what}; train {len(run.data.train_y)} / validation "
-             f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials"
-             f"{' (with augmentation)' if args.augment else ''}")
+             f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials of {max_steps} "
+             f"epochs{' (with augmentation)' if args.augment else ''}: about {minutes(estimate)} at most "
+             "(a mid-size network's speed here; pruned trials take less)")
 
     def suggest(trial):  # (the network, its training) of one trial
         if network:

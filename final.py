@@ -36,15 +36,17 @@ from training import (
     TrainConfig,
     derive_seed,
     describe_device,
-    evaluate,
+    evaluate as accuracy_on,
     export_onnx,
     load_checkpoint,
+    minutes,
     onnx_parity,
     predict_logits,
     resolve_device,
     retrain_and_test,
     seed_everything,
     train,
+    training_seconds,
 )
 from workers import FinalStage
 
@@ -189,9 +191,13 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
                                     background=data.background, tta=cfg.tta)
 
     x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
+    repeats = cfg.seeds + max(0, len(top_distinct(ranking, cfg.ensemble)) - 1)
+    estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg), run.device, len(y))
+                   for trial in [best] * cfg.seeds + top_distinct(ranking, cfg.ensemble)[1:])
     log.info(f"\nretraining on {len(y)} train+validation images for {cfg.epochs} epochs{label} "
              f"on {describe_device(run.device)}, {cfg.precision}"
-             f"{f', weights averaged over {cfg.ema:g} epochs' if cfg.ema else ''}")
+             f"{f', weights averaged over {cfg.ema:g} epochs' if cfg.ema else ''}: "
+             f"{repeats} training{'s' if repeats > 1 else ''}, about {minutes(estimate)}")
     model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
     print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
           f"(final training {seconds:.0f} s on {len(y)} images)")
@@ -271,9 +277,11 @@ def promote(candidates, data, cfg, out_dir):
         done = {}
     x, y = promotion_training_set(data, cfg.subset)  # the same images for every candidate
     epochs = cfg.promote_epochs or cfg.epochs
+    estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg, epochs), data.val_x.device,
+                                    len(y), len(data.val_y) * epochs) for trial in candidates)
     log.info(f"\npromotion: the {len(candidates)} best distinct trials retrained like the final model "
              f"({epochs} epochs on {len(y)} training images{' with augmentation' if cfg.augment else ''})"
-             f", scored on validation{' with shift TTA' if cfg.tta else ''}")
+             f", scored on validation{' with shift TTA' if cfg.tta else ''}: about {minutes(estimate)}")
     rows = []
     for search_rank, trial in enumerate(candidates, start=1):
         recipe, seed = final_config(trial, cfg, epochs), repeat_seed(trial, 0)
@@ -286,7 +294,7 @@ def promote(candidates, data, cfg, out_dir):
             with progress(recipe.epochs, f"promotion {search_rank}", "epoch") as bar:
                 history = train(model, x, y, recipe, seed, val=(data.val_x, data.val_y),
                                 on_epoch=lambda record: bar.update(1), background=data.background)
-            score = (evaluate(model, data.val_x, data.val_y, tta=True, background=data.background) if cfg.tta
+            score = (accuracy_on(model, data.val_x, data.val_y, tta=True, background=data.background) if cfg.tta
                      else history[-1]["val_accuracy"])
             done[key] = {"val_accuracy": score, "seconds": clock.seconds(),
                          "val_curve": [record["val_accuracy"] for record in history]}

@@ -176,14 +176,14 @@ def _flag_text(value):
     return "(not set)" if value is None else str(value)
 
 
-# settings that say how and where to run, or what to do after the search: a rerun may change them
-NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "deterministic", "compile", "quick", "no_final",
+# settings that say how and where to run, or what to do after the search: a rerun may change them (precision is
+# like the device: how the arithmetic runs; each trial records its own in its training recipe)
+NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "precision", "deterministic", "compile", "quick", "no_final",
               "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
               "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac",
               "mlflow", "artifacts", "promote_epochs", "final_ema", "tta"}
 # settings added after studies existed, with the behaviour a study that does not record them was searched with
-ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3,
-                  "precision": "fp32"}
+ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3}
 
 
 def search_settings(args, **resolved):

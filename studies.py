@@ -299,7 +299,6 @@ def open_run(args, split_seed, record=None, experiment=None):
 def study_for(run, name, sampler, pruner, args, **resolved):
     """The study `name` in the run's storage. It must have been searched with this run's settings (what
     --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one."""
-    resolved = {"precision": run.precision, **resolved}  # what auto chose here, not "auto"
     return open_study(name, run.storage, sampler, pruner, search_settings(args, **resolved), args.resume_anyway,
                       must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)))
 
@@ -372,6 +371,21 @@ class SmallestChoice:
     def suggest_categorical(self, name, choices):
         # yes/no answers yes: pooling is what makes a network cheaper, and batch norm adds no MACs
         return True if set(choices) == {False, True} else min(choices)
+
+
+class MiddleChoice:
+    """Answers every suggest_* with the middle of its range (the middle choice), so a suggest function builds a
+    typical network of its space: what the search's time estimate trains."""
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        return low + (high - low) // (2 * step) * step
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        return (low * high) ** 0.5 if log else (low + high) / 2
+
+    def suggest_categorical(self, name, choices):
+        # pooling yes, as SmallestChoice: a network that never pools is far from typical
+        return True if set(choices) == {False, True} else list(choices)[(len(choices) - 1) // 2]
 
 
 def check_budget(suggest_model, max_mmac):

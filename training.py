@@ -1,4 +1,5 @@
-"""The one train/evaluate loop, optimizers, L1/L2, LR schedules, seeding, device choice, checkpoints."""
+"""The one train/evaluate loop: optimizers, L1/L2, LR schedules, precision (bf16 autocast), the moving average of the
+weights, shift TTA, seeding, device choice, time estimates, checkpoints."""
 import contextlib
 import copy
 import io
@@ -314,6 +315,38 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         fit_batchnorm(scored, x)
         model.load_state_dict(average.module.state_dict())
     return history
+
+
+def training_seconds(model_config, cfg, device, images, evaluations=0, steps=4):
+    """About how long training `model_config` with `cfg` on `images` images takes here, `evaluations` validation
+    images included: a few warmed-up steps of a throwaway copy on random images, extrapolated. Seeds nothing
+    that a training uses (every training seeds itself first)."""
+    generator = torch.Generator().manual_seed(0)
+    model = build_model(model_config).to(device)
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(cfg.batch_size, *INPUT_SHAPE, generator=generator).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=generator).to(device)
+
+    def step():
+        with autocast(device, cfg.precision):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    per_image = (time.perf_counter() - started) / (steps * cfg.batch_size)
+    # a forward pass for evaluation costs about a third of a training step (forward + backward)
+    return per_image * (images * cfg.epochs + evaluations / 3)
+
+
+def minutes(seconds):
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def save_checkpoint(path, model, train_cfg, meta):

@@ -8,7 +8,8 @@ forward 2, backward 4 FLOPs per MAC) and the model FLOPs utilisation (MFU) again
 The variants and the peak are measured in interleaved rounds and each number is the median over the
 rounds, so a busy neighbour slows all of them alike instead of one; `ratio` lines compare variants by the
 median of their per-round ratios. Also evaluation images/s per batch size (with BatchNorm folded into
-the convolutions or not), which set data.EVAL_BATCH.
+the convolutions or not), which set data.EVAL_BATCH. Last, the hand recipe's training step in bf16 autocast
+against fp32 (`bf16/fp32 training ratio`), where the CPU or GPU computes bf16 natively.
 """
 import argparse
 import json
@@ -22,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from models import build_model, count_macs  # noqa: E402
-from training import TrainConfig, evaluate, make_optimizer, resolve_device  # noqa: E402
+from training import TrainConfig, autocast, evaluate, make_optimizer, native_bf16, resolve_device  # noqa: E402
 
 
 def block(channels, kernel=3, pool=False):
@@ -63,8 +64,8 @@ def matmul_peak(device, size=2048, seconds=1.0):
     return 2 * size ** 3 * count / (time.perf_counter() - started) / 1e9
 
 
-def training_step(config, device, batch_size, variant):
-    """A warmed-up training step of `config` in the given variant, on one fixed random batch."""
+def training_step(config, device, batch_size, variant, precision="fp32"):
+    """A warmed-up training step of `config` in the given variant and precision, on one fixed random batch."""
     torch.manual_seed(0)
     fmt = torch.contiguous_format if "contiguous" in variant else torch.channels_last
     model = build_model(config).to(device).to(memory_format=fmt)
@@ -76,7 +77,9 @@ def training_step(config, device, batch_size, variant):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(forward(x), y).backward()
+        with autocast(device, precision):
+            loss = loss_fn(forward(x).float(), y)
+        loss.backward()
         optimizer.step()
     for _ in range(3):  # compiles on the first call
         step()
@@ -156,6 +159,25 @@ def main():
         print(f"evaluation, hand recipe, batch {batch_size:5d}: "
               + ", ".join(f"{label} {len(y) / statistics.median(values):7.0f} img/s"
                           for label, values in seconds.items()))
+    bf16_ratio(device, args.batch_sizes[0], args.images, args.repeats)
+
+
+def bf16_ratio(device, batch_size, images, repeats):
+    """The hand recipe's training step with bf16 autocast against fp32, interleaved; only where bf16 is native."""
+    native, why = native_bf16(device)
+    if not native:
+        print(f"bf16/fp32 training ratio: not measured: bf16 is not native here ({why}); training stays fp32")
+        return
+    steps = {precision: training_step(NETWORKS["hand recipe"], device, batch_size, "eager channels_last", precision)
+             for precision in ("fp32", "bf16")}
+    rates = {precision: [] for precision in steps}
+    for _ in range(repeats):
+        for precision, step in steps.items():
+            rates[precision].append(rate(step, batch_size, images, device))
+    for precision, values in rates.items():
+        print(f"hand recipe, batch {batch_size}, {precision} autocast: {statistics.median(values):7.0f} img/s")
+    ratio = statistics.median(b / f for b, f in zip(rates["bf16"], rates["fp32"]))
+    print(f"bf16/fp32 training ratio: {ratio:.2f}x ({why})")
 
 
 if __name__ == "__main__":

@@ -26,3 +26,23 @@ def test_throughput_benchmark_reports_utilisation():
     assert re.search(r"^ratio eager contiguous / eager channels_last: \d+\.\d\dx$", result.stdout, re.MULTILINE)
     assert len(re.findall(r"^evaluation, hand recipe, batch +\d+: plain +\d+ img/s, folded BN +\d+ img/s$",
                           result.stdout, re.MULTILINE)) == 3
+    # a ratio where bf16 is native, a reason where it is not: never silence
+    assert re.search(r"^bf16/fp32 training ratio: (\d+\.\d\dx \(the CPU has |not measured: bf16 is not native)",
+                     result.stdout, re.MULTILINE)
+
+
+def test_time_to_accuracy_benchmark_compares_the_recipes(tmp_path):
+    results = tmp_path / "runs.json"
+    args = ["benchmarks/time_to_accuracy.py", "--data-dir", DATA_DIR, "--device", "cpu", "--seeds", "0",
+            "--train-images", "600", "--val-size", "300", "--old-epochs", "2", "--new-epochs", "1",
+            "--results", results]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^old fp32 +\(1 seed\(s\)\): +\d+\.\d s/epoch, 2 epochs", result.stdout, re.MULTILINE)
+    assert re.search(r"^new fp32 +\(1 seed\(s\)\): +\d+\.\d s/epoch, 1 epochs", result.stdout, re.MULTILINE)
+    assert re.search(r"^ratio new fp32 / old fp32 time to the target: (\d+\.\d\dx|n/a)", result.stdout, re.MULTILINE)
+    assert "test accuracy" in result.stdout and "shift TTA" in result.stdout
+    # a rerun with the same results file trains nothing again and reports the same
+    again = run(*args)
+    assert again.returncode == 0 and " seed 0: val " not in again.stdout
+    assert again.stdout.split("==== hand recipe ====")[1] == result.stdout.split("==== hand recipe ====")[1]
