@@ -76,8 +76,8 @@ OPTIM_BATCH_SIZES = [64, 128, 256]  # choices
 OPTIM_LABEL_SMOOTHING = (0.0, 0.15)  # range
 OPTIM_EPOCHS = (2, 5)         # epochs per trial; the upper end is the pruner's last step
 # ---- final model -------------------------------------------------------------
-PROMOTE = 3                   # the N best distinct trials retrained like the final model, chosen on validation
-PROMOTE_EPOCHS = 4            # epochs of each promoted retrain (on the 50,000 training images); None: FINAL_EPOCHS
+PROMOTE = 2                   # the N best distinct trials retrained like the final model, chosen on validation
+PROMOTE_EPOCHS = 3            # epochs of each promoted retrain (on the 50,000 training images); None: FINAL_EPOCHS
 FINAL_EPOCHS = 8              # retrain of the chosen network on train+validation
 FINAL_EMA = 0.5               # > 0: promoted and final models keep a moving average of their weights over about this
                               # many epochs (the average is scored and saved); 0: the last weights
