@@ -34,7 +34,7 @@ def test_throughput_benchmark_reports_utilisation():
 def test_time_to_accuracy_benchmark_compares_the_recipes(tmp_path):
     results = tmp_path / "runs.json"
     args = ["benchmarks/time_to_accuracy.py", "--data-dir", DATA_DIR, "--device", "cpu", "--seeds", "0",
-            "--train-images", "600", "--val-size", "300", "--old-epochs", "2", "--new-epochs", "1",
+            "--train-images", "1500", "--val-size", "300", "--old-epochs", "2", "--new-epochs", "1",
             "--results", results]
     result = run(*args)
     assert result.returncode == 0, result.stderr
