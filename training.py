@@ -222,11 +222,11 @@ BN_IMAGES = 4096  # training images whose statistics the averaged weights' Batch
 
 def weight_average(model, cfg, steps_per_epoch):
     """torch's AveragedModel keeping an exponential moving average of the weights over about cfg.ema epochs (at
-    most a tenth of the whole training, so a short one is not dragged back to its first steps), or None without
+    most a fifth of the whole training, so a short one is not dragged back to its first steps), or None without
     cfg.ema. Its BatchNorm statistics are not averaged: fit_batchnorm measures them for its weights."""
     if cfg.ema <= 0:
         return None
-    decay = 1.0 - 1.0 / max(1.0, min(cfg.ema * steps_per_epoch, cfg.epochs * steps_per_epoch / 10))
+    decay = 1.0 - 1.0 / max(1.0, min(cfg.ema * steps_per_epoch, cfg.epochs * steps_per_epoch / 5))
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))
 
 

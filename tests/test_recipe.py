@@ -78,8 +78,8 @@ class WeightAverage:
 
 def test_the_moving_average_of_the_weights_is_what_is_saved(small, tmp_path):
     recipe = TrainConfig(epochs=2, batch_size=50, ema=0.5)
-    steps = len(small.train_y) // 50  # per epoch; the average spans half of one, at most a tenth of all
-    beside = WeightAverage(decay=1 - 1 / min(0.5 * steps, 2 * steps / 10))
+    steps = len(small.train_y) // 50  # per epoch; the average spans half of one, at most a fifth of all
+    beside = WeightAverage(decay=1 - 1 / min(0.5 * steps, 2 * steps / 5))
     handle = register_optimizer_step_post_hook(beside)
     try:
         model, _, _, _ = training.retrain_and_test(CONFIG, recipe, small.train_x, small.train_y, 5,
