@@ -12,6 +12,7 @@ Trials are scored on a fixed, seeded validation split; networks over MAX_MMAC ar
 PROMOTE best are retrained like the final model and chosen on validation; the chosen network is then
 retrained on train+validation and the test set is read once, at the very end.
 """
+import dataclasses
 import logging
 import time
 
@@ -204,11 +205,11 @@ def main(argv=None):
     max_steps = args.optim_epochs[1] if network else args.epochs
     run = studies.open_run(args, args.split_seed, experiment=args.study_prefix)
     what = f"the training of the network of {args.backbone}" if network else "the network"
-    typical = network or suggest_model(studies.MiddleChoice(), args)
-    typical_recipe = studies.train_config(args, run.precision)
-    typical_recipe.epochs = max_steps
-    estimate = len(args.seeds) * (0 if args.retrain_only else args.n_trials) * training_seconds(
-        typical, typical_recipe, run.device, len(run.data.train_y), len(run.data.val_y) * max_steps)
+    trials = 0 if args.retrain_only else len(args.seeds) * args.n_trials
+    typical_recipe = dataclasses.replace(studies.train_config(args, run.precision), epochs=max_steps)
+    estimate = trials and trials * training_seconds(network or suggest_model(studies.MiddleChoice(), args),
+                                                    typical_recipe, run.device, len(run.data.train_y),
+                                                    len(run.data.val_y) * max_steps)
     log.info(f"stage {args.stage}: searching {what}; train {len(run.data.train_y)} / validation "
              f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials of {max_steps} "
              f"epochs{' (with augmentation)' if args.augment else ''}: about {minutes(estimate)} at most "

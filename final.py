@@ -83,7 +83,7 @@ class FinalConfig:
     @property
     def label(self):
         """What every result of these retrains is labelled with: augmentation, test-time augmentation."""
-        return (" (with augmentation)" if self.augment else "") + (" (shift TTA)" if self.tta else "")
+        return labelled({"augment": self.augment, "tta": self.tta})
 
 
 def load_test(data_dir, device, mean, std):
@@ -191,9 +191,10 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
                                     background=data.background, tta=cfg.tta)
 
     x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
-    repeats = cfg.seeds + max(0, len(top_distinct(ranking, cfg.ensemble)) - 1)
-    estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg), run.device, len(y))
-                   for trial in [best] * cfg.seeds + top_distinct(ranking, cfg.ensemble)[1:])
+    others = top_distinct(ranking, cfg.ensemble)[1:]  # the ensemble's members after the chosen network
+    repeats = cfg.seeds + len(others)
+    estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg), run.device, len(y)) * times
+                   for trial, times in [(best, cfg.seeds)] + [(trial, 1) for trial in others])
     log.info(f"\nretraining on {len(y)} train+validation images for {cfg.epochs} epochs{label} "
              f"on {describe_device(run.device)}, {cfg.precision}"
              f"{f', weights averaged over {cfg.ema:g} epochs' if cfg.ema else ''}: "

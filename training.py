@@ -261,6 +261,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
     report_at = {round(steps_per_epoch * (i + 1) / reports_per_epoch) for i in range(reports_per_epoch)}
     average = weight_average(model, cfg, steps_per_epoch)
     scored = model if average is None else average.module  # the weights a validation score is of
+    fitted = False  # the average's BatchNorm statistics belong to its current weights
     history, step = [], 0
     for epoch in range(1, cfg.epochs + 1):
         started, eval_seconds = time.perf_counter(), 0.0
@@ -284,6 +285,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
                 scheduler.step()
             if average is not None:
                 average.update_parameters(model)
+                fitted = False
             # accumulate on the device; the host reads these once per epoch
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
@@ -293,6 +295,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
                 clock = time.perf_counter()
                 if average is not None:
                     fit_batchnorm(scored, x)
+                    fitted = True
                 val_accuracy = evaluate(scored, *val)
                 if also_last and average is not None:
                     last_accuracy = evaluate(model, *val)
@@ -313,7 +316,8 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         if on_epoch is not None:
             on_epoch(history[-1])
     if average is not None:  # the averaged weights, with their own BatchNorm statistics, are the trained model
-        fit_batchnorm(scored, x)
+        if not fitted:  # (the last report after the last step measured them already)
+            fit_batchnorm(scored, x)
         model.load_state_dict(average.module.state_dict())
     return history
 
