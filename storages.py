@@ -60,27 +60,73 @@ def storage_kind(spec):
     return "rdb"
 
 
-def mend_torn_journal(path):
-    """Cut a journal's last record when a crash or a full disk left it without its newline.
+RECORD_START = b'{"op_code"'  # how every record of Optuna's journal begins; JSON escapes it inside strings
+LOCK_NAME_EXTRA = len(".lock") + 36 + len(".rename")  # Optuna's lock file, and its uuid-named rename on release
 
-    Optuna still reads such a file, but its next record would be appended to the partial line and
-    make the whole journal unreadable. The original bytes are kept beside it first.
+
+def readable_records(content):
+    """(the complete records of a journal's bytes, one per line, and how many bytes had to go).
+
+    A writer that crashed or hit a full disk leaves part of a record without its newline. When it was the last
+    writer, the part is the file's tail; when another worker appended after it, the part starts a line that ends
+    with that worker's whole record. Either way the whole records are kept and the torn parts dropped."""
+    kept, dropped = [], 0
+    for line in content.splitlines(keepends=True):
+        record = line
+        while record:
+            try:
+                json.loads(record)
+                if record.endswith(b"\n"):
+                    break
+            except ValueError:
+                pass
+            cut = record.find(RECORD_START, 1)  # a whole record may follow the torn one on its line
+            record = record[cut:] if cut > 0 else b""
+        dropped += len(line) - len(record)
+        if record:
+            kept.append(record)
+    return b"".join(kept), dropped
+
+
+def mend_torn_journal(path):
+    """Drop the torn records of a journal (a crash or a full disk cut a record short), keeping every whole one.
+
+    Optuna refuses a journal with a torn record before its end, and appends its next record to a torn last one,
+    which makes the file unreadable. The check reads the file once; the mending holds the journal's own lock (so
+    no worker appends meanwhile), keeps the original bytes beside it and replaces the file in one rename.
     """
-    if not path.is_file() or path.stat().st_size == 0:
+    if not path.is_file() or path.stat().st_size == 0 or readable_records(path.read_bytes())[1] == 0:
         return
-    with open(path, "rb") as journal:
-        journal.seek(-1, os.SEEK_END)
-        if journal.read(1) == b"\n":
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        content = path.read_bytes()
+        mended, dropped = readable_records(content)
+        if not dropped:
             return
-        journal.seek(0)
-        content = journal.read()
-    backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    backup.write_bytes(content)
-    keep = content.rfind(b"\n") + 1
-    with open(path, "r+b") as journal:
-        journal.truncate(keep)
-    log.warning(f"warning: the last record of {path} was cut off ({len(content) - keep} bytes, a crash or a full "
-                f"disk); removed it and kept the original as {backup.name}")
+        backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        backup.write_bytes(content)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.mend")
+        tmp.write_bytes(mended)
+        os.replace(tmp, path)
+    finally:
+        lock.release()
+    log.warning(f"warning: {path} held {dropped} bytes of torn records (a crash or a full disk cut them short); "
+                f"removed them, kept every whole record and the original as {backup.name}")
+
+
+def check_journal_name(path):
+    """Refuse a journal whose lock files would exceed the folder's longest file name: Optuna could not take the
+    lock, would leave a stale one and make every later run wait for it."""
+    try:
+        limit = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    length = len(path.name.encode())
+    if length + LOCK_NAME_EXTRA > limit:
+        raise UserError(f"--storage {path}: the journal's name is {length} bytes; its lock files need "
+                        f"{LOCK_NAME_EXTRA} more and this file system allows {limit}: pass a name of at most "
+                        f"{limit - LOCK_NAME_EXTRA} bytes")
 
 
 def make_storage(spec, out_dir, must_exist=False):
@@ -95,6 +141,7 @@ def make_storage(spec, out_dir, must_exist=False):
         if must_exist and not path.is_file():
             raise UserError(f"--storage {path} does not exist; pass the journal of the study to use")
         try:
+            check_journal_name(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             mend_torn_journal(path)
             backend = optuna.storages.journal.JournalFileBackend(str(path))
