@@ -11,6 +11,7 @@ import torch
 
 from cli import stop_code
 from data import (
+    CANONICAL_FINGERPRINT,
     final_training_set,
     normalise,
     promotion_training_set,
@@ -169,7 +170,8 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
     ensemble; returns (summary with the results, the model, its training history, the chosen trial)."""
     data, out_dir = run.data, run.out_dir
     label = cfg.label
-    meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std}
+    meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std,
+            "training_data": data.fingerprint}
     if cfg.promote > 1:
         promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, out_dir)
         summary["promotion"] = promoted["record"]
@@ -276,6 +278,10 @@ def promote(candidates, data, cfg, out_dir):
         done = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         done = {}
+    if not isinstance(done, dict) or not all(isinstance(score, dict) and "val_accuracy" in score
+                                             for score in done.values()):
+        log.warning(f"warning: {path} is not a record of promotion scores; scoring the candidates again")
+        done = {}
     x, y = promotion_training_set(data, cfg.subset)  # the same images for every candidate
     epochs = cfg.promote_epochs or cfg.epochs
     estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg, epochs), data.val_x.device,
@@ -286,8 +292,10 @@ def promote(candidates, data, cfg, out_dir):
     rows = []
     for search_rank, trial in enumerate(candidates, start=1):
         recipe, seed = final_config(trial, cfg, epochs), repeat_seed(trial, 0)
-        key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else []),
-                         sort_keys=True)
+        # scores from before the data's fingerprint was part of the key were of canonical MNIST: their keys stand
+        other_data = [] if data.fingerprint == CANONICAL_FINGERPRINT else [data.fingerprint]
+        key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else [])
+                         + other_data, sort_keys=True)
         if key not in done:
             seed_everything(seed)
             model = build_model(trial.user_attrs["model"]).to(x.device)

@@ -299,6 +299,7 @@ def open_run(args, split_seed, record=None, experiment=None):
 def study_for(run, name, sampler, pruner, args, **resolved):
     """The study `name` in the run's storage. It must have been searched with this run's settings (what
     --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one."""
+    resolved = {**resolved, "training_data": run.data.fingerprint}
     return open_study(name, run.storage, sampler, pruner, search_settings(args, **resolved), args.resume_anyway,
                       must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)))
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import EVAL_BATCH, batches, random_affine
+from data import CANONICAL_FINGERPRINT, EVAL_BATCH, batches, random_affine
 from errors import UserError
 from models import INPUT_SHAPE, build_model, normalise_config
 
@@ -381,11 +381,13 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     """Retrain a config from scratch on (x, y), evaluate the test set (x, y) once (with shift TTA when `tta`),
     save the checkpoint.
 
-    A checkpoint already at `checkpoint` from the same network, recipe, seed and number of images (an
-    earlier, interrupted run of the same command) is evaluated instead of trained again.
+    A checkpoint already at `checkpoint` from the same network, recipe, seed and training images (their number,
+    and the fingerprint of the training files in `meta`: an earlier, interrupted run of the same command) is
+    evaluated instead of trained again.
     Returns (model, history, test_accuracy, train_seconds).
     """
-    earlier = finished_checkpoint(checkpoint, model_config, train_cfg, seed, len(y), x.device)
+    earlier = finished_checkpoint(checkpoint, model_config, train_cfg, seed, len(y), x.device,
+                                  meta.get("training_data", CANONICAL_FINGERPRINT))
     if earlier is not None:
         model, meta = earlier
         return model, meta["history"], evaluate(model, *test, tta=tta, background=background), meta["train_seconds"]
@@ -402,8 +404,9 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     return model, history, test_accuracy, train_seconds
 
 
-def finished_checkpoint(path, model_config, train_cfg, seed, train_images, device):
-    """(model, meta) of the checkpoint at `path` when it holds exactly this training, else None."""
+def finished_checkpoint(path, model_config, train_cfg, seed, train_images, device, training_data=CANONICAL_FINGERPRINT):
+    """(model, meta) of the checkpoint at `path` when it holds exactly this training, else None. A checkpoint from
+    before fingerprints were recorded was trained on canonical MNIST."""
     if not Path(path).is_file():
         return None
     try:
@@ -412,7 +415,8 @@ def finished_checkpoint(path, model_config, train_cfg, seed, train_images, devic
         return None
     meta = payload.get("meta", {})
     same = (payload.get("train") == train_cfg.to_dict() and model.config == normalise_config(model_config)
-            and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta)
+            and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta
+            and meta.get("training_data", CANONICAL_FINGERPRINT) == training_data)
     return (model, meta) if same else None
 
 

@@ -5,16 +5,22 @@ import os
 
 import optuna
 import pytest
-from conftest import assert_one_line_error, run_in_process
+import torch
+from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_in_process, run_script
 
 import storages
 from errors import UserError
 
 pytestmark = pytest.mark.timeout(600)
+SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots"]
 
 
 def journal_storage(path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def study_trials(journal, name="mnist-cnn-seed0"):
+    return optuna.load_study(study_name=name, storage=journal_storage(journal)).trials
 
 
 def test_a_record_torn_in_the_middle_by_a_full_disk_loses_only_that_record(tmp_path):
@@ -65,3 +71,68 @@ def test_a_journal_name_too_long_for_its_lock_files_is_one_line(capsys, tmp_path
     assert not [p for p in tmp_path.iterdir() if ".lock" in p.name] and not journal.exists()
     with pytest.raises(UserError):
         storages.make_storage(str(journal), tmp_path)
+
+
+def own_mnist(tmp_path, data_dir):
+    """A copy of MNIST whose training label file can be changed in place (the other files linked)."""
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        if path.name == "train-labels-idx1-ubyte":
+            (raw / path.name).write_bytes(path.read_bytes())
+        else:
+            (raw / path.name).symlink_to(path)
+    return tmp_path / "mnist", raw / "train-labels-idx1-ubyte"
+
+
+def test_other_training_data_in_a_finished_folder_is_never_answered_with_the_old_results(tmp_path, data_dir):
+    mnist, labels = own_mnist(tmp_path, data_dir)
+    out = tmp_path / "run"
+    command = ["MNIST-optuna.py", *SEARCH, "--promote", "2", "--promote-epochs", "1", "--data-dir", mnist,
+               "--out-dir", out]
+    first = run_script(*command)
+    assert first.returncode == 0, first.stderr
+    trials, scores = study_trials(out / "study.journal"), json.loads((out / "promotion.json").read_text())
+    old = torch.load(out / "model.pt", weights_only=True)["meta"]
+    content = bytearray(labels.read_bytes())  # valid MNIST labels still, but other ones: each shifted by one class
+    content[8:] = bytes((label + 1) % 10 for label in content[8:])
+    labels.write_bytes(bytes(content))
+
+    again = run_script(*command)
+    lines = again.stderr.strip().splitlines()  # the warning that these are not canonical MNIST files, the error
+    assert again.returncode == 2 and len(lines) == 2 and "Traceback" not in again.stderr
+    assert "training files" in lines[-1] and "--resume-anyway" in lines[-1]
+    assert len(study_trials(out / "study.journal")) == len(trials)  # nothing lost, nothing added
+    # with consent the study goes on, but nothing trained on the old files is taken for the new ones
+    anyway = run_script(*command, "--resume-anyway")
+    assert anyway.returncode == 0, anyway.stderr
+    assert len(json.loads((out / "promotion.json").read_text())) == 2 * len(scores)  # scored again
+    new = torch.load(out / "model.pt", weights_only=True)["meta"]
+    assert new["training_data"] != old["training_data"] and new["train_seconds"] != old["train_seconds"]
+
+
+def test_a_study_without_a_settings_record_takes_only_the_settings_its_trials_were_trained_with(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out).returncode == 0
+    storage = journal_storage(out / "study.journal")
+    optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).set_user_attr("search", None)  # as before
+
+    mistaken = run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--epochs", "2", "--out-dir", out)
+    assert "--epochs 1" in assert_one_line_error(mistaken)
+    assert optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).user_attrs["search"] is None
+    own = run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out)  # its own command is not refused
+    assert own.returncode == 0, own.stderr
+    assert optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).user_attrs["search"]["epochs"] == 1
+
+
+def test_resume_anyway_with_another_backbone_is_refused_once_heads_were_trained(tmp_path):
+    out = tmp_path / "run"
+    grid = ["--fc-depths", "1", "--fc-widths", "8,16", "--no-plots", "--out-dir", out]
+    assert run_script("MNIST-optuna-adv.py", *TINY_ADV, *grid).returncode == 0
+    model = (out / "model.pt").read_bytes()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"model": {"conv": [{"channels": 6, "kernel": 3, "pool": True}], "fc": []}}))
+    result = run_script("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", other, *grid, "--resume-anyway")
+    line = assert_one_line_error(result)
+    assert "--backbone" in line and "not even --resume-anyway" in line
+    assert (out / "model.pt").read_bytes() == model
