@@ -1,6 +1,7 @@
 """Command-line plumbing: a flag for every UPPER_CASE constant of a script, presets, one-line errors, logging
 and the stop signals. No domain logic lives here."""
 import argparse
+import errno
 import logging
 import math
 import re
@@ -232,6 +233,9 @@ def interrupted_by_user(error):
     return isinstance(error, KeyboardInterrupt) or _INTERRUPT["requested"]
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def run(main, argv=None):
     """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130, SIGTERM 143."""
     # a shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops a search
@@ -242,6 +246,13 @@ def run(main, argv=None):
         code = main(argv)
     except UserError as error:
         sys.stderr.write(f"error: {error}\n")
+        code = 2
+    except OSError as error:  # a full disk, a read-only file or folder: no traceback, and nothing finished is lost
+        if error.errno not in WRITE_ERRORS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        sys.stderr.write(f"error: cannot write{where} ({error.strerror}); free disk space or make it writable, then "
+                         "rerun the same command: finished trials, scores and checkpoints are kept\n")
         code = 2
     except BaseException as error:
         if isinstance(error, SystemExit) or not interrupted_by_user(error):

@@ -151,6 +151,7 @@ def make_storage(spec, out_dir, must_exist=False):
         try:
             check_journal_name(path)
             path.parent.mkdir(parents=True, exist_ok=True)
+            open(path, "ab").close()  # a read-only journal is found here, not at the first trial's record
             mend_torn_journal(path)
             backend = optuna.storages.journal.JournalFileBackend(str(path))
             return optuna.storages.JournalStorage(backend)
@@ -160,6 +161,7 @@ def make_storage(spec, out_dir, must_exist=False):
         except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:  # what a replay of garbage raises
             raise UserError(f"{path} is not a readable Optuna journal ({type(error).__name__}); move it away or "
                             "pass another --storage") from None
+    check_database_file(spec)
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
@@ -174,6 +176,24 @@ def make_storage(spec, out_dir, must_exist=False):
                 continue
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
+
+
+def check_database_file(url):
+    """Refuse an SQLite URL whose study could not be kept: an in-memory database (gone when the run ends, though
+    the run would advise resuming it) or a file this process cannot write (found at the first trial otherwise)."""
+    match = re.match(r"^sqlite(\+\w+)?:///?(.*)$", url)
+    if not match:
+        return
+    path = match.group(2).split("?")[0]
+    if path in ("", ":memory:") or path.startswith("file::memory:"):
+        raise UserError(f"--storage {url} keeps the study in memory, lost when the run ends; pass sqlite:///PATH "
+                        "or a file path for a journal")
+    if Path(path).is_file():
+        try:
+            open(path, "ab").close()
+        except OSError as error:
+            raise UserError(f"cannot write the database {path} ({error.strerror}); make it writable or pass another "
+                            "--storage") from None
 
 
 def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False,

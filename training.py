@@ -354,14 +354,28 @@ def minutes(seconds):
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def save_checkpoint(path, model, train_cfg, meta):
-    """config + state_dict + metadata, written to a temporary file and renamed into place."""
+def write_atomic(path, content):
+    """Write bytes (or text) to a temporary file of this process beside `path`, then rename it into place: a full
+    disk or Ctrl-C leaves the previous file whole and no temporary behind."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, model, train_cfg, meta):
+    """config + state_dict + metadata, serialised in memory and written with write_atomic (so a full disk is an
+    OSError like any other write, not an error inside torch's writer)."""
     payload = {"config": model.config, "train": train_cfg.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path, device="cpu"):
@@ -424,14 +438,17 @@ def export_onnx(model, path):
     """Save the model as ONNX (opset of torch's exporter) with a dynamic batch axis; return the path."""
     cpu_model = copy.deepcopy(model).cpu().float().eval()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.export.tmp")
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    # the exporter narrates its passes on stdout; the run's own output stays readable without them
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(cpu_model, (torch.zeros(2, *INPUT_SHAPE),), str(tmp), input_names=["image"],
-                          output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
-                          external_data=False, verbose=False)
-    os.replace(tmp, path)
+    try:
+        # the exporter narrates its passes on stdout; the run's own output stays readable without them
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(cpu_model, (torch.zeros(2, *INPUT_SHAPE),), str(tmp), input_names=["image"],
+                              output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
+                              external_data=False, verbose=False)
+        write_atomic(path, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -146,13 +146,14 @@ def test_a_finished_run_leaves_no_temporary_files(tmp_path):
 
 def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     import reporting
+    import training
 
     path = tmp_path / "summary.json"
     reporting.write_json(path, {"old": 1})
 
     def crash(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(reporting.os, "replace", crash)
+    monkeypatch.setattr(training.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         reporting.write_json(path, {"new": 2})
     assert json.loads(path.read_text()) == {"old": 1} and list(tmp_path.iterdir()) == [path]

@@ -1,15 +1,21 @@
 """Issue 21: the second hostile pass. Each failure, tried again as it was found: a correct answer, or one line
 and exit 2 that says what to do, with nothing lost."""
+import errno
 import json
 import os
+import re
+import shlex
+import signal
 
 import optuna
 import pytest
 import torch
-from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_in_process, run_script
+from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
 
+import models
 import storages
 from errors import UserError
+from test_distributed import finish, start
 
 pytestmark = pytest.mark.timeout(600)
 SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots"]
@@ -136,3 +142,122 @@ def test_resume_anyway_with_another_backbone_is_refused_once_heads_were_trained(
     line = assert_one_line_error(result)
     assert "--backbone" in line and "not even --resume-anyway" in line
     assert (out / "model.pt").read_bytes() == model
+
+
+FINAL = ["--final-epochs", "1", "--final-subset", "1000"]
+
+
+def stop_after(out, line_start, *args):
+    """Start the script, send Ctrl-C as soon as it prints a line starting with `line_start`; (exit code, output)."""
+    worker = start("MNIST-optuna.py", *args)
+    for line in worker.stdout:
+        if line.startswith(line_start):
+            worker.send_signal(signal.SIGINT)
+            break
+    return finish(worker)
+
+
+def folder_files(out):
+    return {path.name: path.read_bytes() for path in out.iterdir() if path.is_file() and path.suffix != ".journal"}
+
+
+def test_a_final_stage_stopped_anywhere_leaves_the_previous_files_all_of_one_network(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--final-seeds", "2", "--out-dir", out).returncode == 0
+    before = folder_files(out)
+    # a new choice (the cheapest network within --pick-mmac) stopped after its test accuracy, during the ONNX export
+    args = [*SEARCH, "--promote", "0", "--retrain-only", "--pick-mmac", "0.3", "--final-epochs", "2", "--out-dir", out]
+    code, output = stop_after(out, "test accuracy:", *args)
+    assert code == 130, output
+    after = folder_files(out)
+    assert {name: after[name] for name in before if name != "config.json"} == \
+        {name: before[name] for name in before if name != "config.json"}
+    # the rerun finishes it: every file of the new stage together, the old seed repeat gone with its stage
+    again = run_script(*["MNIST-optuna.py", *args])
+    assert again.returncode == 0, again.stderr
+    model = torch.load(out / "model.pt", weights_only=True)
+    chosen = json.loads((out / "best_params.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert model["config"] == chosen["model"] and model["meta"]["trial"] == chosen["trial"] == summary["best"]["trial"]
+    assert model["meta"]["test_accuracy"] == summary["test_accuracy"]
+    assert not (out / "seed-1.pt").exists() and not (out / ".final-stage").exists()
+
+
+def test_a_chosen_trial_of_another_seed_is_recorded_with_its_own_seed(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "1", "--n-trials", "2", "--no-plots",
+                        "--promote", "4", "--promote-epochs", "1", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    chosen = summary["promotion"]["chosen"]
+    seed = int(chosen["study"].removeprefix("mnist-cnn-seed"))
+    model = torch.load(out / "model.pt", weights_only=True)["meta"]
+    best_params = json.loads((out / "best_params.json").read_text())
+    assert (model["study_seed"], model["trial"]) == (seed, chosen["trial"]) == (best_params["study_seed"],
+                                                                              best_params["trial"])
+    assert (summary["best"]["seed"], summary["best"]["trial"]) == (seed, chosen["trial"])
+    trial = next(t for t in study_trials(out / "study.journal", chosen["study"]) if t.number == chosen["trial"])
+    assert model["seed"] == trial.user_attrs["seed"] and best_params["model"] == trial.user_attrs["model"]
+
+
+def test_a_lowered_budget_applies_to_the_answer(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
+    trials = [t for t in study_trials(out / "study.journal") if t.state.name == "COMPLETE"]
+    cheapest = min(t.user_attrs["mmac"] for t in trials)
+    lowered = run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--retrain-only", "--max-mmac",
+                         str(cheapest), "--out-dir", out)
+    assert lowered.returncode == 0, lowered.stderr
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert models.mmac(model["config"]) <= cheapest + 1e-6
+
+
+def test_stage_two_into_the_stage_one_folder_is_refused_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
+    before = folder_files(out)
+    result = run_script("MNIST-optuna.py", *TINY, "--seeds", "0", "--n-trials", "1", "--stage", "optim",
+                        "--backbone", out / "best_params.json", "--out-dir", out)
+    assert "--stage model" in assert_one_line_error(result)
+    assert folder_files(out) == before
+
+
+def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_everything(capsys, tmp_path, monkeypatch):
+    import training
+
+    out = tmp_path / "run"
+    assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
+    before = folder_files(out)
+
+    def full(path, content):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(training, "write_atomic", full)
+    result = run_in_process(capsys, "MNIST-optuna.py", *SEARCH, "--promote", "0", "--retrain-only",
+                            "--final-epochs", "2", "--out-dir", out)
+    line = assert_one_line_error(result)
+    assert "No space left on device" in line and "rerun the same command" in line
+    assert {k: v for k, v in folder_files(out).items() if k != "config.json"} == \
+        {k: v for k, v in before.items() if k != "config.json"}
+
+
+def test_a_study_in_memory_is_refused(capsys, tmp_path):
+    result = run_in_process(capsys, "MNIST-optuna.py", "--quick", "--storage", "sqlite:///:memory:",
+                            "--out-dir", tmp_path / "o")
+    assert "in memory" in assert_one_line_error(result)
+
+
+def test_the_budget_advice_names_a_budget_that_is_accepted(capsys, tmp_path):
+    refused = run_in_process(capsys, "MNIST-optuna.py", *SEARCH, "--max-mmac", "0.01", "--out-dir", tmp_path / "o")
+    advised = re.search(r"needs ([0-9.]+) MMAC", assert_one_line_error(refused)).group(1)
+    script = load_script("MNIST-optuna.py")
+    args = script.build_parser().parse_with_preset([*map(str, SEARCH), "--max-mmac", advised], "--quick", script.QUICK)
+    script.validate(args)  # no refusal at the advised budget
+
+
+def test_the_reproduce_line_runs_in_a_shell(tmp_path):
+    out = tmp_path / "it's a run"
+    result = run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("reproduce: "))
+    words = shlex.split(line.removeprefix("reproduce: "))
+    assert words[words.index("--out-dir") + 1] == str(out)
