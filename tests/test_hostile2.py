@@ -270,3 +270,31 @@ def test_the_reproduce_line_runs_in_a_shell(tmp_path):
     line = next(line for line in result.stdout.splitlines() if line.startswith("reproduce: "))
     words = shlex.split(line.removeprefix("reproduce: "))
     assert words[words.index("--out-dir") + 1] == str(out)
+
+
+def test_a_backbone_with_a_nan_slope_is_one_line_before_any_training(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"conv": [{"channels": 4, "kernel": 3, "slope": NaN, "pool": true}], "fc": []}}')
+    result = run_in_process(capsys, "MNIST-optuna-adv.py", "--quick", "--backbone", bad, "--out-dir", tmp_path / "o")
+    assert "slope" in assert_one_line_error(result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_mlflow_takes_a_study_name_with_an_apostrophe_and_a_lost_store_is_one_warning(tmp_path, capsys, caplog):
+    import shutil
+
+    import tracking
+
+    store = tmp_path / "ml"
+    store.mkdir()
+    tracker = tracking.Tracker(f"sqlite:///{store}/mlflow.db", "bob's")
+    study = optuna.create_study(study_name="bob's-seed0")
+    callback = tracker.trial_callback()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2, callbacks=[callback])
+    runs = tracker.client.search_runs([tracker.experiment])
+    assert len(runs) == 3 and sum(run.data.tags.get("mnist_optuna.role") == "study" for run in runs) == 1
+    shutil.rmtree(store)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3, callbacks=[callback])
+    output = capsys.readouterr()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "MLflow" in r.getMessage()]
+    assert len(warnings) == 1 and "Traceback" not in output.out + output.err + caplog.text
