@@ -504,6 +504,11 @@ def print_evaluation(paths, data_dir, device, shown=None):
         lines.append(f"{name}test accuracy: {100 * member['accuracy']:.2f} %{label}   parameters: "
                      f"{member['parameters']:,}   MMAC/image: {member['macs'] / 1e6:.1f}")
     if len(paths) > 1:
+        classes = {path: member["probabilities"].shape[1] for path, member in zip(shown or paths, members)}
+        if len(set(classes.values())) > 1:
+            raise UserError("--evaluate: an ensemble needs members with one set of classes; "
+                            + ", ".join(f"{path} has {n}" for path, n in classes.items())
+                            + ": pass checkpoints of one task")
         label = labelled({key: any(m["meta"].get(key) for m in members) for key in ("augment", "tta")})
         lines.append(f"ensemble of {len(paths)} (averaged softmax): ensemble test accuracy: "
                      f"{100 * ensemble_accuracy(members):.2f} %{label}   MMAC/image: "

@@ -2,9 +2,11 @@
 files in Optuna's artifact store, on the chosen trial's study (--artifacts), so a model trained by one worker is
 found from any machine. Both are checked before any training (one line, exit 2); a failure after that is a
 warning, and the study and the run folder stay whole."""
+import atexit
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -163,6 +165,9 @@ def open_artifact_store(spec):
         except ImportError:
             raise UserError("--artifacts s3://… needs boto3: pip install boto3") from None
         return optuna.artifacts.Boto3ArtifactStore(spec[len("s3://"):].strip("/"), client=boto3.client("s3"))
+    if not Path(spec).is_dir():  # a shared folder exists already: a mistyped name is not made into a new one
+        raise UserError(f"--artifacts {spec} is not a folder; pass the folder the workers share (create it first) "
+                        "or s3://BUCKET")
     folder = writable_folder(spec, "--artifacts", "pass a writable folder")
     return optuna.artifacts.FileSystemArtifactStore(str(folder))
 
@@ -183,6 +188,7 @@ def local_file(text, store, what):
     if Path(text).exists() or store is None:
         return text
     folder = Path(tempfile.mkdtemp(prefix="mnist-optuna-artifact-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the run reads it; nothing is left after the run
     target = folder / text
     try:
         optuna.artifacts.download_artifact(artifact_store=store, file_path=str(target), artifact_id=text)

@@ -298,3 +298,16 @@ def test_mlflow_takes_a_study_name_with_an_apostrophe_and_a_lost_store_is_one_wa
     output = capsys.readouterr()
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "MLflow" in r.getMessage()]
     assert len(warnings) == 1 and "Traceback" not in output.out + output.err + caplog.text
+
+
+def test_an_ensemble_of_checkpoints_of_different_tasks_is_one_line(capsys, tmp_path):
+    import training
+
+    paths = []
+    for classes in (10, 7):
+        config = models.normalise_config({"conv": [{"channels": 4, "kernel": 3, "pool": True}], "fc": [],
+                                          "num_classes": classes})
+        paths.append(tmp_path / f"c{classes}.pt")
+        training.save_checkpoint(paths[-1], models.build_model(config), training.TrainConfig(), {})
+    result = run_in_process(capsys, "MNIST-optuna.py", "--evaluate", *paths)
+    assert "one set of classes" in assert_one_line_error(result)
