@@ -250,7 +250,7 @@ def run(main, argv=None):
     except OSError as error:  # a full disk, a read-only file or folder: no traceback, and nothing finished is lost
         if error.errno not in WRITE_ERRORS:
             raise
-        where = f" {error.filename}" if error.filename else ""
+        where = f" {error.filename}" if error.filename else " a file"
         sys.stderr.write(f"error: cannot write{where} ({error.strerror}); free disk space or make it writable, then "
                          "rerun the same command: finished trials, scores and checkpoints are kept\n")
         code = 2
