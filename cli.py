@@ -247,16 +247,16 @@ def run(main, argv=None):
     except UserError as error:
         sys.stderr.write(f"error: {error}\n")
         code = 2
-    except OSError as error:  # a full disk, a read-only file or folder: no traceback, and nothing finished is lost
-        if error.errno not in WRITE_ERRORS:
-            raise
-        where = f" {error.filename}" if error.filename else " a file"
-        sys.stderr.write(f"error: cannot write{where} ({error.strerror}); free disk space or make it writable, then "
-                         "rerun the same command: finished trials, scores and checkpoints are kept\n")
-        code = 2
     except BaseException as error:
-        if isinstance(error, SystemExit) or not interrupted_by_user(error):
+        if not isinstance(error, SystemExit) and interrupted_by_user(error):
+            sys.stderr.write("interrupted\n")
+            code = stop_code()
+        elif isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+            # a full disk, a read-only file or folder: no traceback, and nothing finished is lost
+            where = f" {error.filename}" if error.filename else " a file"
+            sys.stderr.write(f"error: cannot write{where} ({error.strerror}); free disk space or make it writable, "
+                             "then rerun the same command: finished trials, scores and checkpoints are kept\n")
+            code = 2
+        else:
             raise
-        sys.stderr.write("interrupted\n")
-        code = stop_code()
     sys.exit(code or 0)

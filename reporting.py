@@ -253,14 +253,18 @@ def progress(total, description, unit="trial"):
     return tqdm(total=total, desc=description, unit=unit, leave=False, disable=not show, file=sys.stdout)
 
 
+CODE = ("*.py", "requirements*.txt")  # what the source version is of
+
+
 def source_version():
-    """The git commit of the code that ran (with '+changes' when the tree differs from it), or, outside git,
+    """The git commit of the code that ran (with '+changes' when its code differs from it), or, outside git,
     a hash of the project's Python files: recorded in config.json and every model.pt."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            # the code only: results and logs committed beside it (results/) do not change what ran
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE],
+                                   cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
             return commit.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
