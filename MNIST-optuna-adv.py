@@ -176,8 +176,8 @@ def main(argv=None):
     ranked, _ = studies.rank(searched, ("accuracy",))
     _, summary = summarise(searched, run.out_dir, time.perf_counter() - started, head_of, ranked,
                            extra={"grid_size": len(heads)})
-    return final.finish(final.FinalConfig.from_args(args, run.precision), run, [trial for _, trial in ranked], summary, interrupted,
-                        meta={"grid_seed": args.seed}, plot_studies=([study], study))
+    return final.finish(final.FinalConfig.from_args(args, run.precision), run, ranked, summary, interrupted, meta={},
+                        plot_studies=([study], study), key_name="grid_seed")
 
 
 # ---- command line: a flag per constant above --------------------------------------

@@ -247,13 +247,13 @@ def main(argv=None):
             break
     if not (interrupted or args.no_final):
         workers.wait_for_others(searched)  # with a shared storage: all workers then choose alike
-    ranked, front = studies.rank(searched, args.objectives, args.pick_mmac)
+    max_mmac = None if network else args.max_mmac  # a budget lowered since the search applies to the choice too
+    ranked, front = studies.rank(searched, args.objectives, args.pick_mmac, max_mmac)
     best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
-                              args.objectives, args.pick_mmac)
+                              args.objectives, args.pick_mmac, extra={"max_mmac": max_mmac})
     best_study = next((study for _, seed, study in searched if best and seed == summary["best"]["seed"]), None)
-    return final.finish(final.FinalConfig.from_args(args, run.precision), run, [trial for _, trial in ranked], summary,
-                        interrupted, meta={"study_seed": summary["best"] and summary["best"]["seed"],
-                                           "stage": args.stage},
+    return final.finish(final.FinalConfig.from_args(args, run.precision), run, ranked, summary, interrupted,
+                        meta={"stage": args.stage},
                         plot_studies=([study for _, _, study in searched], best_study,
                                       studies.merged_study(searched, args.objectives)[0] if several else None))
 

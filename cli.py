@@ -1,6 +1,7 @@
 """Command-line plumbing: a flag for every UPPER_CASE constant of a script, presets, one-line errors, logging
 and the stop signals. No domain logic lives here."""
 import argparse
+import errno
 import logging
 import math
 import re
@@ -232,6 +233,9 @@ def interrupted_by_user(error):
     return isinstance(error, KeyboardInterrupt) or _INTERRUPT["requested"]
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def run(main, argv=None):
     """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130, SIGTERM 143."""
     # a shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops a search
@@ -244,8 +248,15 @@ def run(main, argv=None):
         sys.stderr.write(f"error: {error}\n")
         code = 2
     except BaseException as error:
-        if isinstance(error, SystemExit) or not interrupted_by_user(error):
+        if not isinstance(error, SystemExit) and interrupted_by_user(error):
+            sys.stderr.write("interrupted\n")
+            code = stop_code()
+        elif isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+            # a full disk, a read-only file or folder: no traceback, and nothing finished is lost
+            where = f" {error.filename}" if error.filename else " a file"
+            sys.stderr.write(f"error: cannot write{where} ({error.strerror}); free disk space or make it writable, "
+                             "then rerun the same command: finished trials, scores and checkpoints are kept\n")
+            code = 2
+        else:
             raise
-        sys.stderr.write("interrupted\n")
-        code = stop_code()
     sys.exit(code or 0)

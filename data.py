@@ -23,6 +23,15 @@ CANONICAL_SHA256 = {
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
 }
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+
+
+def fingerprint_of(image_digest, label_digest):
+    """What a training set is, in 16 hex digits: from the sha256 of its image and label files."""
+    return hashlib.sha256(f"{image_digest}:{label_digest}".encode()).hexdigest()[:16]
+
+
+# the training files of canonical MNIST; what every record made before fingerprints were kept was searched on
+CANONICAL_FINGERPRINT = fingerprint_of(*(CANONICAL_SHA256[name] for name in FILES["train"]))
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
 EVAL_BATCH = 250  # the fastest evaluation batch measured on 2 CPU cores (benchmarks/throughput.py)
@@ -57,6 +66,7 @@ def _download(data_dir):
 
 
 _CHECKED = set()  # (folder, sizes and mtimes) already validated in this process
+_DIGESTS = {}     # sha256 of each file validated in this process, by path
 
 
 def ensure_files(data_dir):
@@ -95,12 +105,20 @@ def ensure_files(data_dir):
             raise DataError(f"{raw / images} holds {n_images} images but {raw / labels} holds {n_labels} labels; "
                             "restore matching files")
     for name in names:
-        if sha256(raw / name) != CANONICAL_SHA256[name]:
+        _DIGESTS[str(raw.resolve() / name)] = sha256(raw / name)
+        if _DIGESTS[str(raw.resolve() / name)] != CANONICAL_SHA256[name]:
             print(f"warning: {raw / name} is not the canonical MNIST file; using it as an MNIST-format data set",
                   file=sys.stderr)
     if stamp is not None:
         _CHECKED.add(stamp)
     return raw
+
+
+def training_fingerprint(data_dir):
+    """The fingerprint of the training files in `data_dir` (fingerprint_of): a study, a promotion score and a
+    checkpoint record it, so other data in the same folder is never answered with their old results."""
+    raw = ensure_files(data_dir).resolve()
+    return fingerprint_of(*(_DIGESTS[str(raw / name)] for name in FILES["train"]))
 
 
 def check_idx(path, magic):
@@ -187,6 +205,7 @@ class SearchData:
     val_indices: np.ndarray
     all_x: torch.Tensor        # every training image (train + validation, beyond any subset): the final retrain
     all_y: torch.Tensor
+    fingerprint: str = CANONICAL_FINGERPRINT  # of the training files (training_fingerprint)
 
     @property
     def background(self):
@@ -218,7 +237,8 @@ def load_search_data(data_dir, device, val_size, train_subset=None, split_seed=0
     x = normalise(images, mean, std, device)
     y = labels.to(device)
     t_idx, v_idx = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
-    return SearchData(x[t_idx], y[t_idx], x[v_idx], y[v_idx], mean, std, train_idx, val_idx, x, y)
+    return SearchData(x[t_idx], y[t_idx], x[v_idx], y[v_idx], mean, std, train_idx, val_idx, x, y,
+                      training_fingerprint(data_dir))
 
 
 def final_training_set(data, size=None, seed=0):

@@ -1,8 +1,13 @@
 """The final stage, and the only reader of the test set: promotion (the choice at the final fidelity, on
 validation), the retrain of the chosen network, the test read once, seed repeats, the ensemble, ONNX
 export with its parity check, and --evaluate of saved checkpoints. It chooses nothing from test results."""
+import fcntl
 import json
 import logging
+import os
+import shlex
+import shutil
+import signal
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +15,9 @@ from pathlib import Path
 import torch
 
 from cli import stop_code
+from errors import UserError
 from data import (
+    CANONICAL_FINGERPRINT,
     final_training_set,
     normalise,
     promotion_training_set,
@@ -92,30 +99,34 @@ def load_test(data_dir, device, mean, std):
     return normalise(images, mean, std, device), labels.to(device)
 
 
-def finish(cfg, run, ranking, summary, interrupted, meta, plot_studies):
-    """The common ending of both scripts; returns the exit code. `ranking`: the candidate trials, best first
-    (studies.rank: by validation accuracy; of a multi-objective run, the front within --pick-mmac).
+def finish(cfg, run, ranked, summary, interrupted, meta, plot_studies, key_name="study_seed"):
+    """The common ending of both scripts; returns the exit code. `ranked`: the candidates, best first, as (key,
+    trial) pairs (studies.rank: by validation accuracy; of a multi-objective run, the front within --pick-mmac);
+    `key_name` says what the key is (the study's seed), recorded with each retrained trial.
 
     Interrupted: say how to resume (130). No candidate: nothing to retrain (1). Otherwise, unless
     --no-final: with --promote N, retrain the N best distinct trials like the final model and choose among
     them on validation; retrain the chosen network on train+validation, read the test set once, save
     model.pt and model.onnx (checked against PyTorch in ONNX Runtime); with --ensemble K, also retrain
     the next K - 1 distinct configurations of the (promoted, then search) ranking and report their
-    averaged softmax. Then the plots.
+    averaged softmax. The stage's files reach the run folder together at its end (StagedFiles). Then the plots.
     """
     out_dir = run.out_dir
-    history, best = None, ranking[0] if ranking else None
+    history, best = None, ranked[0][1] if ranked else None
     if interrupted or best is None or cfg.skip:
-        # with a final stage ahead, summary.json waits for it: stopping that stage leaves the previous
-        # summary.json beside the previous model.pt instead of one without the model's test accuracy
+        # with a final stage ahead, summary.json and best_params.json wait for it: stopping that stage leaves the
+        # previous ones beside the previous model.pt instead of files of another network
         write_json(out_dir / "summary.json", summary)
+        if best is not None:
+            write_json(out_dir / "best_params.json", best_params_payload(best, **{key_name: ranked[0][0]}))
     if interrupted:
         print(f"interrupted: finished trials are kept in the storage; rerun the same command with "
-              f"--out-dir {out_dir} to resume")
+              f"--out-dir {shlex.quote(str(out_dir))} to resume")
         return stop_code()
     if best is None:
-        print("nothing to retrain: " + ("no candidate within --pick-mmac" if summary.get("pick_mmac") is not None
-                                        else "no trial completed"))
+        limits = " and ".join(f"--{name.replace('_', '-')} {summary[name]:g}" for name in ("max_mmac", "pick_mmac")
+                              if summary.get(name) is not None)
+        print("nothing to retrain: " + (f"no candidate within {limits}" if limits else "no trial completed"))
         return 1
     model, stage = None, None
     if not cfg.skip:
@@ -130,7 +141,10 @@ def finish(cfg, run, ranking, summary, interrupted, meta, plot_studies):
                                                   "published": attrs.get("published")})
             return 0
         try:
-            summary, model, history, best = retrain_chosen(cfg, run, ranking, summary, meta)
+            with StagedFiles(out_dir) as staged:
+                summary, model, history, best = retrain_chosen(cfg, run, ranked, summary, {**meta, "key": key_name},
+                                                               staged)
+                staged.publish()
         except BaseException:
             if stage:
                 stage.release(None)  # another worker (or a rerun) takes the final stage over
@@ -153,6 +167,61 @@ def finish(cfg, run, ranking, summary, interrupted, meta, plot_studies):
     return 0
 
 
+class StagedFiles:
+    """The final stage's files (checkpoints, model.onnx, best_params.json, summary.json) are made in a staging
+    folder inside the run folder and moved into it together at the end, with Ctrl-C held back while they move:
+    a stopped final stage leaves the previous files as they were, all of one network. The staging folder keeps
+    what a stopped stage finished (its checkpoints resume it); a lock on it (released by the system when the
+    process ends, however it ends) keeps two final stages in one folder from mixing their files."""
+    FOLDER = ".final-stage"
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.folder = self.out_dir / self.FOLDER
+        self.lock = None
+
+    def __enter__(self):
+        self.folder.mkdir(exist_ok=True)
+        self.lock = open(self.folder / ".lock", "w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise UserError(f"another run is in its final stage in {self.out_dir}; wait for it to end, or pass "
+                            "another --out-dir") from None
+        return self
+
+    def path(self, name):
+        """Where the stage writes `name`. A checkpoint of that name already in the run folder is copied in first:
+        when it holds the same training it is reused instead of trained again (retrain_and_test)."""
+        staged, published = self.folder / name, self.out_dir / name
+        if name.endswith(".pt") and not staged.exists() and published.is_file():
+            shutil.copy2(published, staged)
+        return staged
+
+    def publish(self):
+        """Move every staged file into the run folder; a seed repeat or ensemble member of the previous stage that
+        this one does not make goes, so every checkpoint in the folder is of this stage."""
+        names = {path.name for path in self.folder.iterdir() if not path.name.startswith(".")}
+        previous = [path for pattern in ("seed-*.pt", "ensemble-*.pt") for path in self.out_dir.glob(pattern)
+                    if path.name not in names]
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for name in sorted(names, key=lambda name: name == "summary.json"):  # summary.json last
+                os.replace(self.folder / name, self.out_dir / name)
+            for path in previous:
+                path.unlink()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for path in self.folder.iterdir():  # the lock file, temporaries of a stopped write
+            path.unlink()
+        self.folder.rmdir()
+
+    def __exit__(self, *exc):
+        self.lock.close()
+        return False
+
+
 def waiting(claim):
     print(f"final stage: worker {claim.user_attrs.get('worker')} is running it; waiting for its results "
           "(it takes over if that worker dies)")
@@ -164,30 +233,42 @@ def final_key(trial, cfg):
                        cfg.ensemble, cfg.augment, cfg.promote_epochs, cfg.ema, cfg.tta, cfg.precision])
 
 
-def retrain_chosen(cfg, run, ranking, summary, meta):
+def retrain_chosen(cfg, run, ranked, summary, meta, staged):
     """Promotion (with --promote), the retrain of the chosen network, the test read once, ONNX, seed repeats and the
-    ensemble; returns (summary with the results, the model, its training history, the chosen trial)."""
-    data, out_dir = run.data, run.out_dir
+    ensemble, each file written to `staged` (StagedFiles); returns (summary with the results, the model, its
+    training history, the chosen trial)."""
+    data = run.data
     label = cfg.label
-    meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std}
+    key_name = meta.pop("key")
+    meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std,
+            "training_data": data.fingerprint}
+    key_of = {(trial.user_attrs.get("study"), trial.number): key for key, trial in ranked}
+    ranking = [trial for _, trial in ranked]
     if cfg.promote > 1:
-        promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, out_dir)
+        promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, run.out_dir)
         summary["promotion"] = promoted["record"]
         ranking = promoted["ranking"] + ranking
-        # the chosen network, which model.pt will be: promoted first, not necessarily the search's best
-        write_json(out_dir / "best_params.json",
-                   best_params_payload(ranking[0], promoted_val=promoted["record"]["chosen"]["promoted_val"]))
-    best = ranking[0]
+    best = ranking[0]  # the chosen network, which model.pt will be: promoted first, not necessarily the search's best
+
+    def key(trial):
+        return key_of.get((trial.user_attrs.get("study"), trial.number))
+
+    chosen = {"seed": key(best), "trial": best.number, "value": trial_accuracy(best), "params": best.params}
+    if cfg.promote > 1:
+        chosen["promoted_val"] = promoted["record"]["chosen"]["promoted_val"]
+        summary = {**summary, "search_best": summary.get("best"), "best": chosen}
+    write_json(staged.path("best_params.json"), best_params_payload(
+        best, **{key_name: key(best)}, **({"promoted_val": chosen["promoted_val"]} if cfg.promote > 1 else {})))
     # the search and its choice are over: this is the one place the test set is read
     test = load_test(run.data_dir, run.device, data.mean, data.std)
 
-    def retrain(trial, checkpoint, repeat=0):
+    def retrain(trial, name, repeat=0):
         recipe = final_config(trial, cfg)
         info = {**meta, "val_accuracy": trial_accuracy(trial), "trial": trial.number, "repeat": repeat,
-                "study": trial.user_attrs.get("study")}
+                "study": trial.user_attrs.get("study"), key_name: key(trial)}
         with progress(cfg.epochs, "final epochs", "epoch") as bar:
             return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
-                                    checkpoint, info, on_epoch=lambda record: bar.update(1),
+                                    staged.path(name), info, on_epoch=lambda record: bar.update(1),
                                     background=data.background, tta=cfg.tta)
 
     x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
@@ -199,10 +280,10 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
              f"on {describe_device(run.device)}, {cfg.precision}"
              f"{f', weights averaged over {cfg.ema:g} epochs' if cfg.ema else ''}: "
              f"{repeats} training{'s' if repeats > 1 else ''}, about {minutes(estimate)}")
-    model, history, test_accuracy, seconds = retrain(best, out_dir / "model.pt")
+    model, history, test_accuracy, seconds = retrain(best, "model.pt")
     print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
           f"(final training {seconds:.0f} s on {len(y)} images)")
-    onnx_path = export_onnx(model, out_dir / "model.onnx")
+    onnx_path = export_onnx(model, staged.path("model.onnx"))
     max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
     print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
           f"{100 * agreement:.1f} %")
@@ -210,12 +291,12 @@ def retrain_chosen(cfg, run, ranking, summary, meta):
                "precision": cfg.precision, "ema": cfg.ema, "final_seconds": seconds,
                "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
     if cfg.seeds > 1:
-        summary["final_seeds"] = repeat_seeds(best, cfg.seeds, test_accuracy, seconds, retrain, out_dir,
-                                              label)
+        summary["final_seeds"] = repeat_seeds(best, cfg.seeds, test_accuracy, seconds, retrain, label)
     if cfg.ensemble > 1:
-        summary["ensemble"] = ensemble(top_distinct(ranking, cfg.ensemble), model, test, retrain, out_dir,
+        summary["ensemble"] = ensemble(top_distinct(ranking, cfg.ensemble), model, test, retrain,
                                        lambda member, images: predict_logits(member, images, tta=cfg.tta,
                                                                              background=data.background), label)
+    write_json(staged.path("summary.json"), summary)
     return summary, model, history, best
 
 
@@ -224,12 +305,12 @@ def repeat_seed(trial, repeat):
     return trial.user_attrs["seed"] if repeat == 0 else derive_seed(trial.user_attrs["seed"], repeat)
 
 
-def repeat_seeds(best, n, first_accuracy, first_seconds, retrain, out_dir, label):
+def repeat_seeds(best, n, first_accuracy, first_seconds, retrain, label):
     """The final recipe trained n times in all (repeat 0 is model.pt): how much the seed alone moves it."""
     runs = [{"repeat": 0, "seed": repeat_seed(best, 0), "test_accuracy": first_accuracy,
              "train_seconds": first_seconds}]
     for repeat in range(1, n):
-        _, _, accuracy, seconds = retrain(best, out_dir / f"seed-{repeat}.pt", repeat)
+        _, _, accuracy, seconds = retrain(best, f"seed-{repeat}.pt", repeat)
         runs.append({"repeat": repeat, "seed": repeat_seed(best, repeat), "test_accuracy": accuracy,
                      "train_seconds": seconds})
         print(f"final recipe, repeat {repeat}: test accuracy: {100 * accuracy:.2f} %{label}   "
@@ -276,6 +357,10 @@ def promote(candidates, data, cfg, out_dir):
         done = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         done = {}
+    if not isinstance(done, dict) or not all(isinstance(score, dict) and "val_accuracy" in score
+                                             for score in done.values()):
+        log.warning(f"warning: {path} is not a record of promotion scores; scoring the candidates again")
+        done = {}
     x, y = promotion_training_set(data, cfg.subset)  # the same images for every candidate
     epochs = cfg.promote_epochs or cfg.epochs
     estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg, epochs), data.val_x.device,
@@ -286,8 +371,10 @@ def promote(candidates, data, cfg, out_dir):
     rows = []
     for search_rank, trial in enumerate(candidates, start=1):
         recipe, seed = final_config(trial, cfg, epochs), repeat_seed(trial, 0)
-        key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else []),
-                         sort_keys=True)
+        # scores from before the data's fingerprint was part of the key were of canonical MNIST: their keys stand
+        other_data = [] if data.fingerprint == CANONICAL_FINGERPRINT else [data.fingerprint]
+        key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else [])
+                         + other_data, sort_keys=True)
         if key not in done:
             seed_everything(seed)
             model = build_model(trial.user_attrs["model"]).to(x.device)
@@ -351,12 +438,12 @@ def spearman(a, b):
     return cov / norm if norm else None
 
 
-def ensemble(members, best_model, test, retrain, out_dir, predict_logits, label):
+def ensemble(members, best_model, test, retrain, predict_logits, label):
     """Retrain the members after the first (the best, retrained already) and average their softmax on the test set."""
     test_x, test_y = test
     probabilities, results = 0, []
     for index, trial in enumerate(members):
-        model = best_model if index == 0 else retrain(trial, out_dir / f"ensemble-{index}.pt")[0]
+        model = best_model if index == 0 else retrain(trial, f"ensemble-{index}.pt")[0]
         logits = predict_logits(model, test_x)
         accuracy = (logits.argmax(1) == test_y).float().mean().item()
         probabilities = probabilities + torch.softmax(logits, 1)
@@ -417,6 +504,11 @@ def print_evaluation(paths, data_dir, device, shown=None):
         lines.append(f"{name}test accuracy: {100 * member['accuracy']:.2f} %{label}   parameters: "
                      f"{member['parameters']:,}   MMAC/image: {member['macs'] / 1e6:.1f}")
     if len(paths) > 1:
+        classes = {path: member["probabilities"].shape[1] for path, member in zip(shown or paths, members)}
+        if len(set(classes.values())) > 1:
+            raise UserError("--evaluate: an ensemble needs members with one set of classes; "
+                            + ", ".join(f"{path} has {n}" for path, n in classes.items())
+                            + ": pass checkpoints of one task")
         label = labelled({key: any(m["meta"].get(key) for m in members) for key in ("augment", "tta")})
         lines.append(f"ensemble of {len(paths)} (averaged softmax): ensemble test accuracy: "
                      f"{100 * ensemble_accuracy(members):.2f} %{label}   MMAC/image: "

@@ -8,6 +8,7 @@ Dropout sits only in the fully connected head, where no BatchNorm follows it: a 
 into a BatchNorm shifts the variance the BatchNorm learned between training and inference.
 """
 import copy
+import math
 import statistics
 import time
 
@@ -49,11 +50,20 @@ def normalise_config(config):
             raise ConfigError(f"conv block {i}: channels must be a positive integer")
         if not (isinstance(block["kernel"], int) and block["kernel"] >= 1 and block["kernel"] % 2 == 1):
             raise ConfigError(f"conv block {i}: kernel must be a positive odd integer")
+        if not (_is_number(block["slope"]) and 0.0 <= block["slope"] < 1.0):  # NaN fails this too
+            raise ConfigError(f"conv block {i}: slope (of the leaky ReLU) must be a number in [0, 1), "
+                              f"not {block['slope']}")
+        if not (isinstance(block["batch_norm"], bool) and isinstance(block["pool"], bool)):
+            raise ConfigError(f"conv block {i}: batch_norm and pool must be true or false")
     if not isinstance(config["fc"], list) or not all(isinstance(w, int) and w >= 1 for w in config["fc"]):
         raise ConfigError("model config 'fc' must be a list of positive integers (may be empty)")
-    if not 0.0 <= float(config["dropout"]) < 1.0:
-        raise ConfigError("model config 'dropout' must be in [0, 1)")
+    if not (_is_number(config["dropout"]) and 0.0 <= config["dropout"] < 1.0):
+        raise ConfigError(f"model config 'dropout' must be a number in [0, 1), not {config['dropout']}")
     return config
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from optuna.trial import TrialState
 
 from errors import UserError
 from models import describe, normalise_config
-from training import load_checkpoint
+from training import load_checkpoint, write_atomic
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -71,12 +72,29 @@ def start_run(out_dir, settings):
     run_id = None
     if path.is_file():
         try:
-            run_id = json.loads(path.read_text()).get("run_id")
+            before = json.loads(path.read_text())
+            run_id = before.get("run_id")
         except (OSError, ValueError, AttributeError):
-            run_id = None
+            before, run_id = {}, None
+        if isinstance(before, dict) and family_of(before) != family_of(settings):
+            raise UserError(f"--out-dir {out_dir} holds the results of {family_text(before)}, this run is "
+                            f"{family_text(settings)}; its files would be replaced: pass a new --out-dir")
     run_id = run_id or uuid.uuid4().hex[:12]
     write_json(path, {**settings, "run_id": run_id, "command": command_line(), "source": source_version()})
     return run_id
+
+
+# what a run folder belongs to: one script's stage and study names (the settings that name its studies); a run of
+# another stage, script or study name would replace its model.pt, summary.json and trials.csv
+FAMILY = ("stage", "study_prefix", "study_name")
+
+
+def family_of(settings):
+    return {key: settings.get(key) for key in FAMILY}
+
+
+def family_text(settings):
+    return " ".join(f"--{key.replace('_', '-')} {settings[key]}" for key in FAMILY if settings.get(key) is not None)
 
 
 def network_of(trial):
@@ -155,18 +173,6 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_atomic(path, text):
-    """Write text to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C or a full disk: the previous file stays whole, no half-written one is left
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_json(path, payload):
     write_atomic(path, json.dumps(payload, indent=2, default=json_default) + "\n")
 
@@ -203,7 +209,8 @@ def best_params_payload(trial, **extra):
 
 
 def command_line():
-    return " ".join([Path(sys.executable).name] + sys.argv)
+    """The command that ran, quoted for a shell."""
+    return shlex.join([Path(sys.executable).name] + sys.argv)
 
 
 class Stopwatch:
@@ -246,14 +253,18 @@ def progress(total, description, unit="trial"):
     return tqdm(total=total, desc=description, unit=unit, leave=False, disable=not show, file=sys.stdout)
 
 
+CODE = ("*.py", "requirements*.txt")  # what the source version is of
+
+
 def source_version():
-    """The git commit of the code that ran (with '+changes' when the tree differs from it), or, outside git,
+    """The git commit of the code that ran (with '+changes' when its code differs from it), or, outside git,
     a hash of the project's Python files: recorded in config.json and every model.pt."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            # the code only: results and logs committed beside it (results/) do not change what ran
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE],
+                                   cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
             return commit.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -265,8 +276,8 @@ def source_version():
 
 def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, objectives=("accuracy",), pick_mmac=None,
               extra=None):
-    """Print the summary block of the (label, key, study) searches and write trials.csv and best_params.json;
-    return (the chosen trial, the summary dict). `ranked`: (key, trial) pairs best first (studies.rank), whose
+    """Print the summary block of the (label, key, study) searches and write trials.csv (best_params.json is the
+    final stage's, final.finish); return (the chosen trial, the summary dict). `ranked`: (key, trial) pairs best first (studies.rank), whose
     first is the chosen network; `front`: the Pareto front of a multi-objective run, listed in full."""
     print("\n==== summary ====")
     per_study, all_trials = {}, []
@@ -294,9 +305,11 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
         print(f"{what}: val {100 * trial_accuracy(best):.2f} %  {label} {best_key}  trial {best.number}  "
               f"{describe_trial(best)}")
         print("\n".join(params_lines(best.params)))
-    elif per_study and pick_mmac is not None:
-        print(f"no {'front network' if front is not None else 'complete trial'} within --pick-mmac {pick_mmac:g}; "
-              "rerun with --retrain-only and a larger --pick-mmac")
+    elif per_study:  # complete trials, none within the limits
+        limits = {"--pick-mmac": pick_mmac, "--max-mmac": (extra or {}).get("max_mmac")}
+        limits = " and ".join(f"{flag} {value:g}" for flag, value in limits.items() if value is not None)
+        print(f"no {'front network' if front is not None else 'complete trial'} within {limits}; "
+              "rerun with --retrain-only and a larger limit")
     print(f"search wall time: {wall:.1f} s")
     summary = {"seeds": per_study, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
                "best": None if best is None else {"seed": best_key, "trial": best.number,
@@ -307,8 +320,6 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
         summary["front"] = [{label: key, "trial": t.number, "values": dict(zip(objectives, t.values)),
                              "params": t.params, "network": describe_trial(t)} for key, t in front]
     write_trials_csv(out_dir / "trials.csv", studies)
-    if best is not None:
-        write_json(out_dir / "best_params.json", best_params_payload(best, study_seed=best_key))
     return best, summary
 
 

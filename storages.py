@@ -11,7 +11,9 @@ import warnings
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
+from data import CANONICAL_FINGERPRINT
 from errors import UserError
 from reporting import json_default, prepare_out_dir
 
@@ -60,27 +62,79 @@ def storage_kind(spec):
     return "rdb"
 
 
-def mend_torn_journal(path):
-    """Cut a journal's last record when a crash or a full disk left it without its newline.
+RECORD_START = b'{"op_code"'  # how every record of Optuna's journal begins; JSON escapes it inside strings
+LOCK_NAME_EXTRA = len(".lock") + 36 + len(".rename")  # Optuna's lock file, and its uuid-named rename on release
 
-    Optuna still reads such a file, but its next record would be appended to the partial line and
-    make the whole journal unreadable. The original bytes are kept beside it first.
+
+def readable_records(content):
+    """(the complete records of a journal's bytes, one per line; how many bytes are torn records; whether some
+    bytes are not part of any record, which no crash of a writer leaves: then the file is not mended).
+
+    A writer that crashed or hit a full disk leaves the start of a record without its newline. When it was the
+    last writer, that part is the file's tail; when another worker appended after it, the part starts a line
+    that ends with that worker's whole record. Either way the whole records are kept and the torn parts dropped."""
+    kept, torn, foreign = [], 0, False
+    for line in content.splitlines(keepends=True):
+        record = line
+        while record:
+            try:
+                json.loads(record)
+                if record.endswith(b"\n"):
+                    break
+            except ValueError:
+                pass
+            cut = record.find(RECORD_START, 1)  # a whole record may follow the torn one on its line
+            record = record[cut:] if cut > 0 else b""
+        part = line[:len(line) - len(record)]
+        foreign = foreign or not part.startswith(RECORD_START[:len(part)])
+        torn += len(part)
+        if record:
+            kept.append(record)
+    return b"".join(kept), torn, foreign or not kept
+
+
+def mend_torn_journal(path):
+    """Drop the torn records of a journal (a crash or a full disk cut a record short), keeping every whole one.
+
+    Optuna refuses a journal with a torn record before its end, and appends its next record to a torn last one,
+    which makes the file unreadable. The check reads the file once; the mending holds the journal's own lock (so
+    no worker appends meanwhile), keeps the original bytes beside it and replaces the file in one rename.
     """
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with open(path, "rb") as journal:
-        journal.seek(-1, os.SEEK_END)
-        if journal.read(1) == b"\n":
+    _, torn, foreign = readable_records(path.read_bytes())
+    if not torn or foreign:  # whole, or not a journal at all (Optuna's replay then says so)
+        return
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        content = path.read_bytes()
+        mended, dropped, foreign = readable_records(content)
+        if not dropped or foreign:
             return
-        journal.seek(0)
-        content = journal.read()
-    backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    backup.write_bytes(content)
-    keep = content.rfind(b"\n") + 1
-    with open(path, "r+b") as journal:
-        journal.truncate(keep)
-    log.warning(f"warning: the last record of {path} was cut off ({len(content) - keep} bytes, a crash or a full "
-                f"disk); removed it and kept the original as {backup.name}")
+        backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        backup.write_bytes(content)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.mend")
+        tmp.write_bytes(mended)
+        os.replace(tmp, path)
+    finally:
+        lock.release()
+    log.warning(f"warning: {path} held {dropped} bytes of torn records (a crash or a full disk cut them short); "
+                f"removed them, kept every whole record and the original as {backup.name}")
+
+
+def check_journal_name(path):
+    """Refuse a journal whose lock files would exceed the folder's longest file name: Optuna could not take the
+    lock, would leave a stale one and make every later run wait for it."""
+    try:
+        limit = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    length = len(path.name.encode())
+    if length + LOCK_NAME_EXTRA > limit:
+        raise UserError(f"--storage {path}: the journal's name is {length} bytes; its lock files need "
+                        f"{LOCK_NAME_EXTRA} more and this file system allows {limit}: pass a name of at most "
+                        f"{limit - LOCK_NAME_EXTRA} bytes")
 
 
 def make_storage(spec, out_dir, must_exist=False):
@@ -95,7 +149,9 @@ def make_storage(spec, out_dir, must_exist=False):
         if must_exist and not path.is_file():
             raise UserError(f"--storage {path} does not exist; pass the journal of the study to use")
         try:
+            check_journal_name(path)
             path.parent.mkdir(parents=True, exist_ok=True)
+            open(path, "ab").close()  # a read-only journal is found here, not at the first trial's record
             mend_torn_journal(path)
             backend = optuna.storages.journal.JournalFileBackend(str(path))
             return optuna.storages.JournalStorage(backend)
@@ -105,6 +161,7 @@ def make_storage(spec, out_dir, must_exist=False):
         except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:  # what a replay of garbage raises
             raise UserError(f"{path} is not a readable Optuna journal ({type(error).__name__}); move it away or "
                             "pass another --storage") from None
+    check_database_file(spec)
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
@@ -119,6 +176,24 @@ def make_storage(spec, out_dir, must_exist=False):
                 continue
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
+
+
+def check_database_file(url):
+    """Refuse an SQLite URL whose study could not be kept: an in-memory database (gone when the run ends, though
+    the run would advise resuming it) or a file this process cannot write (found at the first trial otherwise)."""
+    match = re.match(r"^sqlite(\+\w+)?:///?(.*)$", url)
+    if not match:
+        return
+    path = match.group(2).split("?")[0]
+    if path in ("", ":memory:") or path.startswith("file::memory:"):
+        raise UserError(f"--storage {url} keeps the study in memory, lost when the run ends; pass sqlite:///PATH "
+                        "or a file path for a journal")
+    if Path(path).is_file():
+        try:
+            open(path, "ab").close()
+        except OSError as error:
+            raise UserError(f"cannot write the database {path} ({error.strerror}); make it writable or pass another "
+                            "--storage") from None
 
 
 def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False,
@@ -154,26 +229,75 @@ def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False,
         return study
     search = json.loads(json.dumps(search, default=json_default))
     before = study.user_attrs.get("search")
+    if before is None:  # a study from before settings were recorded: what its trials agree on stands in
+        before = settings_of_trials(study, search)
     if before is not None:  # a setting added after the study began had, then, the value below
         added = json.loads(json.dumps(ADDED_SETTINGS))
         before = {**{key: value for key, value in added.items() if key in search}, **before}
-    if before is not None and before != search and not resume_anyway:
-        differ = [key for key in sorted(set(before) | set(search)) if before.get(key) != search.get(key)]
+    differ = [key for key in sorted(set(before or {}) | set(search)) if before.get(key) != search.get(key)] \
+        if before is not None else []
+    fixed = [key for key in differ if key in FIXED]
+    if fixed and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        key = fixed[0]
+        raise UserError(f"study {name} trains {_setting_text(key, before.get(key))}, this run asks for "
+                        f"{_setting_text(key, search.get(key))}; not even --resume-anyway changes that (its finished "
+                        "trials would answer for another network): pass a new --out-dir (or --study-prefix / "
+                        "--study-name) for a new search")
+    if differ and not resume_anyway:
         key = differ[0]
-        raise UserError(f"study {name} was searched with --{key.replace('_', '-')} {_flag_text(before.get(key))}, "
-                        f"this run asks for {_flag_text(search.get(key))}"
+        raise UserError(f"study {name} was searched with {_setting_text(key, before.get(key))}, this run asks for "
+                        f"{_setting_text(key, search.get(key), flag=False)}"
                         f"{f' (and {len(differ) - 1} more setting(s))' if len(differ) > 1 else ''}; pass a new "
                         "--out-dir (or --study-prefix / --study-name) for a new search, or --resume-anyway to "
                         "continue this one with the new settings")
-    if before != search:
+    if study.user_attrs.get("search") != search:
         study.set_user_attr("search", search)
+        # two workers that start together on a new study both write; the later write stands, and the worker
+        # whose settings it is not learns it here (a moment later, once the other's write is visible)
+        time.sleep(SETTLE_SECONDS)
+        if study.user_attrs.get("search") != search and not resume_anyway:
+            raise UserError(f"study {name} was just started by another worker with other settings; pass the same "
+                            "settings as that worker, or a new --out-dir (or --study-prefix / --study-name)")
     return study
 
 
-def _flag_text(value):
-    if isinstance(value, list):
-        return " ".join(map(str, value))
-    return "(not set)" if value is None else str(value)
+SETTLE_SECONDS = 0.5
+# what a study's trials are of without being among their parameters: changing it would let its finished trials
+# answer for another network (a twin takes their accuracy, the ranking lists them)
+FIXED = {"network", "backbone"}
+# how the settings that are not flags read in a message
+DESCRIBED = {"network": "the network of --backbone", "backbone": "heads on the --backbone conv blocks",
+             "training_data": "the training files with fingerprint"}
+
+
+def _setting_text(key, value, flag=True):
+    """How a setting reads in a refusal: `--lr 0.001` (or `0.001` with flag False) or the described value."""
+    if key in DESCRIBED:
+        return f"{DESCRIBED[key]} {_flag_text(value)}"
+    return f"--{key.replace('_', '-')} {_flag_text(value)}" if flag else _flag_text(value)
+
+
+def _flag_text(value, longest=80):
+    if isinstance(value, list) and not any(isinstance(item, (dict, list)) for item in value):
+        text = " ".join(map(str, value))
+    else:
+        text = "(not set)" if value is None else value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= longest else text[:longest - 3] + "..."
+
+
+def settings_of_trials(study, search):
+    """The settings of a study that recorded none (it predates the record), as far as its trials tell: each
+    training setting every trial recorded alike, and the conv blocks of a head grid. None without such trials.
+    A search whose trials each draw their own recipe (stage optim) tells nothing this way."""
+    trials = [t for t in study.get_trials(deepcopy=False) if isinstance(t.user_attrs.get("train"), dict)]
+    if not trials or search.get("network") is not None:
+        return None
+    recipes = [t.user_attrs["train"] for t in trials]
+    told = {key: recipes[0][key] for key in recipes[0]
+            if key in search and key not in NOT_SEARCH and all(r.get(key) == recipes[0][key] for r in recipes)}
+    if "backbone" in search and isinstance(trials[0].user_attrs.get("model"), dict):
+        told["backbone"] = trials[0].user_attrs["model"].get("conv")
+    return {**search, **json.loads(json.dumps(told))}
 
 
 # settings that say how and where to run, or what to do after the search: a rerun may change them (precision is
@@ -183,7 +307,8 @@ NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "precision", "determin
               "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac",
               "mlflow", "artifacts", "promote_epochs", "final_ema", "tta"}
 # settings added after studies existed, with the behaviour a study that does not record them was searched with
-ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3}
+ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3,
+                  "training_data": CANONICAL_FINGERPRINT}
 
 
 def search_settings(args, **resolved):

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,6 +300,7 @@ def open_run(args, split_seed, record=None, experiment=None):
 def study_for(run, name, sampler, pruner, args, **resolved):
     """The study `name` in the run's storage. It must have been searched with this run's settings (what
     --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one."""
+    resolved = {**resolved, "training_data": run.data.fingerprint}
     return open_study(name, run.storage, sampler, pruner, search_settings(args, **resolved), args.resume_anyway,
                       must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)))
 
@@ -337,11 +339,12 @@ def merged_study(searched, objectives):
     return merged, trials
 
 
-def rank(searched, objectives, pick_mmac=None):
+def rank(searched, objectives, pick_mmac=None, max_mmac=None):
     """(the candidates for the final model, best first, as (key, trial); the Pareto front as (key, trial)
     sorted by MMAC, or None for one objective). One objective: every complete trial by validation accuracy.
-    Several: the front's networks by validation accuracy. Either way only networks within `pick_mmac` MMAC
-    when it is given; ties go to the cheaper network. Chosen on validation alone."""
+    Several: the front's networks by validation accuracy. Either way only networks within `pick_mmac` and
+    `max_mmac` MMAC when they are given (a budget lowered since a trial ran rules it out as well); ties go to the
+    cheaper network. Chosen on validation alone."""
     merged, trials = merged_study(searched, objectives)
     key_of = {study.study_name: key for _, key, study in searched}
     keyed = [(key_of.get(t.user_attrs.get("study")), t) for t in trials]
@@ -350,7 +353,8 @@ def rank(searched, objectives, pick_mmac=None):
     if len(objectives) > 1:
         front = sorted((keyed[t.number] for t in merged.best_trials), key=lambda pair: mmac_of(pair[1]))
         complete = front
-    within = [pair for pair in complete if pick_mmac is None or mmac_of(pair[1]) <= pick_mmac]
+    limit = min((value for value in (pick_mmac, max_mmac) if value is not None), default=float("inf"))
+    within = [pair for pair in complete if mmac_of(pair[1]) <= limit]
     # stable: among equals the earlier study and trial stays first, as the single-objective summary always did
     return sorted(within, key=lambda pair: (-trial_accuracy(pair[1]), mmac_of(pair[1]))), front
 
@@ -392,5 +396,6 @@ def check_budget(suggest_model, max_mmac):
     """Refuse, before any work, a compute budget that not even the cheapest network of the space fits."""
     smallest = network_mmac(suggest_model(SmallestChoice()))
     if smallest > max_mmac:
-        raise UserError(f"--max-mmac {max_mmac:g}: even the smallest network of the space needs {smallest:.1f} MMAC; "
+        needed = math.ceil(smallest * 1000) / 1000  # rounded up: the advised budget is one the check accepts
+        raise UserError(f"--max-mmac {max_mmac:g}: even the smallest network of the space needs {needed:g} MMAC; "
                         "raise --max-mmac or lower --conv-filters")

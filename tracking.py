@@ -2,8 +2,11 @@
 files in Optuna's artifact store, on the chosen trial's study (--artifacts), so a model trained by one worker is
 found from any machine. Both are checked before any training (one line, exit 2); a failure after that is a
 warning, and the study and the run folder stay whole."""
+import atexit
+import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +35,10 @@ class Tracker:
             import mlflow
         except ImportError as error:
             raise UserError(f"--mlflow needs MLflow ({error}); pip install -r requirements.txt") from None
-        logging.getLogger("mlflow").setLevel(logging.ERROR)  # after the import, which sets its own level
-        self.mlflow, self.uri, self.parents = mlflow, uri, {}
+        # after the import, which sets its own level; MLflow's errors reach us as exceptions, which say it in one
+        # line (MLflow would log each with its whole traceback too)
+        logging.getLogger("mlflow").setLevel(logging.CRITICAL)
+        self.mlflow, self.uri, self.parents, self.broken = mlflow, uri, {}, False
         try:
             self.client = mlflow.MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
@@ -49,7 +54,9 @@ class Tracker:
         """The id of the study's parent run: found by tag, else created (of two created at once, the older wins)."""
         if study_name in self.parents:
             return self.parents[study_name]
-        query = f"tags.`optuna.study` = '{study_name}' and tags.`mnist_optuna.role` = 'study'"
+        # found by a hex digest of the name: a name is the user's text (an apostrophe would break the filter)
+        key = hashlib.sha256(study_name.encode()).hexdigest()[:16]
+        query = f"tags.`mnist_optuna.study_key` = '{key}' and tags.`mnist_optuna.role` = 'study'"
 
         def oldest():
             runs = self.client.search_runs([self.experiment], filter_string=query, order_by=["attributes.start_time"])
@@ -57,8 +64,8 @@ class Tracker:
 
         run_id = oldest()
         if run_id is None:
-            mine = self.client.create_run(self.experiment, run_name=study_name,
-                                          tags={"optuna.study": study_name, "mnist_optuna.role": "study"}).info.run_id
+            mine = self.client.create_run(self.experiment, run_name=study_name, tags={
+                "optuna.study": study_name, "mnist_optuna.study_key": key, "mnist_optuna.role": "study"}).info.run_id
             run_id = oldest()
             if run_id != mine:
                 self.client.delete_run(mine)
@@ -116,13 +123,17 @@ class Tracker:
                                           pip_requirements=["torch"])
         return run_id
 
-    @staticmethod
-    def guard(what, action):
+    def guard(self, what, action):
+        """action(), or None when MLflow fails: one warning, and no more MLflow calls in this run (a store that went
+        away fails every later call too, each with its own retries and messages)."""
+        if self.broken:
+            return None
         try:
             return action()
         except Exception as error:  # the search goes on; MLflow is a copy, the study is the record
-            log.warning(f"warning: MLflow logging of the {what} failed ({_first_line(error)}); the study and the "
-                        "run folder keep everything")
+            self.broken = True
+            log.warning(f"warning: MLflow logging of the {what} failed ({_first_line(error)}); no more MLflow "
+                        "logging in this run, the study and the run folder keep everything")
             return None
 
 
@@ -135,6 +146,9 @@ def _artifact_root(uri):
 
 
 def _first_line(error):
+    """The first line of what went wrong: of the innermost cause (a database error wrapped by its library's)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
 
@@ -151,6 +165,9 @@ def open_artifact_store(spec):
         except ImportError:
             raise UserError("--artifacts s3://… needs boto3: pip install boto3") from None
         return optuna.artifacts.Boto3ArtifactStore(spec[len("s3://"):].strip("/"), client=boto3.client("s3"))
+    if not Path(spec).is_dir():  # a shared folder exists already: a mistyped name is not made into a new one
+        raise UserError(f"--artifacts {spec} is not a folder; pass the folder the workers share (create it first) "
+                        "or s3://BUCKET")
     folder = writable_folder(spec, "--artifacts", "pass a writable folder")
     return optuna.artifacts.FileSystemArtifactStore(str(folder))
 
@@ -171,6 +188,7 @@ def local_file(text, store, what):
     if Path(text).exists() or store is None:
         return text
     folder = Path(tempfile.mkdtemp(prefix="mnist-optuna-artifact-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the run reads it; nothing is left after the run
     target = folder / text
     try:
         optuna.artifacts.download_artifact(artifact_store=store, file_path=str(target), artifact_id=text)

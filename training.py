@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import EVAL_BATCH, batches, random_affine
+from data import CANONICAL_FINGERPRINT, EVAL_BATCH, batches, random_affine
 from errors import UserError
 from models import INPUT_SHAPE, build_model, normalise_config
 
@@ -354,14 +354,28 @@ def minutes(seconds):
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def save_checkpoint(path, model, train_cfg, meta):
-    """config + state_dict + metadata, written to a temporary file and renamed into place."""
+def write_atomic(path, content):
+    """Write bytes (or text) to a temporary file of this process beside `path`, then rename it into place: a full
+    disk or Ctrl-C leaves the previous file whole and no temporary behind."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, model, train_cfg, meta):
+    """config + state_dict + metadata, serialised in memory and written with write_atomic (so a full disk is an
+    OSError like any other write, not an error inside torch's writer)."""
     payload = {"config": model.config, "train": train_cfg.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path, device="cpu"):
@@ -381,11 +395,13 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     """Retrain a config from scratch on (x, y), evaluate the test set (x, y) once (with shift TTA when `tta`),
     save the checkpoint.
 
-    A checkpoint already at `checkpoint` from the same network, recipe, seed and number of images (an
-    earlier, interrupted run of the same command) is evaluated instead of trained again.
+    A checkpoint already at `checkpoint` from the same network, recipe, seed and training images (their number,
+    and the fingerprint of the training files in `meta`: an earlier, interrupted run of the same command) is
+    evaluated instead of trained again.
     Returns (model, history, test_accuracy, train_seconds).
     """
-    earlier = finished_checkpoint(checkpoint, model_config, train_cfg, seed, len(y), x.device)
+    earlier = finished_checkpoint(checkpoint, model_config, train_cfg, seed, len(y), x.device,
+                                  meta.get("training_data", CANONICAL_FINGERPRINT))
     if earlier is not None:
         model, meta = earlier
         return model, meta["history"], evaluate(model, *test, tta=tta, background=background), meta["train_seconds"]
@@ -402,8 +418,9 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     return model, history, test_accuracy, train_seconds
 
 
-def finished_checkpoint(path, model_config, train_cfg, seed, train_images, device):
-    """(model, meta) of the checkpoint at `path` when it holds exactly this training, else None."""
+def finished_checkpoint(path, model_config, train_cfg, seed, train_images, device, training_data=CANONICAL_FINGERPRINT):
+    """(model, meta) of the checkpoint at `path` when it holds exactly this training, else None. A checkpoint from
+    before fingerprints were recorded was trained on canonical MNIST."""
     if not Path(path).is_file():
         return None
     try:
@@ -412,7 +429,8 @@ def finished_checkpoint(path, model_config, train_cfg, seed, train_images, devic
         return None
     meta = payload.get("meta", {})
     same = (payload.get("train") == train_cfg.to_dict() and model.config == normalise_config(model_config)
-            and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta)
+            and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta
+            and meta.get("training_data", CANONICAL_FINGERPRINT) == training_data)
     return (model, meta) if same else None
 
 
@@ -420,14 +438,17 @@ def export_onnx(model, path):
     """Save the model as ONNX (opset of torch's exporter) with a dynamic batch axis; return the path."""
     cpu_model = copy.deepcopy(model).cpu().float().eval()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.export.tmp")
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    # the exporter narrates its passes on stdout; the run's own output stays readable without them
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(cpu_model, (torch.zeros(2, *INPUT_SHAPE),), str(tmp), input_names=["image"],
-                          output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
-                          external_data=False, verbose=False)
-    os.replace(tmp, path)
+    try:
+        # the exporter narrates its passes on stdout; the run's own output stays readable without them
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(cpu_model, (torch.zeros(2, *INPUT_SHAPE),), str(tmp), input_names=["image"],
+                              output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
+                              external_data=False, verbose=False)
+        write_atomic(path, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -5,6 +5,7 @@ import re
 import optuna
 import pandas as pd
 import pytest
+import torch
 from conftest import TINY, load_script, run_script
 
 import studies
@@ -101,6 +102,9 @@ def test_the_front_is_optunas_and_pick_mmac_retrains_within_budget(tmp_path):
     assert f"within {budget:g} MMAC" in again.stdout and "test accuracy:" in again.stdout
     assert json.loads((out / "best_params.json").read_text())["trial"] == front[1].number
     assert json.loads((out / "summary.json").read_text())["pick_mmac"] == budget
+    # and model.pt holds that network, not the most accurate one of the whole front
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert payload["config"] == front[1].user_attrs["model"] and payload["meta"]["trial"] == front[1].number
 
 
 

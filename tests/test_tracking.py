@@ -34,6 +34,7 @@ def test_mlflow_and_the_artifact_store_hold_every_trial_and_the_final_model(tmp_
     import mlflow
 
     out, db, store = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "artifacts"
+    store.mkdir()
     result = run_script("MNIST-optuna.py", *SEARCH, "--out-dir", out, "--mlflow", f"sqlite:///{db}",
                         "--artifacts", store)
     assert result.returncode == 0, result.stderr
@@ -85,6 +86,9 @@ def test_an_unusable_tracker_or_store_is_one_line_before_any_work(tmp_path):
         tracking.Tracker("bogus://nowhere", "x")
     with pytest.raises(UserError, match="--artifacts"):
         tracking.open_artifact_store("/proc/no-such-folder")
+    with pytest.raises(UserError, match="create it first"):  # a mistyped folder is not made
+        tracking.open_artifact_store(str(tmp_path / "typo"))
+    assert not (tmp_path / "typo").exists()
     fresh = run_script("MNIST-optuna.py", *SEARCH, "--out-dir", tmp_path / "new", "--mlflow", "http://127.0.0.1:9")
     assert "MLflow" in assert_one_line_error(fresh)
     assert not (tmp_path / "new").exists()
@@ -99,6 +103,7 @@ def shared_storage(tmp_path):
 def test_two_workers_run_one_final_stage_and_a_third_finds_the_model(shared_storage, tmp_path):
     storage = shared_storage
     name = f"final-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "shared").mkdir()
     common = [*SEARCH, "--storage", storage, "--study-prefix", name, "--artifacts", tmp_path / "shared"]
     workers = [start("MNIST-optuna.py", *common, "--out-dir", tmp_path / f"w{i}") for i in range(2)]
     outputs = []
