@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "study.journal"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+GRPC_SCHEME = "grpc"       # grpc://HOST:PORT: Optuna's storage proxy, one process between many workers and a database
+GRPC_PORT = 13000          # Optuna's default port of the proxy
 HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed dead
 GRACE_SECONDS = 90
 MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
@@ -56,9 +58,11 @@ def storage_kind(spec):
                             f"{near.group(1)}://USER@HOST/DB (or sqlite:///PATH), or a plain file path for a journal")
         return "journal"
     scheme = match.group(1).split("+")[0].lower()
+    if scheme == GRPC_SCHEME:
+        return "grpc"
     if scheme not in RDB_SCHEMES:
         raise UserError(f"--storage scheme {match.group(1)!r} is not supported; use a file path (journal), "
-                        "sqlite:///PATH, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
+                        "sqlite:///PATH, postgresql://USER@HOST/DB, mysql://USER@HOST/DB or grpc://HOST:PORT")
     return "rdb"
 
 
@@ -161,6 +165,8 @@ def make_storage(spec, out_dir, must_exist=False):
         except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:  # what a replay of garbage raises
             raise UserError(f"{path} is not a readable Optuna journal ({type(error).__name__}); move it away or "
                             "pass another --storage") from None
+    if kind == "grpc":
+        return grpc_proxy(spec)
     check_database_file(spec)
     for attempt in range(3):
         try:
@@ -176,6 +182,43 @@ def make_storage(spec, out_dir, must_exist=False):
                 continue
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
+
+
+def grpc_proxy(url):
+    """The storage behind Optuna's gRPC storage proxy at grpc://HOST:PORT (started by `python storages.py proxy`)."""
+    match = re.match(r"^grpc://([^:/]+)(?::(\d+))?/?$", url)
+    if not match:
+        raise UserError(f"--storage {url}: write grpc://HOST:PORT")
+    host, port = match.group(1), int(match.group(2) or GRPC_PORT)
+    try:
+        proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+        proxy.get_all_studies()  # the first call reaches the proxy: a wrong address is found here
+        return proxy
+    except ImportError as error:
+        raise UserError(f"--storage grpc:// needs grpcio ({error}); pip install -r requirements.txt") from None
+    except Exception as error:  # grpc raises its own kinds; all mean the proxy cannot be reached
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot reach the storage proxy at {host}:{port} ({first}); start it with "
+                        f"`python storages.py proxy STORAGE --port {port}` on {host}") from None
+
+
+def serve_proxy(argv=None):
+    """`python storages.py proxy STORAGE [--host HOST] [--port PORT]`: Optuna's gRPC storage proxy in front of a
+    database URL (or a journal file), so that many workers (--storage grpc://HOST:PORT) share one connection
+    to the database instead of one each."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python storages.py proxy", description=serve_proxy.__doc__)
+    parser.add_argument("storage", help="the database URL (postgresql://..., mysql://..., sqlite:///...) or journal")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface)")
+    parser.add_argument("--port", type=int, default=GRPC_PORT, help=f"port to listen on (default {GRPC_PORT})")
+    args = parser.parse_args(argv)
+    if storage_kind(args.storage) == "grpc":
+        raise UserError("the proxy stands in front of a database or a journal, not of another proxy")
+    storage = make_storage(args.storage, Path(args.storage).parent if storage_kind(args.storage) == "journal" else ".")
+    print(f"storage proxy for {args.storage} on {args.host}:{args.port}; workers pass "
+          f"--storage grpc://<this host>:{args.port}", flush=True)
+    optuna.storages.run_grpc_proxy_server(storage, host=args.host, port=args.port)
 
 
 def check_database_file(url):
@@ -315,3 +358,13 @@ def search_settings(args, **resolved):
     """The settings that define a study's trials: every flag but NOT_SEARCH's, and what --backbone resolved to
     (its network, not its path)."""
     return {**{key: value for key, value in vars(args).items() if key not in NOT_SEARCH}, **resolved}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cli import run
+
+    if sys.argv[1:2] != ["proxy"]:
+        sys.exit("usage: python storages.py proxy STORAGE [--host HOST] [--port PORT]")
+    run(lambda argv: serve_proxy(sys.argv[2:]))

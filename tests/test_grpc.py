@@ -1,0 +1,60 @@
+"""Issue 24: Optuna's gRPC storage proxy between workers and one storage (`python storages.py proxy`)."""
+import socket
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process
+from test_distributed import finish, start
+
+from reporting import trained
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    """The proxy in front of a journal file, started as a user would; its grpc:// URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "storages.py"), "proxy", str(tmp_path / "behind.journal"),
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    assert "storage proxy for" in server.stdout.readline()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    yield f"grpc://127.0.0.1:{port}", tmp_path / "behind.journal"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_two_workers_through_the_grpc_proxy_share_one_study(proxy, tmp_path):
+    url, journal = proxy
+    common = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--promote", "0", "--no-plots", "--storage", url]
+    workers = [start("MNIST-optuna.py", *common, "--out-dir", tmp_path / f"w{i}") for i in range(2)]
+    outputs = [finish(worker) for worker in workers]
+    assert all(code == 0 for code, _ in outputs), outputs
+    study = optuna.load_study(study_name="mnist-cnn-seed0", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))  # what the proxy wrote, read without it
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED") and trained(t)]
+    assert len(done) == 4 and len({t.user_attrs["worker"] for t in done}) == 2
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4  # no network trained twice
+    assert sum("test accuracy:" in output for _, output in outputs) == 1  # one final stage between them
+
+
+def test_an_unreachable_proxy_is_one_line(capsys, tmp_path):
+    result = run_in_process(capsys, "MNIST-optuna.py", "--quick", "--storage", f"grpc://127.0.0.1:{free_port()}",
+                            "--out-dir", tmp_path / "o")
+    assert "storages.py proxy" in assert_one_line_error(result)
+    assert not (tmp_path / "o").exists()
