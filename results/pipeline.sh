@@ -15,7 +15,7 @@ SHIPPED=results/shipped
 mkdir -p "$SHIPPED"
 # the search: the default space (5 conv blocks, 16-64 filters doubling after each pool, <= 32 MMAC),
 # 2 seeds x 12 trials of 3 epochs on 10,000 images, then the 3 best distinct networks promoted on the
-# default recipe (bf16 where native, weights averaged over half an epoch): retrained for 4 epochs on the
+# default recipe (bf16 where native, weights averaged over half an epoch): retrained for 3 epochs on the
 # 50,000 training images and chosen on the 10,000 validation images
 SEARCH_FLAGS=(--seeds 0 1 --n-trials 12 --promote 3)
 
