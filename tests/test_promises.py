@@ -124,17 +124,6 @@ def test_the_grid_order_follows_the_seed():
     assert adv.grid_order(heads, 2) == orders[2]
 
 
-def test_ensemble_members_are_distinct_configurations(tmp_path):
-    out = tmp_path / "run"
-    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "0",
-                        "--ensemble", "3", "--no-plots", "--out-dir", out)
-    assert result.returncode == 0, result.stderr
-    members = [training.load_checkpoint(path)[1] for path in (out / "model.pt", out / "ensemble-1.pt",
-                                                              out / "ensemble-2.pt")]
-    keys = {json.dumps([m["config"], m["train"]], sort_keys=True) for m in members}
-    assert len(keys) == 3
-
-
 def test_ctrl_c_before_training_still_queues_the_trial_again():
     # a stop that lands while the trial is being set up (its parameters drawn, nothing trained yet) is an
     # interruption like one in training: the rerun must queue the trial again, not count it as a failure

@@ -114,6 +114,12 @@ def test_the_promoted_choice_is_the_retrained_model_and_evaluate_averages_the_en
     # the ensemble's members follow the promoted ranking
     second = load_checkpoint(out / "ensemble-1.pt")[1]["meta"]
     assert (second["study"], second["trial"]) == (rows[1]["study"], rows[1]["trial"])
+    # each retrained network with its own study's seed (issue 21: not the search best's), and the summary's "best"
+    # is the chosen network
+    seed = int(chosen["study"].removeprefix("mnist-cnn-seed"))
+    assert meta["study_seed"] == best["study_seed"] == summary["best"]["seed"] == seed
+    assert summary["best"]["trial"] == chosen["trial"]
+    assert second["study"] == f"mnist-cnn-seed{second['study_seed']}"
 
     # --evaluate with several checkpoints: each one's test accuracy, then that of their averaged softmax
     paths = [out / "model.pt", out / "ensemble-1.pt"]

@@ -39,7 +39,7 @@ def test_quick_run_end_to_end(quick_main_run):
 
 @pytest.mark.parametrize("search", [[], ["--objectives", "accuracy", "mmac"]], ids=["accuracy", "front"])
 def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_dir, tmp_path, search):
-    # two runs of one seed, the second with the test labels shuffled: every trial (TPE's proposals after its
+    # two runs of one seed, the second with the test labels shuffled and the test images noise: every trial (TPE's proposals after its
     # two random ones included), value and validation choice must be the same, and only the test accuracy moves
     shuffled = tmp_path / "shuffled"
     (shuffled / "MNIST" / "raw").mkdir(parents=True)
@@ -52,6 +52,12 @@ def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_d
     content[8:] = labels.tobytes()
     labels_path.chmod(0o644)
     labels_path.write_bytes(bytes(content))
+    # and the test images noise (issue 22): the search's inputs must not be normalised with their statistics
+    images_path = shuffled / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    pixels = bytearray(images_path.read_bytes())
+    pixels[16:] = np.random.default_rng(1).integers(0, 256, len(pixels) - 16, dtype=np.uint8).tobytes()
+    images_path.chmod(0o644)
+    images_path.write_bytes(bytes(pixels))
 
     args = [*TINY, *TINY_CNN, "--n-trials", "3", "--n-startup-trials", "2", "--promote", "2", "--no-plots", *search]
     real = run_script("MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "real")
