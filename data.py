@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, first_line
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -93,7 +93,7 @@ def ensure_files(data_dir):
         try:
             _download(data_dir)
         except Exception as error:  # any failure to fetch becomes the same actionable line
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             raise DataError(
                 f"MNIST not found in {raw}/ (expected {', '.join(names)}) and the download failed "
                 f"({reason}); put the files there or pass --data-dir / set MNIST_DATA_DIR"
@@ -105,8 +105,8 @@ def ensure_files(data_dir):
             raise DataError(f"{raw / images} holds {n_images} images but {raw / labels} holds {n_labels} labels; "
                             "restore matching files")
     for name in names:
-        _DIGESTS[str(raw.resolve() / name)] = sha256(raw / name)
-        if _DIGESTS[str(raw.resolve() / name)] != CANONICAL_SHA256[name]:
+        digest = _DIGESTS[str(raw.resolve() / name)] = sha256(raw / name)
+        if digest != CANONICAL_SHA256[name]:
             print(f"warning: {raw / name} is not the canonical MNIST file; using it as an MNIST-format data set",
                   file=sys.stderr)
     if stamp is not None:

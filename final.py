@@ -31,6 +31,7 @@ from reporting import (
     best_params_payload,
     command_line,
     mean_std,
+    mmac_limits,
     network_of,
     progress,
     source_version,
@@ -124,8 +125,7 @@ def finish(cfg, run, ranked, summary, interrupted, meta, plot_studies, key_name=
               f"--out-dir {shlex.quote(str(out_dir))} to resume")
         return stop_code()
     if best is None:
-        limits = " and ".join(f"--{name.replace('_', '-')} {summary[name]:g}" for name in ("max_mmac", "pick_mmac")
-                              if summary.get(name) is not None)
+        limits = mmac_limits(summary)
         print("nothing to retrain: " + (f"no candidate within {limits}" if limits else "no trial completed"))
         return 1
     model, stage = None, None
@@ -142,8 +142,7 @@ def finish(cfg, run, ranked, summary, interrupted, meta, plot_studies, key_name=
             return 0
         try:
             with StagedFiles(out_dir) as staged:
-                summary, model, history, best = retrain_chosen(cfg, run, ranked, summary, {**meta, "key": key_name},
-                                                               staged)
+                summary, model, history, best = retrain_chosen(cfg, run, ranked, summary, meta, staged, key_name)
                 staged.publish()
         except BaseException:
             if stage:
@@ -233,13 +232,12 @@ def final_key(trial, cfg):
                        cfg.ensemble, cfg.augment, cfg.promote_epochs, cfg.ema, cfg.tta, cfg.precision])
 
 
-def retrain_chosen(cfg, run, ranked, summary, meta, staged):
+def retrain_chosen(cfg, run, ranked, summary, meta, staged, key_name="study_seed"):
     """Promotion (with --promote), the retrain of the chosen network, the test read once, ONNX, seed repeats and the
     ensemble, each file written to `staged` (StagedFiles); returns (summary with the results, the model, its
     training history, the chosen trial)."""
     data = run.data
     label = cfg.label
-    key_name = meta.pop("key")
     meta = {**meta, "command": command_line(), "source": source_version(), "mean": data.mean, "std": data.std,
             "training_data": data.fingerprint}
     key_of = {(trial.user_attrs.get("study"), trial.number): key for key, trial in ranked}

@@ -277,8 +277,8 @@ def source_version():
 def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, objectives=("accuracy",), pick_mmac=None,
               extra=None):
     """Print the summary block of the (label, key, study) searches and write trials.csv (best_params.json is the
-    final stage's, final.finish); return (the chosen trial, the summary dict). `ranked`: (key, trial) pairs best first (studies.rank), whose
-    first is the chosen network; `front`: the Pareto front of a multi-objective run, listed in full."""
+    final stage's, final.finish); return (the chosen trial, the summary dict). `ranked`: (key, trial) pairs best
+    first (studies.rank), whose first is the chosen network; `front`: the Pareto front of a multi-objective run, listed in full."""
     print("\n==== summary ====")
     per_study, all_trials = {}, []
     for label, key, study in studies:
@@ -306,9 +306,8 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
               f"{describe_trial(best)}")
         print("\n".join(params_lines(best.params)))
     elif per_study:  # complete trials, none within the limits
-        limits = {"--pick-mmac": pick_mmac, "--max-mmac": (extra or {}).get("max_mmac")}
-        limits = " and ".join(f"{flag} {value:g}" for flag, value in limits.items() if value is not None)
-        print(f"no {'front network' if front is not None else 'complete trial'} within {limits}; "
+        print(f"no {'front network' if front is not None else 'complete trial'} within "
+              f"{mmac_limits({'pick_mmac': pick_mmac, **(extra or {})})}; "
               "rerun with --retrain-only and a larger limit")
     print(f"search wall time: {wall:.1f} s")
     summary = {"seeds": per_study, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
@@ -321,6 +320,13 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
                              "params": t.params, "network": describe_trial(t)} for key, t in front]
     write_trials_csv(out_dir / "trials.csv", studies)
     return best, summary
+
+
+def mmac_limits(settings):
+    """The MMAC limits among `settings` (pick_mmac, max_mmac) as flags, e.g. '--pick-mmac 4 and --max-mmac 32';
+    empty when there are none."""
+    return " and ".join(f"--{name.replace('_', '-')} {settings[name]:g}" for name in ("pick_mmac", "max_mmac")
+                        if settings.get(name) is not None)
 
 
 def print_front(front, objectives, label, describe_trial):

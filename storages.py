@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from data import CANONICAL_FINGERPRINT
-from errors import UserError
+from errors import UserError, first_line
 from reporting import json_default, prepare_out_dir
 
 # the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
@@ -180,8 +180,8 @@ def make_storage(spec, out_dir, must_exist=False):
             if attempt < 2 and ("already exists" in str(error) or "UniqueViolation" in str(error)):
                 time.sleep(1 + attempt)
                 continue
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"cannot open storage {spec} ({first}); check the URL and that the server runs") from None
+            raise UserError(f"cannot open storage {spec} ({first_line(error)}); check the URL and that the server "
+                            "runs") from None
 
 
 def grpc_proxy(url):
@@ -197,8 +197,7 @@ def grpc_proxy(url):
     except ImportError as error:
         raise UserError(f"--storage grpc:// needs grpcio ({error}); pip install -r requirements.txt") from None
     except Exception as error:  # grpc raises its own kinds; all mean the proxy cannot be reached
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot reach the storage proxy at {host}:{port} ({first}); start it with "
+        raise UserError(f"cannot reach the storage proxy at {host}:{port} ({first_line(error)}); start it with "
                         f"`python storages.py proxy STORAGE --port {port}` on {host}") from None
 
 
@@ -213,9 +212,10 @@ def serve_proxy(argv=None):
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface)")
     parser.add_argument("--port", type=int, default=GRPC_PORT, help=f"port to listen on (default {GRPC_PORT})")
     args = parser.parse_args(argv)
-    if storage_kind(args.storage) == "grpc":
+    kind = storage_kind(args.storage)
+    if kind == "grpc":
         raise UserError("the proxy stands in front of a database or a journal, not of another proxy")
-    storage = make_storage(args.storage, Path(args.storage).parent if storage_kind(args.storage) == "journal" else ".")
+    storage = make_storage(args.storage, Path(args.storage).parent if kind == "journal" else ".")
     print(f"storage proxy for {args.storage} on {args.host}:{args.port}; workers pass "
           f"--storage grpc://<this host>:{args.port}", flush=True)
     optuna.storages.run_grpc_proxy_server(storage, host=args.host, port=args.port)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from errors import UserError
+from errors import UserError, first_line
 from reporting import writable_folder
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ def _first_line(error):
     """The first line of what went wrong: of the innermost cause (a database error wrapped by its library's)."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    return first_line(error)
 
 
 # ---- Optuna's artifact store -----------------------------------------------------------------------------

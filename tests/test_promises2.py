@@ -212,8 +212,7 @@ def test_promise_the_promoted_choice_is_the_network_retrained(tmp_path, data_dir
     ranked = [(0, frozen(starved, 0.99, 1)), (1, frozen(cnn, 0.50, 2))]
     cfg = final.FinalConfig(promote=2, epochs=1, promote_epochs=2, subset=4000)
     with final.StagedFiles(tmp_path) as staged:
-        summary, model, _, best = final.retrain_chosen(cfg, run, ranked, {"best": {"seed": 0}},
-                                                       {"key": "study_seed"}, staged)
+        summary, model, _, best = final.retrain_chosen(cfg, run, ranked, {"best": {"seed": 0}}, {}, staged)
         staged.publish()
     assert best is ranked[1][1] and model.config == normalise_config(cnn)
     assert json.loads((tmp_path / "best_params.json").read_text())["model"] == cnn
