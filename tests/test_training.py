@@ -56,6 +56,7 @@ def test_each_optimizer_is_the_named_one_and_learns(small, optimizer, kind):
     made = training.make_optimizer(build_model(CONFIG), cfg)
     assert type(made) is kind and made.param_groups[0]["lr"] == cfg.lr
     assert optimizer != "sgd" or made.param_groups[0]["nesterov"]
+    training.seed_everything(0)  # the same initial weights whatever ran before in this process
     history = train(build_model(CONFIG), small.train_x, small.train_y, cfg, seed=0, val=(small.val_x, small.val_y))
     assert history[1]["train_loss"] < history[0]["train_loss"] and history[1]["val_accuracy"] > 0.5
 
