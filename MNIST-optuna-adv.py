@@ -15,22 +15,14 @@ import time
 import numpy as np
 import optuna
 
-import cli
-import final
-import studies
-import workers
+from mnist_optuna import cli, final, studies, workers
+from mnist_optuna.backbone import read_backbone
+from mnist_optuna.reporting import network_text
+from mnist_optuna.training import PRECISIONS
 from models import normalise_config
-from reporting import network_of, read_backbone, summarise
-from training import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-# ---- the fixed convolutional backbone -------------------------------------------
-BACKBONE = None               # a best_params.json or model.pt whose conv blocks are kept; None: CONV_BLOCKS
-CONV_BLOCKS = [               # conv -> BN -> LeakyReLU (-> 2x2 max-pool), as JSON on the command line
-    {"channels": 16, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
-    {"channels": 32, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
-]
 # ---- the grid (model hyperparameters of the head) -------------------------------
 FC_DEPTHS = [1, 2, 3, 4]      # numbers of hidden FC layers to try
 FC_WIDTHS = [                 # widths to try at each layer position, first after the backbone first
@@ -39,7 +31,13 @@ FC_WIDTHS = [                 # widths to try at each layer position, first afte
     [128, 256, 512],
     [128, 256, 512, 1024],
 ]
-DROPOUT = 0.2                 # before every FC layer (no BatchNorm follows it)
+HEAD_DROPOUT = 0.2            # dropout before every FC layer (no BatchNorm follows it); fixed, not searched
+# ---- the fixed convolutional backbone -------------------------------------------
+BACKBONE = None               # a best_params.json or model.pt whose conv blocks are kept; None: CONV_BLOCKS
+CONV_BLOCKS = [               # conv -> BN -> LeakyReLU (-> 2x2 max-pool), as JSON on the command line
+    {"channels": 16, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
+    {"channels": 32, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
+]
 # ---- study ---------------------------------------------------------------------
 SEED = 0                      # grid order, split, each trial's init and batch order
 N_TRIALS = None               # None: the whole grid; else this many networks per run folder
@@ -80,6 +78,9 @@ DEVICE = "auto"               # auto (CUDA when available) | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
 
+# settings renamed since studies were made with them: a study that recorded the old name resumes under the new one
+RENAMED = {"dropout": "head_dropout"}
+
 QUICK = dict(FC_DEPTHS=[1, 2], FC_WIDTHS=[[32, 64], [32, 64]], TRAIN_SUBSET=4000, VAL_SIZE=1000, EPOCHS=1,
              BATCH_SIZE=64, MEDIAN_STARTUP_TRIALS=2, FINAL_EPOCHS=1, FINAL_SUBSET=6000)
 
@@ -104,7 +105,7 @@ def backbone_of(args):
 def suggest_head(trial, args, backbone, heads):
     """The grid point queued for this trial: the FC head on the fixed backbone."""
     head = trial.suggest_categorical("fc", heads)
-    return {"conv": backbone, "fc": [int(w) for w in head.split("-")], "dropout": args.dropout, "num_classes": 10}
+    return {"conv": backbone, "fc": [int(w) for w in head.split("-")], "dropout": args.head_dropout, "num_classes": 10}
 
 
 def grid_order(heads, seed):
@@ -126,8 +127,8 @@ def next_grid_point(study, order):
     return next((head for head in order if head not in held), None)
 
 
-def head_of(trial):
-    return f"conv backbone + FC {trial.params.get('fc', '?')}   ({network_of(trial)})"
+def head_text(trial):
+    return f"conv backbone + FC {trial.params.get('fc', '?')}   ({network_text(trial)})"
 
 
 def main(argv=None):
@@ -140,44 +141,41 @@ def main(argv=None):
     train_cfg = studies.train_config(args, run.precision)
     if run.device.type == "cpu" and args.device == "auto":
         print("no CUDA GPU found: the search and the retrain of the best network run on the CPU")
-
     # the grid reaches every worker through the study's queue of waiting trials, one point at a time in the
     # seeded order: a retried trial is popped before the next point is queued, so a resumed run trains
     # what an uninterrupted one trains; run_trial never trains a head another trial trained or is training
-    order = grid_order(heads, args.seed)
-    pruner = studies.make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
-                         args.median_interval_steps)
-    sampler = optuna.samplers.RandomSampler(seed=args.seed)  # only ever sees queued, fixed heads
-    study = studies.study_for(run, args.study_name, sampler, pruner, args, backbone=backbone)
-    print(f"grid size: {len(heads)}")
-
+    study, order = grid_study(args, run, backbone, heads)
     def feed(study):
         head = next_grid_point(study, order)
         if head is not None:
             study.enqueue_trial({"fc": head}, user_attrs={"head": head})
         return head is not None
+    def suggest(trial):  # (the network, its training) of one trial
+        return suggest_head(trial, args, backbone, heads), train_cfg
+    started = time.perf_counter()
+    objective = studies.run_objective(run, suggest, args.seed, reports_per_epoch=args.reports_per_epoch)
+    n_trials = 0 if args.retrain_only else len(heads) if args.n_trials is None else args.n_trials
+    interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_text, feed=feed, bar="grid",
+                                 callbacks=run.tracker and [run.tracker.trial_callback()])
+    # rank on validation, retrain the best head on train+validation, test it once
+    return final.finish(args, run, [("seed", args.seed, study)], started, interrupted, head_text,
+                        extra={"grid_size": len(heads)}, key_name="grid_seed")
 
+
+def grid_study(args, run, backbone, heads):
+    """(the grid's study, made or resumed, the grid in its seeded order); says when nothing is left to train."""
+    order = grid_order(heads, args.seed)
+    pruner = studies.make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
+                                 args.median_interval_steps)
+    sampler = optuna.samplers.RandomSampler(seed=args.seed)  # only ever sees queued, fixed heads
+    study = studies.study_for(run, args.study_name, sampler, pruner, args, renamed=RENAMED, backbone=backbone)
+    print(f"grid size: {len(heads)}")
     if args.retrain_only:
         print("--retrain-only: no new trials")
     elif next_grid_point(study, order) is None and not study.get_trials(
             deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         print("the grid is finished already; going straight to the summary")
-    started = time.perf_counter()
-    def suggest(trial):  # (the network, its training) of one trial
-        return suggest_head(trial, args, backbone, heads), train_cfg
-
-    objective = studies.run_objective(run, suggest, args.seed, reports_per_epoch=args.reports_per_epoch)
-    n_trials = 0 if args.retrain_only else len(heads) if args.n_trials is None else args.n_trials
-    interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_of, feed=feed, bar="grid",
-                                 callbacks=run.tracker and [run.tracker.trial_callback()])
-    searched = [("seed", args.seed, study)]
-    if not (interrupted or args.no_final):
-        workers.wait_for_others(searched)  # with a shared storage: all workers then choose alike
-    ranked, _ = studies.rank(searched, ("accuracy",))
-    _, summary = summarise(searched, run.out_dir, time.perf_counter() - started, head_of, ranked,
-                           extra={"grid_size": len(heads)})
-    return final.finish(final.FinalConfig.from_args(args, run.precision), run, ranked, summary, interrupted, meta={},
-                        plot_studies=([study], study), key_name="grid_seed")
+    return study, order
 
 
 # ---- command line: a flag per constant above --------------------------------------
@@ -187,7 +185,7 @@ def build_parser():
     cli.add_constant_flags(parser, globals(), __file__, kinds={
         "CONV_BLOCKS": cli.json_value, "FC_WIDTHS": cli.int_list, "SEED": cli.seed,
         "N_TRIALS": cli.optional_positive_int,
-        "MEDIAN_STARTUP_TRIALS": cli.nonneg_int, "MEDIAN_WARMUP_STEPS": cli.nonneg_int, "DROPOUT": cli.fraction,
+        "MEDIAN_STARTUP_TRIALS": cli.nonneg_int, "MEDIAN_WARMUP_STEPS": cli.nonneg_int, "HEAD_DROPOUT": cli.fraction,
         "TRAIN_SUBSET": cli.optional_positive_int, "FINAL_SUBSET": cli.optional_positive_int,
         "WEIGHT_DECAY": cli.nonneg_float, "L1": cli.nonneg_float, "LABEL_SMOOTHING": cli.fraction,
         "PROMOTE": cli.nonneg_int, "ENSEMBLE": cli.nonneg_int, "PRECISION": cli.one_of(*PRECISIONS),

@@ -18,14 +18,26 @@ import time
 
 import optuna
 
-import cli
-import final
-import studies
-import workers
-from reporting import network_of, read_backbone, summarise, training_of
-from training import PRECISIONS, TrainConfig, minutes, training_seconds
+from mnist_optuna import cli, final, studies
+from mnist_optuna.backbone import read_backbone
+from mnist_optuna.reporting import network_text, training_text
+from mnist_optuna.training import PRECISIONS, TrainConfig, minutes, training_seconds
 
 log = logging.getLogger(__name__)
+# ---- search space (model hyperparameters) -------------------------------------
+SKELETON = "fixed"            # fixed: CONV_LAYERS blocks pooled after POOL_AFTER | searched: depth and pools too
+CONV_LAYERS = 5               # fixed skeleton: conv blocks (conv -> BN -> LeakyReLU), as in the original
+POOL_AFTER = [2, 4]           # fixed skeleton: 2x2 max-pool after these conv blocks (1-based)
+CONV_DEPTH = (2, 6)           # searched skeleton: (low, high) number of conv blocks
+MAX_POOLS = 3                 # searched skeleton: at most this many pools, each block choosing (28 -> 14 -> 7 -> 3)
+CONV_FILTERS = (16, 64, 16)   # (low, high, step) of the filters of the blocks before the first pool
+FILTER_GROWTH = 2             # each pool multiplies that range: 16-64, then 32-128, then 64-256 filters
+KERNEL_SIZES = [3, 5]         # choices for every conv layer
+MAX_MMAC = 32                 # compute budget: a network over this many million MACs per image is never trained
+SLOPE = (1e-3, 0.2)           # LeakyReLU negative slope range per conv layer (log scale)
+BATCH_NORM = [True]           # choices; [True, False] lets the search decide
+DROPOUT = (0.0, 0.5)          # dropout range in the FC head (never before a BatchNorm)
+FC_WIDTH = (64, 256, 64)      # (low, high, step) of the one hidden FC layer
 # ---- study -------------------------------------------------------------------
 SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
 N_TRIALS = 6                  # trials per seed that this run folder adds to each study
@@ -51,20 +63,6 @@ L1 = 0.0                      # explicit L1 penalty on weights (torch has no bui
 LABEL_SMOOTHING = 0.1         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
 PRECISION = "auto"            # auto | fp32 | bf16: bf16 autocast in training (weights fp32); auto: where native
-# ---- search space (model hyperparameters) -------------------------------------
-SKELETON = "fixed"            # fixed: CONV_LAYERS blocks pooled after POOL_AFTER | searched: depth and pools too
-CONV_LAYERS = 5               # fixed skeleton: conv blocks (conv -> BN -> LeakyReLU), as in the original
-POOL_AFTER = [2, 4]           # fixed skeleton: 2x2 max-pool after these conv blocks (1-based)
-CONV_DEPTH = (2, 6)           # searched skeleton: (low, high) number of conv blocks
-MAX_POOLS = 3                 # searched skeleton: at most this many pools, each block choosing (28 -> 14 -> 7 -> 3)
-CONV_FILTERS = (16, 64, 16)   # (low, high, step) of the filters of the blocks before the first pool
-FILTER_GROWTH = 2             # each pool multiplies that range: 16-64, then 32-128, then 64-256 filters
-KERNEL_SIZES = [3, 5]         # choices for every conv layer
-MAX_MMAC = 32                 # compute budget: a network over this many million MACs per image is never trained
-SLOPE = (1e-3, 0.2)           # LeakyReLU negative slope range per conv layer (log scale)
-BATCH_NORM = [True]           # choices; [True, False] lets the search decide
-DROPOUT = (0.0, 0.5)          # dropout range in the FC head (never before a BatchNorm)
-FC_WIDTH = (64, 256, 64)      # (low, high, step) of the one hidden FC layer
 # ---- stage 2: the optimization hyperparameters of a fixed network ------------------
 STAGE = "model"               # model: search the network (stage 1) | optim: search how to train BACKBONE
 BACKBONE = None               # stage 2: a best_params.json (or model.pt) whose network stays fixed
@@ -193,17 +191,46 @@ def enqueue_recipe(study, recipe, args):
     log.info(f"stage optim: the backbone's own recipe is among the trials ({recipe_text})")
 
 
-
-
 def main(argv=None):
     args = build_parser().parse_with_preset(argv, "--quick", QUICK)
     cli.setup_logging(args.verbose, args.quiet)
     validate(args)
     if args.evaluate:
-        return final.evaluate(args.evaluate, args.data_dir, args.device, args.artifacts)
+        return final.evaluate_command(args.evaluate, args.data_dir, args.device, args.artifacts)
+    # stage 1 searches the network; stage 2 (--stage optim) the training of the network of --backbone
     network, recipe = read_backbone(args.backbone, args.artifacts) if args.stage == "optim" else (None, None)
-    max_steps = args.optim_epochs[1] if network else args.epochs
     run = studies.open_run(args, args.split_seed, experiment=args.study_prefix)
+    announce(args, run, network)
+    def suggest(trial):  # (the network, its training) of one trial
+        if network:
+            return network, suggest_training(trial, args, run.precision)
+        return suggest_model(trial, args), studies.train_config(args, run.precision)
+    # one seeded TPE study per seed, each trial scored on the validation split
+    started, searched, interrupted = time.perf_counter(), [], False
+    describe_trial, max_mmac = (training_text, None) if network else (network_text, args.max_mmac)
+    n_trials = 0 if args.retrain_only else args.n_trials
+    callbacks = run.tracker and [run.tracker.trial_callback(args.objectives)]
+    for seed in args.seeds:
+        study = seed_study(args, run, seed, network, recipe)
+        searched.append(("seed", seed, study))
+        objective = studies.run_objective(run, suggest, seed, max_mmac=max_mmac, objectives=args.objectives)
+        interrupted = studies.search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial,
+                                     callbacks=callbacks)
+        if interrupted:
+            break
+    # rank on validation (a budget lowered since the search applies too), retrain the chosen one, test it once
+    return final.finish(args, run, searched, started, interrupted, describe_trial, args.objectives, args.pick_mmac,
+                        max_mmac, extra={"max_mmac": max_mmac}, meta={"stage": args.stage})
+
+
+def trial_epochs(args, network):
+    """Epochs of a trial at most: the pruner's last step."""
+    return args.optim_epochs[1] if network else args.epochs
+
+
+def announce(args, run, network):
+    """What the search will do and about how long it takes (a mid-size network's measured speed here)."""
+    max_steps = trial_epochs(args, network)
     what = f"the training of the network of {args.backbone}" if network else "the network"
     trials = 0 if args.retrain_only else len(args.seeds) * args.n_trials
     typical_recipe = dataclasses.replace(studies.train_config(args, run.precision), epochs=max_steps)
@@ -214,48 +241,24 @@ def main(argv=None):
              f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials of {max_steps} "
              f"epochs{' (with augmentation)' if args.augment else ''}: about {minutes(estimate)} at most "
              "(a mid-size network's speed here; pruned trials take less)")
-
-    def suggest(trial):  # (the network, its training) of one trial
-        if network:
-            return network, suggest_training(trial, args, run.precision)
-        return suggest_model(trial, args), studies.train_config(args, run.precision)
-
-    started, searched, interrupted = time.perf_counter(), [], False
-    describe_trial = training_of if network else network_of
-    several = len(args.objectives) > 1
-    if several and args.pruner != "none":
+    if len(args.objectives) > 1 and args.pruner != "none":
         log.info(f"objectives {' '.join(args.objectives)}: Optuna cannot prune multi-objective trials, so every "
                  f"trial trains its {max_steps} epochs (--pruner {args.pruner} has no effect)")
-    for seed in args.seeds:
-        # a searched skeleton's parameters come and go with its depth: multivariate TPE on the groups of
-        # parameters that occur together models each group where it exists, not absent blocks
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials,
-                                             multivariate=args.skeleton == "searched" and not network,
-                                             group=args.skeleton == "searched" and not network)
-        name = f"{args.study_prefix}-optim-seed{seed}" if network else f"{args.study_prefix}-seed{seed}"
-        pruner = studies.make_pruner("none" if several else args.pruner, max_steps)
-        study = studies.study_for(run, name, sampler, pruner, args, network=network)
-        searched.append(("seed", seed, study))
-        if network and not args.retrain_only:
-            enqueue_recipe(study, recipe, args)
-        objective = studies.run_objective(run, suggest, seed, max_mmac=None if network else args.max_mmac,
-                                          objectives=args.objectives)
-        n_trials = 0 if args.retrain_only else args.n_trials
-        if studies.search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial,
-                          callbacks=run.tracker and [run.tracker.trial_callback(args.objectives)]):
-            interrupted = True
-            break
-    if not (interrupted or args.no_final):
-        workers.wait_for_others(searched)  # with a shared storage: all workers then choose alike
-    max_mmac = None if network else args.max_mmac  # a budget lowered since the search applies to the choice too
-    ranked, front = studies.rank(searched, args.objectives, args.pick_mmac, max_mmac)
-    best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
-                              args.objectives, args.pick_mmac, extra={"max_mmac": max_mmac})
-    best_study = next((study for _, seed, study in searched if best and seed == summary["best"]["seed"]), None)
-    return final.finish(final.FinalConfig.from_args(args, run.precision), run, ranked, summary, interrupted,
-                        meta={"stage": args.stage},
-                        plot_studies=([study for _, _, study in searched], best_study,
-                                      studies.merged_study(searched, args.objectives)[0] if several else None))
+
+
+def seed_study(args, run, seed, network, recipe):
+    """One seed's study (<prefix>-seed<N>; stage 2: <prefix>-optim-seed<N>), made or resumed; TPE seeded with N."""
+    searched_skeleton = args.skeleton == "searched" and not network
+    # a searched skeleton's parameters come and go with its depth: multivariate TPE on the groups of
+    # parameters that occur together models each group where it exists, not absent blocks
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials,
+                                         multivariate=searched_skeleton, group=searched_skeleton)
+    name = f"{args.study_prefix}-optim-seed{seed}" if network else f"{args.study_prefix}-seed{seed}"
+    pruner = studies.make_pruner("none" if len(args.objectives) > 1 else args.pruner, trial_epochs(args, network))
+    study = studies.study_for(run, name, sampler, pruner, args, network=network)
+    if network and not args.retrain_only:
+        enqueue_recipe(study, recipe, args)
+    return study
 
 
 # ---- command line: a flag per constant above, checks across them --------------------

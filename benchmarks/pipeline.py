@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import batches, ensure_files, load_search_data, resolve_data_dir  # noqa: E402
+from mnist_optuna.training import TrainConfig, make_optimizer, resolve_device  # noqa: E402
 from models import build_model  # noqa: E402
-from training import TrainConfig, make_optimizer, resolve_device  # noqa: E402
 
 # a plain BN CNN in the spirit of DESIGN.md's reference (32-64 channels, one FC layer)
 REFERENCE = {"conv": [{"channels": 32, "kernel": 3, "pool": True}, {"channels": 64, "kernel": 3, "pool": True}],

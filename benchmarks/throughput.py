@@ -22,8 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from mnist_optuna.training import TrainConfig, autocast, accuracy_on, make_optimizer, native_bf16, resolve_device  # noqa: E402
 from models import build_model, count_macs  # noqa: E402
-from training import TrainConfig, autocast, evaluate, make_optimizer, native_bf16, resolve_device  # noqa: E402
 
 
 def block(channels, kernel=3, pool=False):
@@ -154,7 +154,7 @@ def main():
         for _ in range(max(1, args.repeats // 2)):
             for label, net in (("plain", model), ("folded BN", folded)):
                 started = time.perf_counter()
-                evaluate(net, x, y, batch_size)
+                accuracy_on(net, x, y, batch_size)
                 seconds[label].append(time.perf_counter() - started)
         print(f"evaluation, hand recipe, batch {batch_size:5d}: "
               + ", ".join(f"{label} {len(y) / statistics.median(values):7.0f} img/s"

@@ -26,16 +26,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from data import load_search_data, resolve_data_dir  # noqa: E402
-from final import load_test  # noqa: E402
-from models import build_model, count_macs  # noqa: E402
-from training import (  # noqa: E402
+from mnist_optuna.final import load_test  # noqa: E402
+from mnist_optuna.training import (  # noqa: E402
     TrainConfig,
-    evaluate,
+    accuracy_on,
     native_bf16,
     resolve_device,
     seed_everything,
     train,
 )
+from models import build_model, count_macs  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from throughput import NETWORKS  # noqa: E402
@@ -65,8 +65,8 @@ def one_run(config, recipe, seed, data, test):
     return {"seconds": [record["seconds"] - record["eval_seconds"] for record in history],
             "val": [record["val_accuracy"] for record in history],
             "val_last": [record.get("val_accuracy_last", record["val_accuracy"]) for record in history],
-            "val_tta": evaluate(model, data.val_x, data.val_y, tta=True, background=data.background),
-            "test": evaluate(model, *test)}
+            "val_tta": accuracy_on(model, data.val_x, data.val_y, tta=True, background=data.background),
+            "test": accuracy_on(model, *test)}
 
 
 def mean_curve(runs, key):

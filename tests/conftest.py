@@ -83,7 +83,7 @@ def run_in_process(capsys, script, *args):
     import logging
     import signal
 
-    import cli
+    from mnist_optuna import cli
 
     module = load_script(script)
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}

@@ -4,6 +4,7 @@ import re
 
 import pandas as pd
 import pytest
+
 from conftest import (
     QUICK_ADV,
     TINY_ADV,

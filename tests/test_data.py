@@ -3,9 +3,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script
 
 import data
+from conftest import assert_one_line_error, run_script
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import uuid
 
 import optuna
 import pytest
-from conftest import DATA_DIR, ROOT, TINY, TINY_ADV, TINY_CNN, load_script
 
-from reporting import trained
-from storages import make_storage
-from studies import trial_seed
+from conftest import DATA_DIR, ROOT, TINY, TINY_ADV, TINY_CNN, load_script
+from mnist_optuna.reporting import trained
+from mnist_optuna.storages import make_storage
+from mnist_optuna.studies import trial_seed
 
 adv = load_script("MNIST-optuna-adv.py")
 POSTGRES = os.environ.get("MNIST_OPTUNA_POSTGRES")
@@ -169,7 +169,7 @@ def test_ctrl_c_and_sigterm_keep_the_study_and_a_rerun_completes_it(tmp_path):
 SIGINT_INSIDE_CLEANUP = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import cli
+from mnist_optuna import cli
 
 def main(argv):
     try:

@@ -6,11 +6,11 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, load_script, run_script
 
-import studies
+from conftest import TINY, load_script, run_script
 from errors import UserError
-from storages import JOURNAL_NAME, open_study
+from mnist_optuna import studies
+from mnist_optuna.storages import JOURNAL_NAME, open_study
 
 pytestmark = pytest.mark.timeout(600)
 

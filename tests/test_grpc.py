@@ -1,4 +1,4 @@
-"""Issue 24: Optuna's gRPC storage proxy between workers and one storage (`python storages.py proxy`)."""
+"""Issue 24: Optuna's gRPC storage proxy between workers and one storage (`python -m mnist_optuna proxy`)."""
 import socket
 import subprocess
 import sys
@@ -6,10 +6,10 @@ import time
 
 import optuna
 import pytest
-from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process
-from test_distributed import finish, start
 
-from reporting import trained
+from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process
+from mnist_optuna.reporting import trained
+from test_distributed import finish, start
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,7 +24,7 @@ def free_port():
 def proxy(tmp_path):
     """The proxy in front of a journal file, started as a user would; its grpc:// URL."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "storages.py"), "proxy", str(tmp_path / "behind.journal"),
+    server = subprocess.Popen([sys.executable, "-m", "mnist_optuna", "proxy", str(tmp_path / "behind.journal"),
                                "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     assert "storage proxy for" in server.stdout.readline()
@@ -56,5 +56,5 @@ def test_two_workers_through_the_grpc_proxy_share_one_study(proxy, tmp_path):
 def test_an_unreachable_proxy_is_one_line(capsys, tmp_path):
     result = run_in_process(capsys, "MNIST-optuna.py", "--quick", "--storage", f"grpc://127.0.0.1:{free_port()}",
                             "--out-dir", tmp_path / "o")
-    assert "storages.py proxy" in assert_one_line_error(result)
+    assert "python -m mnist_optuna proxy" in assert_one_line_error(result)
     assert not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ import signal
 
 import optuna
 import pytest
+
 from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_in_process, run_script
 from test_distributed import finish, start
 
@@ -145,15 +146,14 @@ def test_a_finished_run_leaves_no_temporary_files(tmp_path):
 
 
 def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
-    import reporting
-    import training
+    from mnist_optuna import rundir
 
     path = tmp_path / "summary.json"
-    reporting.write_json(path, {"old": 1})
+    rundir.write_json(path, {"old": 1})
 
     def crash(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(training.os, "replace", crash)
+    monkeypatch.setattr(rundir.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        reporting.write_json(path, {"new": 2})
+        rundir.write_json(path, {"new": 2})
     assert json.loads(path.read_text()) == {"old": 1} and list(tmp_path.iterdir()) == [path]

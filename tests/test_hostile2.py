@@ -10,11 +10,11 @@ import signal
 import optuna
 import pytest
 import torch
-from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
 
 import models
-import storages
+from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
 from errors import UserError
+from mnist_optuna import storages
 from test_distributed import finish, start
 
 pytestmark = pytest.mark.timeout(600)
@@ -214,7 +214,7 @@ def test_stage_two_into_the_stage_one_folder_is_refused_and_changes_nothing(tmp_
 
 
 def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_everything(capsys, tmp_path, monkeypatch):
-    import training
+    from mnist_optuna import training
 
     out = tmp_path / "run"
     assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
@@ -256,7 +256,7 @@ def test_a_backbone_with_a_nan_slope_is_one_line_before_any_training(capsys, tmp
 def test_mlflow_takes_a_study_name_with_an_apostrophe_and_a_lost_store_is_one_warning(tmp_path, capsys, caplog):
     import shutil
 
-    import tracking
+    from mnist_optuna import tracking
 
     store = tmp_path / "ml"
     store.mkdir()
@@ -274,7 +274,7 @@ def test_mlflow_takes_a_study_name_with_an_apostrophe_and_a_lost_store_is_one_wa
 
 
 def test_an_ensemble_of_checkpoints_of_different_tasks_is_one_line(capsys, tmp_path):
-    import training
+    from mnist_optuna import training
 
     paths = []
     for classes in (10, 7):

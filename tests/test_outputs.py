@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from conftest import DATA_DIR, QUICK_ADV, ROOT, TINY_ADV, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,8 +38,8 @@ def test_onnx_model_matches_pytorch(quick_adv_run, data_dir):
     import onnxruntime
     import torch
 
-    from final import load_test
-    from training import load_checkpoint
+    from mnist_optuna.final import load_test
+    from mnist_optuna.training import load_checkpoint
 
     out, _ = quick_adv_run
     model, payload = load_checkpoint(out / "model.pt")

@@ -1,22 +1,19 @@
 """Issue 13: tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, grid seed, ensembles,
 a stop before training); Ctrl-C and SIGTERM end to end: tests/test_distributed.py."""
-import json
 from types import SimpleNamespace
 
 import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import QUICK_MAIN, TINY, TINY_CNN, load_script, run_script
 from torch import nn
 
-import studies
-import training
-import workers
+from conftest import QUICK_MAIN, load_script
 from data import load_search_data
-from final import load_test
+from mnist_optuna import studies, training, workers
+from mnist_optuna.final import load_test
+from mnist_optuna.training import TrainConfig, train
 from models import build_model
-from training import TrainConfig, train
 
 CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
           "fc": [16], "dropout": 0.0}
@@ -137,6 +134,6 @@ def test_ctrl_c_before_training_still_queues_the_trial_again():
         study.optimize(objective, n_trials=1)
     (stopped,) = study.trials
     assert stopped.state.name == "FAIL" and stopped.user_attrs["reason"] == "interrupted"
-    assert not studies.counted(stopped)
+    assert not workers.counted(stopped)
     assert workers.requeue_lost_trials(study) == 1
     assert study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0].params == stopped.params

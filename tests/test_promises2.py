@@ -7,16 +7,14 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import QUICK_MAIN, TINY, TINY_CNN, load_script, run_script
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import final
-import storages
-import training
+from conftest import QUICK_MAIN, TINY, TINY_CNN, load_script, run_script
 from data import final_training_set, load_search_data
 from errors import UserError
+from mnist_optuna import final, storages, training
+from mnist_optuna.training import TrainConfig, train
 from models import build_model
-from training import TrainConfig, train
 
 pytestmark = pytest.mark.timeout(600)
 CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
@@ -201,7 +199,7 @@ def test_promise_the_promoted_choice_is_the_network_retrained(tmp_path, data_dir
     # the final model, best_params.json and summary.json must then all be the CNN
     from test_promotion import frozen
 
-    import studies
+    from mnist_optuna import studies
     from models import normalise_config
 
     starved = {"conv": [{"channels": 1, "kernel": 1, "pool": True}] * 3, "fc": [], "dropout": 0.0}
@@ -218,3 +216,26 @@ def test_promise_the_promoted_choice_is_the_network_retrained(tmp_path, data_dir
     assert json.loads((tmp_path / "best_params.json").read_text())["model"] == cnn
     assert summary["best"]["seed"] == 1 and summary["search_best"] == {"seed": 0}
     assert training.load_checkpoint(tmp_path / "model.pt")[1]["meta"]["study_seed"] == 1
+
+
+def test_promise_a_grid_study_recorded_under_the_old_dropout_name_resumes_under_head_dropout():
+    # the head grid's fixed dropout was DROPOUT, a range in the other script; studies that recorded it as
+    # "dropout" resume under --head-dropout, and a changed value is still refused under its new name
+    script = load_script("MNIST-optuna-adv.py")
+
+    def settings(*flags):
+        args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
+        return storages.search_settings(args, backbone=[], training_data="x")
+
+    storage = optuna.storages.InMemoryStorage()
+    study = storages.open_study("grid", storage, None, None, settings())
+    old = dict(study.user_attrs["search"])
+    old["dropout"] = old.pop("head_dropout")
+    study.set_user_attr("search", old)
+    storages.open_study("grid", storage, None, None, settings(), renamed=script.RENAMED)
+    assert "head_dropout" in study.user_attrs["search"] and "dropout" not in study.user_attrs["search"]
+    study.set_user_attr("search", old)
+    with pytest.raises(UserError, match="--head-dropout 0.2, this run asks for 0.3"):
+        storages.open_study("grid", storage, None, None, settings("--head-dropout", "0.3"), renamed=script.RENAMED)
+    with pytest.raises(UserError, match="--dropout 0.2, this run asks for"):  # without the script's rename: a change
+        storages.open_study("grid", storage, None, None, settings())

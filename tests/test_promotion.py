@@ -5,13 +5,13 @@ import re
 import optuna
 import pytest
 import torch
-from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
 
-import final
+from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
 from data import load_search_data, promotion_training_set
-from final import load_test
+from mnist_optuna import final
+from mnist_optuna.final import load_test
+from mnist_optuna.training import accuracy_on, load_checkpoint, predict_logits, seed_everything, train
 from models import build_model
-from training import evaluate, load_checkpoint, predict_logits, seed_everything, train
 
 BUDGET = ["--kernel-sizes", "3", "5", "--max-mmac", "0.2"]
 
@@ -85,7 +85,7 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     seed_everything(2)
     model = build_model(cnn)
     train(model, x, y, final.final_config(candidates[1], args), 2)
-    assert evaluate(model, data.val_x, data.val_y) == pytest.approx(rows[0]["promoted_val"], abs=1e-9)
+    assert accuracy_on(model, data.val_x, data.val_y) == pytest.approx(rows[0]["promoted_val"], abs=1e-9)
 
     # a rerun in the same folder takes the scores from promotion.json instead of training again
     cached = json.loads((tmp_path / "promotion.json").read_text())

@@ -6,12 +6,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import final
-import training
 from conftest import QUICK_MAIN, run_script
 from data import load_search_data
+from mnist_optuna import final, training
+from mnist_optuna.training import TrainConfig, UserError, train
 from models import build_model
-from training import TrainConfig, UserError, train
 
 CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
           "fc": [16], "dropout": 0.0}
@@ -57,7 +56,7 @@ def test_bf16_trains_in_bf16_and_its_checkpoint_scores_what_it_recorded(small, t
     assert payload["meta"]["precision"] == "bf16" and payload["train"]["precision"] == "bf16"
     # --evaluate scores a bf16 checkpoint in fp32, as its run scored it: the accuracy it recorded
     loaded, _ = training.load_checkpoint(tmp_path / "bf16.pt")
-    assert training.evaluate(loaded, small.val_x, small.val_y) == payload["meta"]["test_accuracy"]
+    assert training.accuracy_on(loaded, small.val_x, small.val_y) == payload["meta"]["test_accuracy"]
 
 
 class WeightAverage:

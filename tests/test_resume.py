@@ -2,10 +2,10 @@
 
 import optuna
 import pytest
-from conftest import TINY, TINY_ADV, TINY_CNN
-from test_distributed import GRID, GRID_HEADS, finish, kill_inside_a_trial, start
 
-from storages import make_storage
+from conftest import TINY, TINY_ADV, TINY_CNN
+from mnist_optuna.storages import make_storage
+from test_distributed import GRID, GRID_HEADS, finish, kill_inside_a_trial, start
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+
 from conftest import (
     QUICK_MAIN,
     TINY,

@@ -5,10 +5,10 @@ import re
 import optuna
 import pytest
 import torch
-from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
 
+from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
 from data import random_affine
-from reporting import trained
+from mnist_optuna.reporting import trained
 
 main = load_script("MNIST-optuna.py")
 RECIPE = {"epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "momentum": 0.9, "weight_decay": 5e-4,

@@ -11,16 +11,15 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_script
-from test_distributed import POSTGRES, finish, start
 
-import tracking
-import workers
+from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_script
 from errors import UserError
-from final import load_test
-from reporting import read_backbone
-from storages import make_storage
-from training import load_checkpoint, predict_logits
+from mnist_optuna import tracking, workers
+from mnist_optuna.backbone import read_backbone
+from mnist_optuna.final import load_test
+from mnist_optuna.storages import make_storage
+from mnist_optuna.training import load_checkpoint, predict_logits
+from test_distributed import POSTGRES, finish, start
 
 pytestmark = pytest.mark.timeout(600)
 SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "0"]
@@ -129,10 +128,10 @@ def test_two_workers_run_one_final_stage_and_a_third_finds_the_model(shared_stor
 
 def test_a_final_stage_waits_for_a_live_claim_and_takes_over_a_dead_one(tmp_path):
     storage = make_storage(str(tmp_path / "claims.journal"), tmp_path)
-    first = workers.FinalStage(storage, "s", "key", "run-a")
+    first = workers.FinalStageClaim(storage, "s", "key", "run-a")
     assert first.acquire() is None
-    workers.FinalStage.POLL_SECONDS = 0.2
-    second = workers.FinalStage(storage, "s", "key", "run-b")
+    workers.FinalStageClaim.POLL_SECONDS = 0.2
+    second = workers.FinalStageClaim(storage, "s", "key", "run-b")
     result = {}
     waiter = threading.Thread(target=lambda: result.update(claim=second.acquire()))
     waiter.start()
@@ -143,11 +142,11 @@ def test_a_final_stage_waits_for_a_live_claim_and_takes_over_a_dead_one(tmp_path
     assert result["claim"].user_attrs["published"] == {"artifacts": {"model.pt": "id-1"}}
 
     # a claim whose process is gone is taken over at once
-    third = workers.FinalStage(storage, "s", "other key", "run-c")
+    third = workers.FinalStageClaim(storage, "s", "other key", "run-c")
     assert third.acquire() is None
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     third.mine.set_user_attr("worker", f"{socket.gethostname()}:{gone.stdout.strip()}")
     third.beating.set()
-    fourth = workers.FinalStage(storage, "s", "other key", "run-d")
+    fourth = workers.FinalStageClaim(storage, "s", "other key", "run-d")
     assert fourth.acquire() is None and fourth.mine is not None
     fourth.release({})

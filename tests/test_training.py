@@ -3,13 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-import studies
-import training
 from data import load_search_data
+from mnist_optuna import studies, training
+from mnist_optuna.studies import run_trial
+from mnist_optuna.training import Divergence, TrainConfig, l1_penalty, train
+from mnist_optuna.workers import TWIN
 from models import build_model
-from reporting import TWIN
-from studies import run_trial
-from training import Divergence, TrainConfig, l1_penalty, train
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 
 from errors import UserError, first_line
-from reporting import writable_folder
+from mnist_optuna.rundir import ROOT, writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,10 @@ class Tracker:
         for path in files:
             self.client.log_artifact(run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None)
         self.mlflow.set_tracking_uri(self.uri)
-        root = Path(__file__).resolve().parent
         with self.mlflow.start_run(run_id=run_id):
             # pickled with the two modules it needs, so it loads on any machine with torch
             self.mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                          code_paths=[str(root / "models.py"), str(root / "errors.py")],
+                                          code_paths=[str(ROOT / "models.py"), str(ROOT / "errors.py")],
                                           pip_requirements=["torch"])
         return run_id
 

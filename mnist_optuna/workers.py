@@ -1,5 +1,6 @@
-"""What workers sharing a study agree on: who a worker is, which trials were lost with their worker (queued
-again), waiting for each other before the final stage, and the claim that lets one of them run that stage."""
+"""What workers sharing a study agree on: who a worker is, why a trial trained nothing, which trials count
+towards --n-trials, which were lost with their worker (queued again: by heartbeat on a database, by process on a
+journal), waiting for each other before the final stage, and the claim that lets one of them run that stage."""
 import datetime
 import errno
 import logging
@@ -12,10 +13,20 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from storages import GRACE_SECONDS, HEARTBEAT_SECONDS, RETRY
-
+# the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 log = logging.getLogger(__name__)
+
+# the reasons of trials that ended without training (studies.run_trial); they do not count towards --n-trials
+OVER_BUDGET = "over budget"   # the network needs more MACs than --max-mmac allows
+TWIN = "same configuration as trial"  # an earlier trial of the study trained or is training these parameters
+NOT_TRAINED = (OVER_BUDGET, TWIN)
 INTERRUPTED = "interrupted"  # the reason of a trial stopped by Ctrl-C or SIGTERM: a rerun queues it again
+
+HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed dead
+GRACE_SECONDS = 90
+MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
+RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
 def worker_id():
@@ -70,6 +81,29 @@ def lost_numbers(trials):
 
 
 
+def counted(trial, lost=frozenset()):
+    """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker
+    (numbers in `lost`: their retries count instead), those that trained nothing (NOT_TRAINED), and
+    failures of an earlier process (a configuration error since fixed): a rerun tries them again."""
+    reason = str(trial.user_attrs.get("reason") or "")
+    if trial.state in (TrialState.PRUNED, TrialState.COMPLETE):
+        return not reason.startswith(NOT_TRAINED)
+    return (trial.state == TrialState.FAIL and reason != INTERRUPTED and trial.number not in lost
+            and trial.user_attrs.get("worker") == worker_id())
+
+
+def remaining_trials(study, n_trials, run_id):
+    """How many trials this run folder still owes the study: --n-trials less those it already finished.
+
+    A fresh run folder (new run id) adds n_trials trials to the study, so several workers add up;
+    rerunning in the same folder resumes and only completes what is left.
+    """
+    trials = study.get_trials(deepcopy=False)
+    lost = lost_numbers(trials)
+    done = sum(1 for t in trials if t.user_attrs.get("run") == run_id and counted(t, lost))
+    return max(0, n_trials - done)
+
+
 def wait_for_others(searched, poll_seconds=1):
     """Wait until no other worker is training a trial of these studies ((label, key, study) each), so that every
     worker that reaches the end sees the same trials, makes the same choice and one of them runs the final stage.
@@ -98,7 +132,7 @@ def wait_for_others(searched, poll_seconds=1):
         time.sleep(poll_seconds)
 
 
-class FinalStage:
+class FinalStageClaim:
     """The final stage of a search runs once per study and choice, not once per worker that reaches the end.
 
     Claims are trials of a side study `<study>:final` (Optuna's storage, so every worker sees them), each with the

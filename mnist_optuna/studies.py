@@ -14,27 +14,18 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from cli import interrupted_by_user
 from data import load_search_data, resolve_data_dir
 from errors import UserError
-from models import build_model, cpu_latency_ms
-from models import mmac as network_mmac
-from reporting import (
-    NOT_TRAINED,
-    OVER_BUDGET,
-    TWIN,
-    print_trial_lines,
-    progress,
-    start_run,
-    trial_accuracy,
-)
-from storages import (
+from mnist_optuna.cli import interrupted_by_user
+from mnist_optuna.reporting import print_trial_lines, progress, trial_accuracy
+from mnist_optuna.rundir import start_run
+from mnist_optuna.storages import (
     open_run_folder,
     open_study,
     search_settings,
 )
-from tracking import Tracker, open_artifact_store
-from training import (
+from mnist_optuna.tracking import Tracker, open_artifact_store
+from mnist_optuna.training import (
     Divergence,
     TrainConfig,
     derive_seed,
@@ -44,12 +35,17 @@ from training import (
     seed_everything,
     train,
 )
-from workers import (
+from mnist_optuna.workers import (
     INTERRUPTED,
-    lost_numbers,
+    NOT_TRAINED,
+    OVER_BUDGET,
+    TWIN,
+    remaining_trials,
     requeue_lost_trials,
     worker_id,
 )
+from models import build_model, cpu_latency_ms
+from models import mmac as network_mmac
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +69,6 @@ def make_pruner(name, epochs, n_startup_trials=2, n_warmup_steps=0, interval_ste
 
 def waiting_trials(study):
     return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-
-
-def counted(trial, lost=frozenset()):
-    """Trials that count towards --n-trials: finished, except those lost to an interrupt or a dead worker
-    (numbers in `lost`: their retries count instead), those that trained nothing (NOT_TRAINED), and
-    failures of an earlier process (a configuration error since fixed): a rerun tries them again."""
-    reason = str(trial.user_attrs.get("reason") or "")
-    if trial.state in (TrialState.PRUNED, TrialState.COMPLETE):
-        return not reason.startswith(NOT_TRAINED)
-    return (trial.state == TrialState.FAIL and reason != INTERRUPTED and trial.number not in lost
-            and trial.user_attrs.get("worker") == worker_id())
-
-
-def remaining_trials(study, n_trials, run_id):
-    """How many trials this run folder still owes the study: --n-trials less those it already finished.
-
-    A fresh run folder (new run id) adds n_trials trials to the study, so several workers add up;
-    rerunning in the same folder resumes and only completes what is left.
-    """
-    trials = study.get_trials(deepcopy=False)
-    lost = lost_numbers(trials)
-    done = sum(1 for t in trials if t.user_attrs.get("run") == run_id and counted(t, lost))
-    return max(0, n_trials - done)
 
 
 def search(study, objective, n_trials, run_id, label, describe_trial, feed=None, max_rounds=None, bar=None,
@@ -297,12 +270,14 @@ def open_run(args, split_seed, record=None, experiment=None):
     return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision)
 
 
-def study_for(run, name, sampler, pruner, args, **resolved):
+def study_for(run, name, sampler, pruner, args, renamed=None, **resolved):
     """The study `name` in the run's storage. It must have been searched with this run's settings (what
-    --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one."""
+    --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one.
+    `renamed`: {old setting name: new name} of the script's settings renamed since studies recorded them."""
     resolved = {**resolved, "training_data": run.data.fingerprint}
     return open_study(name, run.storage, sampler, pruner, search_settings(args, **resolved), args.resume_anyway,
-                      must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)))
+                      must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)),
+                      renamed=renamed)
 
 
 def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None, objectives=("accuracy",)):

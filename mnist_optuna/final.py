@@ -1,6 +1,7 @@
 """The final stage, and the only reader of the test set: promotion (the choice at the final fidelity, on
 validation), the retrain of the chosen network, the test read once, seed repeats, the ensemble, ONNX
-export with its parity check, and --evaluate of saved checkpoints. It chooses nothing from test results."""
+export with its parity check, and --evaluate of saved checkpoints; before them, the ending both scripts share
+(wait for the other workers, rank, summarise). It chooses nothing from test results."""
 import fcntl
 import json
 import logging
@@ -9,13 +10,13 @@ import shlex
 import shutil
 import signal
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from cli import stop_code
-from errors import UserError
 from data import (
     CANONICAL_FINGERPRINT,
     final_training_set,
@@ -25,26 +26,25 @@ from data import (
     resolve_data_dir,
     training_statistics,
 )
-from models import build_model, count_macs, count_parameters
-from reporting import (
+from errors import UserError
+from mnist_optuna.cli import stop_code
+from mnist_optuna.reporting import (
     Stopwatch,
     best_params_payload,
-    command_line,
     mean_std,
     mmac_limits,
-    network_of,
+    network_text,
     progress,
-    source_version,
+    summarise,
     trial_accuracy,
-    write_json,
 )
-from studies import release_memory
-from tracking import local_file, open_artifact_store, publish, published_text
-from training import (
+from mnist_optuna.rundir import command_line, source_version, write_json
+from mnist_optuna.studies import merged_study, rank, release_memory
+from mnist_optuna.tracking import local_file, open_artifact_store, publish, published_text
+from mnist_optuna.training import (
     TrainConfig,
     derive_seed,
     describe_device,
-    evaluate as accuracy_on,
     export_onnx,
     load_checkpoint,
     minutes,
@@ -56,7 +56,11 @@ from training import (
     train,
     training_seconds,
 )
-from workers import FinalStage
+from mnist_optuna.training import (
+    accuracy_on,
+)
+from mnist_optuna.workers import FinalStageClaim, wait_for_others
+from models import build_model, count_macs, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +104,37 @@ def load_test(data_dir, device, mean, std):
     return normalise(images, mean, std, device), labels.to(device)
 
 
-def finish(cfg, run, ranked, summary, interrupted, meta, plot_studies, key_name="study_seed"):
-    """The common ending of both scripts; returns the exit code. `ranked`: the candidates, best first, as (key,
-    trial) pairs (studies.rank: by validation accuracy; of a multi-objective run, the front within --pick-mmac);
-    `key_name` says what the key is (the study's seed), recorded with each retrained trial.
+class PlotStudies(NamedTuple):
+    """The studies the plots draw: every study of the run, the chosen trial's, and the merged Pareto front's."""
+    studies: list
+    best: object = None
+    front: object = None
+
+
+def finish(args, run, searched, started, interrupted, describe_trial, objectives=("accuracy",), pick_mmac=None,
+           max_mmac=None, extra=None, meta=None, key_name="study_seed"):
+    """The ending both scripts share once their search stops; returns the exit code. `searched`: (label, key,
+    study) of each study the run searched, `key_name` what the key is (a seed), recorded with the chosen trial.
+
+    Wait until no other worker sharing the studies still trains a trial (all workers then see the same trials
+    and choose alike), rank the candidates on validation (studies.rank: accuracy, or the Pareto front of several
+    objectives within --pick-mmac; a --max-mmac lowered since the search rules trials out too), print and write
+    the summary, then the final stage."""
+    if not (interrupted or args.no_final):
+        wait_for_others(searched)
+    ranked, front = rank(searched, objectives, pick_mmac, max_mmac)
+    best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
+                              objectives, pick_mmac, extra=extra)
+    plots = PlotStudies([study for _, _, study in searched],
+                        next((study for _, _, study in searched
+                              if best is not None and study.study_name == best.user_attrs.get("study")), None),
+                        merged_study(searched, objectives)[0] if len(objectives) > 1 else None)
+    return final_stage(FinalConfig.from_args(args, run.precision), run, ranked, summary, interrupted, meta or {},
+                       plots, key_name)
+
+
+def final_stage(cfg, run, ranked, summary, interrupted, meta, plots, key_name="study_seed"):
+    """After the summary; returns the exit code. `ranked`: the candidates, best first, as (key, trial) pairs.
 
     Interrupted: say how to resume (130). No candidate: nothing to retrain (1). Otherwise, unless
     --no-final: with --promote N, retrain the N best distinct trials like the final model and choose among
@@ -131,7 +162,8 @@ def finish(cfg, run, ranked, summary, interrupted, meta, plot_studies, key_name=
     model, stage = None, None
     if not cfg.skip:
         if cfg.shared and not cfg.again:
-            stage = FinalStage(run.storage, best.user_attrs.get("study", "study"), final_key(best, cfg), run.run_id)
+            stage = FinalStageClaim(run.storage, best.user_attrs.get("study", "study"), final_key(best, cfg),
+                                    run.run_id)
         other = stage.acquire(on_wait=waiting) if stage else None
         if other is not None:
             attrs = other.user_attrs
@@ -150,9 +182,9 @@ def finish(cfg, run, ranked, summary, interrupted, meta, plot_studies, key_name=
             raise
     written = []
     if cfg.plots:
-        from plots import write_plots
+        from mnist_optuna.plots import write_plots
 
-        written = write_plots(out_dir, *plot_studies, final_history=history)
+        written = write_plots(out_dir, *plots, final_history=history)
         log.info(f"plots: {len(written)} PNG files in {out_dir / 'plots'}")
     if model is not None:
         files = [out_dir / name for name in ("model.pt", "model.onnx", "best_params.json")] + written
@@ -397,11 +429,11 @@ def promote(candidates, data, cfg, out_dir):
     correlation = spearman([row["search_val"] for row in rows], [row["promoted_val"] for row in rows])
     print("\n==== promotion (choice at the final fidelity, on validation) ====")
     print(" rank  search rank  trial                  search val  promoted val  network")
-    for rank, row in enumerate(rows, start=1):
+    for place, row in enumerate(rows, start=1):
         trial = row["trial"]
         name = f"{trial.user_attrs.get('study', '')} #{trial.number}"
-        print(f"{rank:5d}  {row['search_rank']:11d}  {name:21s}"
-              f"  {100 * row['search_val']:8.2f} %  {100 * row['promoted_val']:10.2f} %  {network_of(trial)}")
+        print(f"{place:5d}  {row['search_rank']:11d}  {name:21s}"
+              f"  {100 * row['search_val']:8.2f} %  {100 * row['promoted_val']:10.2f} %  {network_text(trial)}")
     text = "n/a (fewer than 2 distinct scores)" if correlation is None else f"{correlation:+.2f}"
     print(f"rank correlation of search and promoted validation (Spearman): {text}")
     record = {"epochs": epochs, "train_images": len(y), "augment": cfg.augment, "tta": cfg.tta,
@@ -483,7 +515,7 @@ def ensemble_accuracy(members):
     return (probabilities.argmax(1) == members[0]["labels"]).float().mean().item()
 
 
-def evaluate(paths, data_dir=None, device="auto", artifacts=None):
+def evaluate_command(paths, data_dir=None, device="auto", artifacts=None):
     """--evaluate PATH [PATH ...] of either script (a path, or an artifact id in the --artifacts store): see
     print_evaluation."""
     store = open_artifact_store(artifacts)

@@ -17,6 +17,7 @@ from torch import nn
 
 from data import CANONICAL_FINGERPRINT, EVAL_BATCH, batches, random_affine
 from errors import UserError
+from mnist_optuna.rundir import write_atomic
 from models import INPUT_SHAPE, build_model, normalise_config
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -212,7 +213,7 @@ def predict_logits(model, x, batch_size=EVAL_BATCH, tta=False, background=0.0):
     return torch.cat(outputs)
 
 
-def evaluate(model, x, y, batch_size=EVAL_BATCH, tta=False, background=0.0):
+def accuracy_on(model, x, y, batch_size=EVAL_BATCH, tta=False, background=0.0):
     """Accuracy in [0, 1]."""
     return (predict_logits(model, x, batch_size, tta, background).argmax(1) == y).float().mean().item()
 
@@ -296,9 +297,9 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
                 if average is not None:
                     fit_batchnorm(scored, x)
                     fitted = True
-                val_accuracy = evaluate(scored, *val)
+                val_accuracy = accuracy_on(scored, *val)
                 if also_last and average is not None:
-                    last_accuracy = evaluate(model, *val)
+                    last_accuracy = accuracy_on(model, *val)
                 eval_seconds += time.perf_counter() - clock
                 if not math.isfinite(loss.item()):
                     raise Divergence(f"loss is {loss.item()} at epoch {epoch}")
@@ -354,20 +355,6 @@ def minutes(seconds):
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def write_atomic(path, content):
-    """Write bytes (or text) to a temporary file of this process beside `path`, then rename it into place: a full
-    disk or Ctrl-C leaves the previous file whole and no temporary behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(content.encode() if isinstance(content, str) else content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path, model, train_cfg, meta):
     """config + state_dict + metadata, serialised in memory and written with write_atomic (so a full disk is an
     OSError like any other write, not an error inside torch's writer)."""
@@ -404,13 +391,13 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
                                   meta.get("training_data", CANONICAL_FINGERPRINT))
     if earlier is not None:
         model, meta = earlier
-        return model, meta["history"], evaluate(model, *test, tta=tta, background=background), meta["train_seconds"]
+        return model, meta["history"], accuracy_on(model, *test, tta=tta, background=background), meta["train_seconds"]
     seed_everything(seed)
     model = build_model(model_config).to(x.device)
     started = time.perf_counter()
     history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch, background=background)
     train_seconds = time.perf_counter() - started
-    test_accuracy = evaluate(model, *test, tta=tta, background=background)
+    test_accuracy = accuracy_on(model, *test, tta=tta, background=background)
     meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
             "train_images": len(y), "augment": train_cfg.augment, "precision": train_cfg.precision,
             "ema": train_cfg.ema, "tta": tta, "torch": str(torch.__version__), "history": history}

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import time
-import warnings
 from pathlib import Path
 
 import optuna
@@ -15,10 +14,9 @@ from optuna.trial import TrialState
 
 from data import CANONICAL_FINGERPRINT
 from errors import UserError, first_line
-from reporting import json_default, prepare_out_dir
+from mnist_optuna.rundir import json_default, prepare_out_dir
+from mnist_optuna.workers import GRACE_SECONDS, HEARTBEAT_SECONDS, RETRY
 
-# the retry callback is marked experimental; it is Optuna's own mechanism and the one we want
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 log = logging.getLogger(__name__)
 
 
@@ -26,10 +24,6 @@ JOURNAL_NAME = "study.journal"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 GRPC_SCHEME = "grpc"       # grpc://HOST:PORT: Optuna's storage proxy, one process between many workers and a database
 GRPC_PORT = 13000          # Optuna's default port of the proxy
-HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed dead
-GRACE_SECONDS = 90
-MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
-RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
 def open_run_folder(out_dir, storage, must_exist=False):
@@ -185,7 +179,7 @@ def make_storage(spec, out_dir, must_exist=False):
 
 
 def grpc_proxy(url):
-    """The storage behind Optuna's gRPC storage proxy at grpc://HOST:PORT (started by `python storages.py proxy`)."""
+    """The storage behind Optuna's gRPC storage proxy at grpc://HOST:PORT (`python -m mnist_optuna proxy`)."""
     match = re.match(r"^grpc://([^:/]+)(?::(\d+))?/?$", url)
     if not match:
         raise UserError(f"--storage {url}: write grpc://HOST:PORT")
@@ -198,27 +192,7 @@ def grpc_proxy(url):
         raise UserError(f"--storage grpc:// needs grpcio ({error}); pip install -r requirements.txt") from None
     except Exception as error:  # grpc raises its own kinds; all mean the proxy cannot be reached
         raise UserError(f"cannot reach the storage proxy at {host}:{port} ({first_line(error)}); start it with "
-                        f"`python storages.py proxy STORAGE --port {port}` on {host}") from None
-
-
-def serve_proxy(argv=None):
-    """`python storages.py proxy STORAGE [--host HOST] [--port PORT]`: Optuna's gRPC storage proxy in front of a
-    database URL (or a journal file), so that many workers (--storage grpc://HOST:PORT) share one connection
-    to the database instead of one each."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python storages.py proxy", description=serve_proxy.__doc__)
-    parser.add_argument("storage", help="the database URL (postgresql://..., mysql://..., sqlite:///...) or journal")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface)")
-    parser.add_argument("--port", type=int, default=GRPC_PORT, help=f"port to listen on (default {GRPC_PORT})")
-    args = parser.parse_args(argv)
-    kind = storage_kind(args.storage)
-    if kind == "grpc":
-        raise UserError("the proxy stands in front of a database or a journal, not of another proxy")
-    storage = make_storage(args.storage, Path(args.storage).parent if kind == "journal" else ".")
-    print(f"storage proxy for {args.storage} on {args.host}:{args.port}; workers pass "
-          f"--storage grpc://<this host>:{args.port}", flush=True)
-    optuna.storages.run_grpc_proxy_server(storage, host=args.host, port=args.port)
+                        f"`python -m mnist_optuna proxy STORAGE --port {port}` on {host}") from None
 
 
 def check_database_file(url):
@@ -240,7 +214,7 @@ def check_database_file(url):
 
 
 def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False,
-               objectives=("accuracy",)):
+               objectives=("accuracy",), renamed=None):
     """Create the study or join/resume the existing one of that name.
 
     `search` holds the settings that define the study's trials (space, data, recipe, backbone, grid). A
@@ -248,6 +222,7 @@ def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False,
     folder) whose settings differ is refused, so it never silently continues a different search, unless
     the user consents with --resume-anyway. `must_exist`: --retrain-only, which adds no trial. `objectives`
     (studies.DIRECTIONS' names, accuracy first) are fixed for a study's life: not even --resume-anyway changes them.
+    `renamed`: {old name: new name} of settings renamed since; a study's record under an old name counts as the new.
     """
     directions = [optuna.study.StudyDirection.MAXIMIZE if name_ == "accuracy" else
                   optuna.study.StudyDirection.MINIMIZE for name_ in objectives]
@@ -274,6 +249,10 @@ def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False,
     before = study.user_attrs.get("search")
     if before is None:  # a study from before settings were recorded: what its trials agree on stands in
         before = settings_of_trials(study, search)
+    for old_name, new_name in (renamed or {}).items():
+        if before is not None and old_name in before and new_name not in before:
+            before = {**before, new_name: before[old_name]}
+            del before[old_name]
     if before is not None:  # a setting added after the study began had, then, the value below
         added = json.loads(json.dumps(ADDED_SETTINGS))
         before = {**{key: value for key, value in added.items() if key in search}, **before}
@@ -358,13 +337,3 @@ def search_settings(args, **resolved):
     """The settings that define a study's trials: every flag but NOT_SEARCH's, and what --backbone resolved to
     (its network, not its path)."""
     return {**{key: value for key, value in vars(args).items() if key not in NOT_SEARCH}, **resolved}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from cli import run
-
-    if sys.argv[1:2] != ["proxy"]:
-        sys.exit("usage: python storages.py proxy STORAGE [--host HOST] [--port PORT]")
-    run(lambda argv: serve_proxy(sys.argv[2:]))

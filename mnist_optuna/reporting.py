@@ -1,112 +1,29 @@
-"""What a run writes and prints: the run folder, atomic result files, trial lines, the summary of both
-scripts, best_params.json and its reader, progress bars. It decides nothing."""
-import datetime
-import hashlib
-import json
+"""What a run prints and the result tables it writes: trial lines, the summary of both scripts, trials.csv,
+best_params.json's payload, progress bars. It decides nothing."""
 import logging
-import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 
 from optuna.trial import TrialState
 
-from errors import UserError
-from models import describe, normalise_config
-from training import load_checkpoint, write_atomic
+from mnist_optuna.rundir import command_line, write_atomic
+from mnist_optuna.workers import NOT_TRAINED
+from models import describe
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent
-# the reasons of trials that ended without training (studies.run_trial); they are counted apart
-OVER_BUDGET = "over budget"   # the network needs more MACs than --max-mmac allows
-TWIN = "same configuration as trial"  # an earlier trial of the study trained or is training these parameters
-NOT_TRAINED = (OVER_BUDGET, TWIN)
 
 
-def prepare_out_dir(out_dir, root="runs"):
-    """The run folder: a new timestamped one under `root`, or the given one.
-
-    An existing folder is reused only when an earlier run of this project made it (so the study in it
-    resumes); any other non-empty folder is refused rather than overwritten.
-    """
-    if out_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(root) / stamp
-        suffix = 1
-        while out_dir.exists():
-            out_dir = Path(root) / f"{stamp}-{suffix}"
-            suffix += 1
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file; pass a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-        raise UserError(f"--out-dir {out_dir} exists and was not made by this tool; "
-                        "choose a new folder so nothing in it is overwritten")
-    return writable_folder(out_dir, "--out-dir", "choose a writable folder")
-
-
-def writable_folder(folder, flag, advice):
-    """`folder`, made if missing and proven writable with a probe file (root ignores permission bits, so only
-    a real write tells); otherwise one line naming `flag` and what to do."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-check.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write in {flag} {folder} ({error.strerror or error}); {advice}") from None
-    return folder
-
-
-def start_run(out_dir, settings):
-    """Record the resolved settings in config.json and return the folder's run id.
-
-    A rerun in the same folder keeps the run id, so it resumes rather than starting over.
-    """
-    path = Path(out_dir) / "config.json"
-    run_id = None
-    if path.is_file():
-        try:
-            before = json.loads(path.read_text())
-            run_id = before.get("run_id")
-        except (OSError, ValueError, AttributeError):
-            before, run_id = {}, None
-        if isinstance(before, dict) and family_of(before) != family_of(settings):
-            raise UserError(f"--out-dir {out_dir} holds the results of {family_text(before)}, this run is "
-                            f"{family_text(settings)}; its files would be replaced: pass a new --out-dir")
-    run_id = run_id or uuid.uuid4().hex[:12]
-    write_json(path, {**settings, "run_id": run_id, "command": command_line(), "source": source_version()})
-    return run_id
-
-
-# what a run folder belongs to: one script's stage and study names (the settings that name its studies); a run of
-# another stage, script or study name would replace its model.pt, summary.json and trials.csv
-FAMILY = ("stage", "study_prefix", "study_name")
-
-
-def family_of(settings):
-    return {key: settings.get(key) for key in FAMILY}
-
-
-def family_text(settings):
-    return " ".join(f"--{key.replace('_', '-')} {settings[key]}" for key in FAMILY if settings.get(key) is not None)
-
-
-def network_of(trial):
+def network_text(trial):
     model = trial.user_attrs.get("model")
-    return describe(model) + f" drop {model['dropout']:.2f}" + mmac_of(trial) if model else "?"
+    return describe(model) + f" drop {model['dropout']:.2f}" + mmac_text(trial) if model else "?"
 
 
-def mmac_of(trial):
+def mmac_text(trial):
     return f" ({trial.user_attrs['mmac']:.1f} MMAC)" if trial.user_attrs.get("mmac") is not None else ""
 
 
-def training_of(trial):
+def training_text(trial):
     """The optimization hyperparameters of a trial in one short phrase (stage 2's key params)."""
     t = trial.user_attrs.get("train")
     if not t:
@@ -121,21 +38,21 @@ def trial_accuracy(trial):
     return trial.values[0] if trial.values else None
 
 
-def latency_of(trial):
+def latency_text(trial):
     return f" {trial.user_attrs['latency_ms']:.3f} ms/img" if trial.user_attrs.get("latency_ms") is not None else ""
 
 
-def trial_line(trial, label="", describe_trial=network_of):
+def trial_line(trial, label="", describe_trial=network_text):
     seconds = trial.duration.total_seconds() if trial.duration else float("nan")
     value = f"val {100 * trial_accuracy(trial):6.2f} %" if trial_accuracy(trial) is not None else " " * 12
     last = max(trial.intermediate_values) if trial.intermediate_values else None
     where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
     reason = f"  [{trial.user_attrs['reason']}]" if trial.user_attrs.get("reason") else ""
     return (f"{label}trial {trial.number:3d}  {trial.state.name:8s}{where:10s} {value}  {describe_trial(trial)}"
-            f"{latency_of(trial)}  {seconds:6.1f} s{reason}")
+            f"{latency_text(trial)}  {seconds:6.1f} s{reason}")
 
 
-def print_trial_lines(label="", describe_trial=network_of):
+def print_trial_lines(label="", describe_trial=network_text):
     """An Optuna callback that prints one line per finished trial."""
     def callback(study, trial):
         log.info(trial_line(trial, label, describe_trial))
@@ -173,18 +90,6 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_json(path, payload):
-    write_atomic(path, json.dumps(payload, indent=2, default=json_default) + "\n")
-
-
-def json_default(value):
-    if isinstance(value, (datetime.datetime, datetime.timedelta)):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
-
-
 def trials_table(studies):
     """Optuna's trials_dataframe for each (label, study) with the label column first, as one table."""
     import pandas as pd
@@ -208,11 +113,6 @@ def best_params_payload(trial, **extra):
             "seed": trial.user_attrs.get("seed"), **extra}
 
 
-def command_line():
-    """The command that ran, quoted for a shell."""
-    return shlex.join([Path(sys.executable).name] + sys.argv)
-
-
 class Stopwatch:
     def __init__(self):
         self.started = time.perf_counter()
@@ -221,57 +121,12 @@ class Stopwatch:
         return time.perf_counter() - self.started
 
 
-def read_backbone(path, artifacts=None):
-    """(model config, training recipe dict or None) from a best_params.json or a model.pt checkpoint, given as a
-    path or as an artifact id in the --artifacts store."""
-    from tracking import local_file, open_artifact_store
-
-    path = Path(local_file(str(path), open_artifact_store(artifacts), "--backbone"))
-    if not path.is_file():
-        raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
-    if path.suffix == ".pt":
-        payload = load_checkpoint(path)[1]
-        return normalise_config(payload["config"]), payload.get("train")
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"--backbone {path} is not valid JSON ({error}); pass the best_params.json "
-                        "written by MNIST-optuna.py") from None
-    model = payload.get("model") if isinstance(payload, dict) else None
-    if not isinstance(model, dict) or "conv" not in model:
-        raise UserError(f"--backbone {path} has no 'model' with 'conv' blocks; pass the best_params.json "
-                        "written by MNIST-optuna.py")
-    train = payload.get("train")
-    return normalise_config({"fc": [], **model}), train if isinstance(train, dict) else None
-
-
 def progress(total, description, unit="trial"):
     """A tqdm bar on a terminal at the normal log level; nothing at all in logs, pipes and CI."""
     from tqdm import tqdm
 
     show = sys.stdout.isatty() and log.getEffectiveLevel() <= logging.INFO
     return tqdm(total=total, desc=description, unit=unit, leave=False, disable=not show, file=sys.stdout)
-
-
-CODE = ("*.py", "requirements*.txt")  # what the source version is of
-
-
-def source_version():
-    """The git commit of the code that ran (with '+changes' when its code differs from it), or, outside git,
-    a hash of the project's Python files: recorded in config.json and every model.pt."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            # the code only: results and logs committed beside it (results/) do not change what ran
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE],
-                                   cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-            return commit.stdout.strip() + ("+changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    digest = hashlib.sha256()
-    for path in sorted(ROOT.glob("*.py")):
-        digest.update(path.read_bytes())
-    return "sha256:" + digest.hexdigest()[:16]
 
 
 def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, objectives=("accuracy",), pick_mmac=None,
