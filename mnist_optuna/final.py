@@ -121,7 +121,7 @@ def finish(args, run, searched, started, interrupted, describe_trial, objectives
     objectives within --pick-mmac; a --max-mmac lowered since the search rules trials out too), print and write
     the summary, then the final stage."""
     if not (interrupted or args.no_final):
-        wait_for_others(searched)
+        wait_for_others(searched, run.run_id)
     ranked, front = rank(searched, objectives, pick_mmac, max_mmac)
     best, summary = summarise(searched, run.out_dir, time.perf_counter() - started, describe_trial, ranked, front,
                               objectives, pick_mmac, extra=extra)

@@ -2,11 +2,13 @@
 the compute budget, no configuration trained twice, one or several objectives), the loop that runs trials until
 the run folder has its share, and the ranking (or Pareto front) the final stage draws from. Training itself is
 training.py's, what workers agree on is workers.py's; nothing here reads the test set."""
+import contextlib
 import gc
 import hashlib
 import json
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from mnist_optuna.workers import (
     TWIN,
     remaining_trials,
     requeue_lost_trials,
+    say_searching,
     worker_id,
 )
 from models import build_model, cpu_latency_ms
@@ -82,7 +85,10 @@ def search(study, objective, n_trials, run_id, label, describe_trial, feed=None,
     """
     rounds = max_rounds or 20 + 2 * n_trials
     todo = remaining_trials(study, n_trials, run_id)
-    callbacks = [print_trial_lines(label, describe_trial), *(callbacks or []), lambda s, _: requeue_lost_trials(s)]
+    if todo:  # the other workers wait for this one before their final stage (workers.wait_for_others)
+        say_searching(study, run_id, True)
+    callbacks = [print_trial_lines(label, describe_trial), *(callbacks or []), lambda s, _: requeue_lost_trials(s),
+                 *([lambda s, _: say_searching(s, run_id, True)] if todo else [])]
     try:
         with progress(todo, bar or label.strip() or "trials") as bar:
             for _ in range(rounds):
@@ -96,6 +102,10 @@ def search(study, objective, n_trials, run_id, label, describe_trial, feed=None,
         if not interrupted_by_user(error):
             raise
         return True
+    finally:
+        if todo:
+            with contextlib.suppress(Exception):  # a storage that fails here: the others see the process gone
+                say_searching(study, run_id, False)
     if remaining_trials(study, n_trials, run_id):
         log.warning(f"{study.study_name}: stopped after {rounds} rounds of trials that trained nothing (networks "
                     "over the compute budget, or repeats); raise --max-mmac or widen the space")
@@ -108,6 +118,8 @@ def claim(trial, run_id):
     trial.set_user_attr("worker", worker_id())
     trial.set_user_attr("run", run_id)
     trial.set_user_attr("study", trial.study.study_name)
+    # last: until it says this trial's number, the worker above may be a retried trial's inherited dead one
+    trial.set_user_attr("claimed", trial.number)
     if trial.user_attrs.get("reason"):  # a retried trial inherits its predecessor's attributes
         trial.set_user_attr("reason", None)
 
@@ -120,20 +132,59 @@ def trial_seed(study_seed, params):
 
 
 def twin_of(trial):
-    """The earliest other trial of the study with the same parameters that was trained or is training."""
+    """The earliest other trial of the study with the same parameters that was trained or is training.
+
+    Called at every report of every trial, so its own work must not grow with the study: finished trials never
+    change, so each process indexes them by parameters once (FinishedIndex) and looks again only at the open ones.
+    (Optuna's list of the study's trials, read once per call, still grows: about 0.2 microseconds per trial.)"""
     if not isinstance(trial, optuna.trial.Trial):  # a FixedTrial has no study to compare with
         return None
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                 TrialState.RUNNING)):
-        # a trial is known by number and start time together: an RDB can give two concurrent trials one number
-        if (other.number, other.datetime_start) == (trial.number, trial.datetime_start) or other.params != trial.params:
+    # a trial is known by number and start time together: an RDB can give two concurrent trials one number
+    own, params = (trial.number, trial.datetime_start), trial.params
+    key = _params_key(params)
+    index = FinishedIndex.of(trial.study)
+    unfinished = index.update(trial.study.get_trials(deepcopy=False))
+    for other in [*index.by_params.get(key, ()), *unfinished]:
+        if (other.number, other.datetime_start) == own or other.state not in TWIN_STATES or other.params != params:
             continue
         if str(other.user_attrs.get("reason") or "").startswith(NOT_TRAINED):
             continue
-        if other.state != TrialState.RUNNING or (other.number, other.datetime_start) < (trial.number,
-                                                                                        trial.datetime_start):
+        if other.state != TrialState.RUNNING or (other.number, other.datetime_start) < own:
             return other  # of two running twins, the one created first trains
     return None
+
+
+TWIN_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def _params_key(params):
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+class FinishedIndex:
+    """This process's index of a study's finished trials by parameters. A finished trial never changes, so each
+    update looks only at the trials that were unfinished at the last one and at those added since (the list of a
+    study's trials only grows, in the order they were created)."""
+    _studies = weakref.WeakKeyDictionary()  # by Study object: gone with it
+
+    def __init__(self):
+        self.by_params, self.length, self.open = {}, 0, []
+
+    @classmethod
+    def of(cls, study):
+        return cls._studies.setdefault(study, cls())
+
+    def update(self, trials):
+        """Index the trials that finished since the last update; return those not finished yet."""
+        still_open = []
+        for position in [*self.open, *range(self.length, len(trials))]:
+            trial = trials[position]
+            if trial.state.is_finished():
+                self.by_params.setdefault(_params_key(trial.params), []).append(trial)
+            else:
+                still_open.append(position)
+        self.open, self.length = still_open, len(trials)
+        return [trials[position] for position in still_open]
 
 
 class TwinFound(Exception):

@@ -47,6 +47,13 @@ def _worker_dead(trial):
     return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
 
 
+def _claimed(trial):
+    """True once the trial's worker claimed it (studies.claim). A retried trial starts with its predecessor's
+    attributes, the dead worker included, until the live worker that took it from the queue claims it; a trial
+    of a study from before claims were recorded counts as claimed."""
+    return trial.user_attrs.get("claimed", trial.number) == trial.number
+
+
 def requeue_lost_trials(study):
     """Queue again the trials whose worker was interrupted or died, once each.
 
@@ -60,7 +67,7 @@ def requeue_lost_trials(study):
     for trial in trials:
         if trial.number in retried:
             continue
-        if trial.state == TrialState.RUNNING and _worker_dead(trial):
+        if trial.state == TrialState.RUNNING and _claimed(trial) and _worker_dead(trial):
             try:
                 study.tell(trial.number, state=TrialState.FAIL)
             except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
@@ -104,15 +111,44 @@ def remaining_trials(study, n_trials, run_id):
     return max(0, n_trials - done)
 
 
-def wait_for_others(searched, poll_seconds=1):
-    """Wait until no other worker is training a trial of these studies ((label, key, study) each), so that every
-    worker that reaches the end sees the same trials, makes the same choice and one of them runs the final stage.
-    A trial whose worker died is failed and queued again (RDB: no heartbeat; journal: its process on this host is
-    gone) and stops the wait; one that has run more than twice as long as the longest finished trial (plus the
-    heartbeat grace) is not waited for (a journal cannot tell a dead worker on another host from a slow one)."""
+SEARCHING = "searching:"  # + run id: a study user attribute saying whether that run folder's worker still adds trials
+
+
+def say_searching(study, run_id, active):
+    """Tell the workers sharing the study whether this run folder's worker still adds trials (active), and that
+    it is alive; called when its search starts, after each of its trials and when it stops."""
+    study.set_user_attr(SEARCHING + run_id, {"worker": worker_id(), "active": active, "alive_at": time.time()})
+
+
+def searching_others(study, run_id, patience_seconds):
+    """The other run folders whose worker still adds trials to the study: its process runs on this host, or
+    (another host) it said so within `patience_seconds`. A worker on this host that died while searching is
+    waited for GRACE_SECONDS after it last said so, the time a restart of the same command (a supervisor, a
+    requeued job) takes to resume its run folder and say so again."""
+    others = []
+    for key, said in study.user_attrs.items():
+        if not key.startswith(SEARCHING) or key == SEARCHING + str(run_id) or not said.get("active"):
+            continue
+        host, _, pid = str(said.get("worker", "")).rpartition(":")
+        silent = time.time() - said.get("alive_at", 0)
+        here = host == socket.gethostname() and pid.isdigit()
+        if (here and (_process_alive(int(pid)) or silent < GRACE_SECONDS)) or (not here and silent < patience_seconds):
+            others.append(key[len(SEARCHING):])
+    return others
+
+
+def wait_for_others(searched, run_id=None, poll_seconds=1):
+    """Wait until no other worker is training a trial of these studies ((label, key, study) each) or still adding
+    trials to them, so that every worker that reaches the end sees the same trials, makes the same choice and one
+    of them runs the final stage (a worker between two of its trials trains nothing, yet its next trial may change
+    the choice). A trial whose worker died is failed and queued again (RDB: no heartbeat; journal: its process on
+    this host is gone) and stops the wait, as does a searching worker whose process is gone and that has not come
+    back within the grace (searching_others); one that has run more than twice as long as the longest finished trial
+    (plus the heartbeat grace), or a worker on another host silent that long, is not waited for (a journal cannot
+    tell a dead worker on another host from a slow one)."""
     told = False
     while True:
-        running = []
+        running, searching = [], []
         for _, _, study in searched:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -124,10 +160,12 @@ def wait_for_others(searched, poll_seconds=1):
             now = datetime.datetime.now()
             running += [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") != worker_id()
                         and t.datetime_start and now - t.datetime_start < patience]
-        if not running:
+            searching += searching_others(study, run_id, patience.total_seconds())
+        if not running and not searching:
             return
         if not told:
-            log.info(f"waiting for {len(running)} trial(s) of other workers to finish before the final stage")
+            log.info(f"waiting for {len(running)} trial(s) and {len(set(searching))} searching worker(s) of others "
+                     "to finish before the final stage")
             told = True
         time.sleep(poll_seconds)
 

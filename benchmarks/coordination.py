@@ -1,0 +1,112 @@
+"""The project's own coordination calls against one storage, without torch: how the time per report and per
+trial grows with the number of trials in the study.
+
+    python benchmarks/coordination.py                                  # 2,000 trials, 128 simulated workers
+    python benchmarks/coordination.py --trials 500 --workers 16 --storage sqlite
+
+A stand-in objective replaces training: `--workers` trials are open at once (as many workers would hold them,
+RUNNING in the storage), and their reports interleave. Each trial is claimed like a real one (studies.claim),
+each report runs the twin check of a real report (studies.twin_of), and after each trial the lost-trial
+requeue and the --n-trials count run (workers.requeue_lost_trials, workers.remaining_trials), all against the
+real storage. Printed: the median time of each call per band of 100 trials in the study (and of the report's time, how much
+Optuna took to list the study's trials), and the ratio of the time per report at the end to the time at the
+first band, with and without that list.
+"""
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mnist_optuna import studies, workers  # noqa: E402
+from mnist_optuna.storages import make_storage  # noqa: E402
+
+BAND = 100
+
+
+def simulate(storage, n_trials, n_workers, reports, seed=0):
+    """{band: {"report": [s...], "trial": [s...]}}: times of the per-report and the per-trial calls, by the
+    number of trials the study held when they ran."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="coordination", storage=storage, pruner=optuna.pruners.NopPruner(),
+                                direction="maximize")
+    rng = random.Random(seed)
+    times, open_trials, started, run_id = {}, [], 0, "simulated"
+    listing, read_trials = [0.0], study.get_trials
+
+    def get_trials(*args, **kwargs):  # how long Optuna takes to list the study's trials, inside the calls
+        begun = time.perf_counter()
+        try:
+            return read_trials(*args, **kwargs)
+        finally:
+            listing[0] += time.perf_counter() - begun
+    study.get_trials = get_trials  # the trials' .study is this object: the project's calls go through here
+
+    def timed(kind, call):
+        listing[0], begun = 0.0, time.perf_counter()
+        result = call()
+        band = times.setdefault((started // BAND) * BAND, {"report": [], "trial": [], "list": []})
+        band[kind].append(time.perf_counter() - begun)
+        if kind == "report":
+            band["list"].append(listing[0])
+        return result
+
+    while started < n_trials or open_trials:
+        while started < n_trials and len(open_trials) < n_workers:
+            trial = study.ask()
+            studies.claim(trial, run_id)
+            trial.suggest_int("width", 1, 10**6)  # distinct networks: no trial has a twin
+            trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+            open_trials.append([trial, 0])
+            started += 1
+        slot = open_trials[rng.randrange(len(open_trials))]  # some worker reports next
+        trial, step = slot
+        step += 1
+        twin = timed("report", lambda: studies.twin_of(trial))
+        assert twin is None
+        trial.report(rng.random(), step)
+        slot[1] = step
+        if step == reports:
+            open_trials.remove(slot)
+            study.tell(trial, rng.random())
+            timed("trial", lambda: (workers.requeue_lost_trials(study), workers.remaining_trials(study, n_trials,
+                                                                                               run_id)))
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=128, help="trials open at once")
+    parser.add_argument("--reports", type=int, default=3, help="reports per trial (epochs)")
+    parser.add_argument("--storage", choices=("journal", "sqlite"), default="journal")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        spec = None if args.storage == "journal" else f"sqlite:///{folder}/study.db"
+        storage = make_storage(spec, Path(folder))
+        started = time.perf_counter()
+        times = simulate(storage, args.trials, args.workers, args.reports)
+        wall = time.perf_counter() - started
+    print(f"{args.trials} trials, {args.workers} open at once, {args.reports} reports each, {args.storage} storage: "
+          f"{wall:.1f} s")
+    print(f"{'trials in study':>16} {'per report (ms)':>16} {'of it Optuna list':>18} {'per trial (ms)':>15}")
+    for band in sorted(times):
+        report, listing, trial = times[band]["report"], times[band]["list"], times[band]["trial"]
+        print(f"{band:>7}-{band + BAND - 1:<8} {1000 * statistics.median(report):16.3f} "
+              f"{1000 * statistics.median(listing):18.3f} "
+              f"{1000 * statistics.median(trial) if trial else float('nan'):15.3f}")
+    first, last = min(times), max(times)
+    ratio = statistics.median(times[last]["report"]) / statistics.median(times[first]["report"])
+    per_trial = statistics.median(times[last]["trial"]) / statistics.median(times[first]["trial"])
+    own = [statistics.median(r - t for r, t in zip(times[band]["report"], times[band]["list"])) for band in (first, last)]
+    print(f"ratio per report at {last}-{last + BAND - 1} trials / at {first}-{first + BAND - 1}: {ratio:.2f}x   "
+          f"(without Optuna's list of the trials: {own[1] / own[0]:.2f}x; per trial: {per_trial:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""What workers sharing a study do at every report and at the end. The twin check finds the same configuration
+among finished and running trials however the study grows, while reading each finished trial once
+(benchmarks/coordination.py measures its cost); the wait before the final stage lasts while another worker still
+adds trials (benchmarks/workers.py runs many workers with kills)."""
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from mnist_optuna import studies, workers
+
+
+def queued(study, width):
+    """A running trial of the network `width`."""
+    study.enqueue_trial({"width": width})
+    trial = study.ask()
+    trial.suggest_int("width", 1, 100)
+    return trial
+
+
+def test_the_twin_check_finds_finished_and_running_twins_as_the_study_grows():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize")
+    first = queued(study, 1)                 # running: pins the finished prefix at trial 0
+    for width in range(2, 40):               # finished trials behind it, indexed as they finish
+        study.tell(queued(study, width), 0.5)
+    later = queued(study, 1)
+    assert studies.twin_of(later).number == first.number  # the earlier running trial trains it
+    assert studies.twin_of(first) is None                 # and does not yield to the later one
+    late = queued(study, 30)                 # a twin among the trials finished behind the running one
+    assert studies.twin_of(late).params == {"width": 30}
+    study.tell(first, 0.9)                   # finishes after it was seen unfinished
+    assert studies.twin_of(later).number == first.number
+    assert studies.twin_of(later).state == TrialState.COMPLETE
+    assert studies.twin_of(queued(study, 77)) is None
+    again = optuna.load_study(study_name=study.study_name, storage=storage)  # another process's view: indexed anew
+    assert studies.twin_of(queued(again, 30)).params == {"width": 30}
+
+
+def test_a_twin_that_trained_nothing_is_not_a_twin():
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    skipped = queued(study, 5)
+    skipped.set_user_attr("reason", "over budget: 1.0 MMAC > 0.5")
+    study.tell(skipped, state=TrialState.PRUNED)
+    assert studies.twin_of(queued(study, 5)) is None
+
+
+def test_a_worker_waits_for_another_that_still_adds_trials_or_may_be_restarted():
+    # between two of its trials a worker trains nothing, yet its next trial may change the choice: the load test
+    # (benchmarks/workers.py) saw final stages start while other workers still had trials to add
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    searched = [("seed", 0, study)]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        def say(active, pid=other.pid, run="other-run"):
+            study.set_user_attr(workers.SEARCHING + run, {"worker": f"{socket.gethostname()}:{pid}",
+                                                          "active": active, "alive_at": time.time()})
+        say(True)
+        say(True, os.getpid(), "my-run")  # this worker's own flag is never waited for
+        done = threading.Event()
+        waiter = threading.Thread(target=lambda: (workers.wait_for_others(searched, "my-run", 0.1), done.set()))
+        waiter.start()
+        assert not done.wait(1.5), "the final stage went ahead while another worker was still searching"
+        say(False)  # that worker's search ended
+        assert done.wait(10)
+        waiter.join()
+        say(True)
+        other.kill()
+        other.wait()
+        done.clear()
+        waiter = threading.Thread(target=lambda: (workers.wait_for_others(searched, "my-run", 0.1), done.set()))
+        waiter.start()
+        assert not done.wait(1.5), "a worker killed a moment ago was not given the time to be started again"
+        study.set_user_attr(workers.SEARCHING + "other-run", {"worker": f"{socket.gethostname()}:{other.pid}",
+                                                              "active": True, "alive_at": time.time() - 3600})
+        assert done.wait(10), "a worker that died long ago and never came back was waited for"
+        waiter.join()
+    finally:
+        other.kill()
+
+
+def test_a_retried_trial_taken_by_a_live_worker_is_not_failed_for_its_predecessors_dead_worker():
+    # the load test on PostgreSQL: a worker took a retried trial from the queue and, before it claimed it, another
+    # worker saw the inherited (dead) worker and failed it; the live worker then crashed on its next write
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lost = study.ask()
+    lost.suggest_int("width", 1, 100)
+    studies.claim(lost, "run-a")
+    lost.set_user_attr("worker", f"{socket.gethostname()}:{gone.pid}")  # its worker was killed
+    assert workers.requeue_lost_trials(study) == 1
+    retry = study.ask()  # a live worker takes the retry, which still carries the dead worker, unclaimed
+    assert retry.params == lost.params and retry.user_attrs["worker"].endswith(f":{gone.pid}")
+    assert workers.requeue_lost_trials(study) == 0
+    assert study.get_trials(deepcopy=False)[retry.number].state == TrialState.RUNNING
+    studies.claim(retry, "run-b")  # once claimed, it is judged by its own worker (alive: this process)
+    assert workers.requeue_lost_trials(study) == 0
