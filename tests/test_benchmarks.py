@@ -50,3 +50,11 @@ def test_time_to_accuracy_benchmark_compares_the_recipes(tmp_path):
     assert again.returncode == 0 and " seed 0: val " not in again.stdout
     header = "==== stage2 (shipped) ===="
     assert header in result.stdout and again.stdout.split(header)[1] == result.stdout.split(header)[1]
+
+
+def test_coordination_benchmark_runs_the_projects_calls_and_prints_the_ratio():
+    result = run("benchmarks/coordination.py", "--trials", "120", "--workers", "8")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^120 trials, 8 open at once, 3 reports each, journal storage", result.stdout, re.MULTILINE)
+    assert re.search(r"^ratio per report at 100-199 trials / at 0-99: \d+\.\d\dx   \(without Optuna's list of the "
+                     r"trials: \d+\.\d\dx; per trial: \d+\.\d\dx\)$", result.stdout, re.MULTILINE)
