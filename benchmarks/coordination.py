@@ -8,9 +8,9 @@ A stand-in objective replaces training: `--workers` trials are open at once (as 
 RUNNING in the storage), and their reports interleave. Each trial is claimed like a real one (studies.claim),
 each report runs the twin check of a real report (studies.twin_of), and after each trial the lost-trial
 requeue and the --n-trials count run (workers.requeue_lost_trials, workers.remaining_trials), all against the
-real storage. Printed: the median time of each call per band of 100 trials in the study (and of the report's time, how much
-Optuna took to list the study's trials), and the ratio of the time per report at the end to the time at the
-first band, with and without that list.
+real storage. Printed: the median time of each call per band of 100 trials in the study (and of the report's
+time, how much Optuna took to list the study's trials), and the ratio of the time per report at the end to the
+time at the first band, with and without that list.
 """
 import argparse
 import random
@@ -103,7 +103,8 @@ def main(argv=None):
     first, last = min(times), max(times)
     ratio = statistics.median(times[last]["report"]) / statistics.median(times[first]["report"])
     per_trial = statistics.median(times[last]["trial"]) / statistics.median(times[first]["trial"])
-    own = [statistics.median(r - t for r, t in zip(times[band]["report"], times[band]["list"])) for band in (first, last)]
+    own = [statistics.median(report - listing for report, listing in zip(times[band]["report"], times[band]["list"]))
+           for band in (first, last)]
     print(f"ratio per report at {last}-{last + BAND - 1} trials / at {first}-{first + BAND - 1}: {ratio:.2f}x   "
           f"(without Optuna's list of the trials: {own[1] / own[0]:.2f}x; per trial: {per_trial:.2f}x)")
 

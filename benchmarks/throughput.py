@@ -22,7 +22,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from mnist_optuna.training import TrainConfig, autocast, accuracy_on, make_optimizer, native_bf16, resolve_device  # noqa: E402
+from mnist_optuna.training import (  # noqa: E402
+    TrainConfig,
+    accuracy_on,
+    autocast,
+    make_optimizer,
+    native_bf16,
+    resolve_device,
+)
 from models import build_model, count_macs  # noqa: E402
 
 

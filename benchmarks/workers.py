@@ -14,6 +14,7 @@ by wrapping the storage object Optuna opens, in that worker's process).
 """
 import argparse
 import atexit
+import collections
 import json
 import math
 import os
@@ -207,14 +208,10 @@ def check_study(storage, prefix, n, trials_per_worker):
     # a training counts once it ended (complete, or pruned by the pruner); a killed trial's partial training is
     # retried by its successor, and a trial that met its twin trained nothing (trained() is False)
     trained_runs = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and trained(t)]
-    by_config = {}
-    for t in trained_runs:
-        by_config.setdefault(json.dumps(t.params, sort_keys=True), []).append(t.number)
-    twice = sum(len(numbers) > 1 for numbers in by_config.values())
-    per_run = {}
-    for t in trained_runs:
-        per_run[t.user_attrs.get("run")] = per_run.get(t.user_attrs.get("run"), 0) + 1
-    short = sum(max(0, trials_per_worker - per_run.get(run, 0)) for run in per_run) + \
+    by_config = collections.Counter(json.dumps(t.params, sort_keys=True) for t in trained_runs)
+    twice = sum(count > 1 for count in by_config.values())
+    per_run = collections.Counter(t.user_attrs.get("run") for t in trained_runs)  # a run folder: one worker's share
+    short = sum(max(0, trials_per_worker - count) for count in per_run.values()) + \
         trials_per_worker * max(0, n - len(per_run))
     try:
         claims = optuna.load_study(study_name=f"{prefix}-seed0:final", storage=storage).get_trials(deepcopy=False)

@@ -43,6 +43,7 @@ from mnist_optuna.studies import merged_study, rank, release_memory
 from mnist_optuna.tracking import local_file, open_artifact_store, publish, published_text
 from mnist_optuna.training import (
     TrainConfig,
+    accuracy_on,
     derive_seed,
     describe_device,
     export_onnx,
@@ -55,9 +56,6 @@ from mnist_optuna.training import (
     seed_everything,
     train,
     training_seconds,
-)
-from mnist_optuna.training import (
-    accuracy_on,
 )
 from mnist_optuna.workers import FinalStageClaim, wait_for_others
 from models import build_model, count_macs, count_parameters
