@@ -26,7 +26,7 @@ for step in $STEPS; do
     single)  # the promotion again at the final fidelity (12 epochs on the 50,000 training images; the 3-epoch
              # promotion's order disagreed with the search's and its 3 networks were within 0.04 % of each other),
              # the network it chooses on validation retrained for 12 epochs on all 60,000 images with 3 seeds, no
-             # augmentation. (The first shipped singles, chosen by the 3-epoch promotion: results/search/single-*.pt.)
+             # augmentation. (The first shipped singles, chosen by the 3-epoch promotion: git show 0ccd690:results/shipped/single-0.pt.)
       if shipped single-0.pt single-1.pt single-2.pt; then echo "single: shipped already"; continue; fi
       python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --retrain-only --promote-epochs 12 --final-epochs 12 --final-seeds 3 \
         --storage "$SEARCH/study.journal" --out-dir results/single 2>&1 | tee -a results/single.log
