@@ -2,7 +2,7 @@
 # The pipeline behind results/shipped/, as run on the 2-core CPU machine. Every choice is made on the
 # validation split; the test set is read only by the final retrains, after the choice.
 #   nohup bash results/pipeline.sh > results/pipeline.log 2>&1 &   # every step; hours on 2 CPU cores
-#   bash results/pipeline.sh single                                # only the named steps (single | ensemble)
+#   bash results/pipeline.sh single                                # only the named steps (single | single20 | ensemble)
 # A step whose shipped files exist is skipped. A step that was stopped resumes when run again: the
 # search from its journal, the promotion from promotion.json, each final retrain from its checkpoint.
 # (Issue #4's steps - stage1, stage2, augment, augsearch, wide, wide2 - are in git history, commit d10f27b.)
@@ -33,6 +33,27 @@ for step in $STEPS; do
       cp results/single/model.pt "$SHIPPED/single-0.pt"
       cp results/single/seed-1.pt "$SHIPPED/single-1.pt"
       cp results/single/seed-2.pt "$SHIPPED/single-2.pt" ;;
+    single20)  # issue 20's next try after the 12-epoch singles missed 99.66 % on test: the 2 best networks of the
+               # search promoted for 20 epochs on the 50,000 training images, the one chosen on validation retrained
+               # for 20 epochs on 60,000 images with 3 seeds, no augmentation. Rule fixed before any of its numbers:
+               # its singles replace the shipped 12-epoch ones only if its chosen network's promoted validation
+               # accuracy beats the 12-epoch choice's (results/single/promotion.json); the test numbers are reported
+               # either way and choose nothing.
+      python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --promote 2 --retrain-only --promote-epochs 20 --final-epochs 20 \
+        --final-seeds 3 --storage "$SEARCH/study.journal" --out-dir results/single20 2>&1 | tee -a results/single20.log
+      if python -c '
+import json, sys
+best = lambda d: max(v["val_accuracy"] for v in json.load(open(d + "/promotion.json")).values())
+new, old = best("results/single20"), best("results/single")
+print(f"single20: promoted validation {new:.2%} (20 epochs) against {old:.2%} (12 epochs)")
+sys.exit(0 if new > old else 1)'; then
+        echo "single20: ships (better on validation)"
+        cp results/single20/model.pt "$SHIPPED/single-0.pt"
+        cp results/single20/seed-1.pt "$SHIPPED/single-1.pt"
+        cp results/single20/seed-2.pt "$SHIPPED/single-2.pt"
+      else
+        echo "single20: not shipped (not better on validation); the 12-epoch singles stay"
+      fi ;;
     ensemble)  # the promoted ranking again, trained with augmentation; its 3 best retrained on 60,000 images
       if shipped ensemble-0.pt ensemble-1.pt ensemble-2.pt; then echo "ensemble: shipped already"; continue; fi
       python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --retrain-only --augment --ensemble 3 --final-epochs 15 \
@@ -40,7 +61,7 @@ for step in $STEPS; do
       cp results/ensemble/model.pt "$SHIPPED/ensemble-0.pt"
       cp results/ensemble/ensemble-1.pt "$SHIPPED/ensemble-1.pt"
       cp results/ensemble/ensemble-2.pt "$SHIPPED/ensemble-2.pt" ;;
-    *) echo "unknown step '$step'; choose among single ensemble" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; choose among single single20 ensemble" >&2; exit 2 ;;
   esac
 done
 python MNIST-optuna.py --evaluate "$SHIPPED"/single-*.pt
