@@ -5,12 +5,12 @@ trial grows with the number of trials in the study.
     python benchmarks/coordination.py --trials 500 --workers 16 --storage sqlite
 
 A stand-in objective replaces training: `--workers` trials are open at once (as many workers would hold them,
-RUNNING in the storage), and their reports interleave. Each trial is claimed like a real one (studies.claim),
-each report runs the twin check of a real report (studies.twin_of), and after each trial the lost-trial
+RUNNING in the storage), and their reports interleave. Each trial is claimed like a real one (studies.claim)
+and checked for a twin before it "trains" and at each report (studies.twin_of); after each trial the lost-trial
 requeue and the --n-trials count run (workers.requeue_lost_trials, workers.remaining_trials), all against the
-real storage. Printed: the median time of each call per band of 100 trials in the study (and of the report's
-time, how much Optuna took to list the study's trials), and the ratio of the time per report at the end to the
-time at the first band, with and without that list.
+real storage. Printed: the median time of each call per band of 100 trials in the study (and of the report's time, how
+much Optuna took to list the study's trials), and the ratio of the time per report at the end to the time at the
+first band, with and without that list.
 """
 import argparse
 import random
@@ -30,8 +30,9 @@ BAND = 100
 
 
 def simulate(storage, n_trials, n_workers, reports, seed=0):
-    """{band: {"report": [s...], "trial": [s...]}}: times of the per-report and the per-trial calls, by the
-    number of trials the study held when they ran."""
+    """{band: {"report": [s...], "start": [s...], "trial": [s...], "list": [s...]}}: times of the per-report
+    calls, the check before a trial trains, the calls after a trial, and of Optuna's list inside the reports, by
+    the number of trials the study held when they ran."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="coordination", storage=storage, pruner=optuna.pruners.NopPruner(),
                                 direction="maximize")
@@ -50,7 +51,7 @@ def simulate(storage, n_trials, n_workers, reports, seed=0):
     def timed(kind, call):
         listing[0], begun = 0.0, time.perf_counter()
         result = call()
-        band = times.setdefault((started // BAND) * BAND, {"report": [], "trial": [], "list": []})
+        band = times.setdefault((started // BAND) * BAND, {"report": [], "start": [], "trial": [], "list": []})
         band[kind].append(time.perf_counter() - begun)
         if kind == "report":
             band["list"].append(listing[0])
@@ -62,6 +63,7 @@ def simulate(storage, n_trials, n_workers, reports, seed=0):
             studies.claim(trial, run_id)
             trial.suggest_int("width", 1, 10**6)  # distinct networks: no trial has a twin
             trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+            assert timed("start", lambda: studies.twin_of(trial)) is None  # run_trial's check before training
             open_trials.append([trial, 0])
             started += 1
         slot = open_trials[rng.randrange(len(open_trials))]  # some worker reports next
@@ -94,13 +96,16 @@ def main(argv=None):
         wall = time.perf_counter() - started
     print(f"{args.trials} trials, {args.workers} open at once, {args.reports} reports each, {args.storage} storage: "
           f"{wall:.1f} s")
-    print(f"{'trials in study':>16} {'per report (ms)':>16} {'of it Optuna list':>18} {'per trial (ms)':>15}")
-    for band in sorted(times):
-        report, listing, trial = times[band]["report"], times[band]["list"], times[band]["trial"]
-        print(f"{band:>7}-{band + BAND - 1:<8} {1000 * statistics.median(report):16.3f} "
-              f"{1000 * statistics.median(listing):18.3f} "
-              f"{1000 * statistics.median(trial) if trial else float('nan'):15.3f}")
-    first, last = min(times), max(times)
+    print(f"{'trials in study':>16} {'per report (ms)':>16} {'of it Optuna list':>18} {'check before (ms)':>18} "
+          f"{'after trial (ms)':>17}")
+    bands = [band for band in sorted(times) if times[band]["report"]]  # the first trials open before any report
+    for band in bands:
+        report, listing, start, trial = (times[band][kind] for kind in ("report", "list", "start", "trial"))
+        print(f"{band:>7}-{band + BAND - 1:<8} {1000 * statistics.median(report):16.4f} "
+              f"{1000 * statistics.median(listing):18.4f} "
+              f"{1000 * statistics.median(start) if start else float('nan'):18.3f} "
+              f"{1000 * statistics.median(trial) if trial else float('nan'):17.3f}")
+    first, last = bands[0], bands[-1]
     ratio = statistics.median(times[last]["report"]) / statistics.median(times[first]["report"])
     per_trial = statistics.median(times[last]["trial"]) / statistics.median(times[first]["trial"])
     own = [statistics.median(report - listing for report, listing in zip(times[band]["report"], times[band]["list"]))

@@ -40,6 +40,7 @@ from mnist_optuna.training import (
 from mnist_optuna.workers import (
     INTERRUPTED,
     NOT_TRAINED,
+    LiveTrial,
     OVER_BUDGET,
     TWIN,
     remaining_trials,
@@ -89,6 +90,7 @@ def search(study, objective, n_trials, run_id, label, describe_trial, feed=None,
         say_searching(study, run_id, True)
     callbacks = [print_trial_lines(label, describe_trial), *(callbacks or []), lambda s, _: requeue_lost_trials(s),
                  *([lambda s, _: say_searching(s, run_id, True)] if todo else [])]
+    live = LiveTrial(objective)
     try:
         with progress(todo, bar or label.strip() or "trials") as bar:
             for _ in range(rounds):
@@ -96,8 +98,15 @@ def search(study, objective, n_trials, run_id, label, describe_trial, feed=None,
                 left = remaining_trials(study, n_trials, run_id)
                 if not left or (feed is not None and not waiting_trials(study) and not feed(study)):
                     return False
-                study.optimize(objective, n_trials=1 if feed else left, catch=CATCH,
-                               callbacks=[*callbacks, lambda s, _: bar.update(1)])
+                try:
+                    study.optimize(live, n_trials=1 if feed else left, catch=CATCH,
+                                   callbacks=[*callbacks, lambda s, _: bar.update(1)])
+                except Exception:  # what Optuna raises then varies (a refused write, a refused tell, an assertion)
+                    if not live.taken_over(study):
+                        raise
+                    log.warning(f"{study.study_name}: trial {live.trial.number} was judged lost by another worker "
+                                "while this one still trained it (its heartbeat came late) and is queued again; "
+                                "going on")
     except (KeyboardInterrupt, Exception) as error:  # Ctrl-C, possibly surfacing as a library's error
         if not interrupted_by_user(error):
             raise
@@ -131,27 +140,54 @@ def trial_seed(study_seed, params):
     return derive_seed(study_seed, int(digest[:8], 16))
 
 
+_SETTLED = weakref.WeakKeyDictionary()  # Trial -> the parameters with which its twin check became final
+_MISSING = object()
+
+
 def twin_of(trial):
     """The earliest other trial of the study with the same parameters that was trained or is training.
 
-    Called at every report of every trial, so its own work must not grow with the study: finished trials never
-    change, so each process indexes them by parameters once (FinishedIndex) and looks again only at the open ones.
-    (Optuna's list of the study's trials, read once per call, still grows: about 0.2 microseconds per trial.)"""
+    Called before a trial trains and at every report, so a report must not cost more as the study grows. A call
+    reads the study's trials: the finished ones from this process's index (FinishedIndex; finished trials never
+    change), the open ones anew. The answer can still change only while some open trial may turn into a twin: an
+    earlier one whose parameters are not all suggested yet or that is queued, or a later twin that may finish
+    before its next report sees this one. Once there is none it is final, and later reports read nothing (a later
+    trial that becomes a twin after that sees this one at its next report and yields: the one created first
+    trains).
+    """
     if not isinstance(trial, optuna.trial.Trial):  # a FixedTrial has no study to compare with
         return None
     # a trial is known by number and start time together: an RDB can give two concurrent trials one number
     own, params = (trial.number, trial.datetime_start), trial.params
     key = _params_key(params)
+    if _SETTLED.get(trial) == key:
+        return None
     index = FinishedIndex.of(trial.study)
     unfinished = index.update(trial.study.get_trials(deepcopy=False))
+    may_turn = False
     for other in [*index.by_params.get(key, ()), *unfinished]:
-        if (other.number, other.datetime_start) == own or other.state not in TWIN_STATES or other.params != params:
+        if (other.number, other.datetime_start) == own or str(other.user_attrs.get("reason") or "").startswith(
+                NOT_TRAINED):
             continue
-        if str(other.user_attrs.get("reason") or "").startswith(NOT_TRAINED):
-            continue
-        if other.state != TrialState.RUNNING or (other.number, other.datetime_start) < own:
+        earlier, same = _created_before(other, own), other.params == params
+        if same and other.state in TWIN_STATES and (earlier or other.state != TrialState.RUNNING):
             return other  # of two running twins, the one created first trains
+        if not other.state.is_finished() and (earlier or same) and all(
+                params.get(name, _MISSING) == value for name, value in other.params.items()):
+            # still open with parameters short of or equal to ours: an earlier one may yet become our twin, a later
+            # twin may finish before it sees us (at its last report)
+            may_turn = True
+    if not may_turn:
+        _SETTLED[trial] = key
     return None
+
+
+def _created_before(other, own):
+    """Whether trial `other` was created before the trial known as `own` (number, start); a queued trial has no
+    start yet, its number decides."""
+    if other.number != own[0] or other.datetime_start is None or own[1] is None:
+        return other.number < own[0]
+    return other.datetime_start < own[1]
 
 
 TWIN_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)

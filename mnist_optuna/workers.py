@@ -82,6 +82,40 @@ def requeue_lost_trials(study):
     return requeued
 
 
+class LiveTrial:
+    """The objective, wrapped to remember the trial this worker runs: so that when another worker judged that trial
+    lost while it still ran (a heartbeat that came too late: a stalled or suspended machine, a slow database) and
+    queued it again, the worker says so in a line and goes on, instead of ending in the traceback of the report,
+    attribute or tell that Optuna then refuses."""
+
+    def __init__(self, objective):
+        self.objective, self.trial, self.ended, self.refused = objective, None, False, False
+
+    def __call__(self, trial):
+        self.trial, self.ended, self.refused = trial, False, False
+        try:
+            result = self.objective(trial)
+        except optuna.TrialPruned:
+            self.ended = True
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.refused = True  # this worker never finishes its own trial inside the objective: another one did
+            raise
+        self.ended = True
+        return result
+
+    def taken_over(self, study):
+        """Whether the last trial was finished by another worker: a write refused, or an objective that ended well
+        yet the trial is stored as failed (Optuna's tell then refuses)."""
+        if self.trial is None or not (self.refused or self.ended):
+            return False
+        if self.refused:
+            return True
+        own = (self.trial.number, self.trial.datetime_start)
+        return any((t.number, t.datetime_start) == own and t.state == TrialState.FAIL
+                   for t in study.get_trials(deepcopy=False))
+
+
 def lost_numbers(trials):
     """Numbers of the trials that were queued again (interrupted, or their worker died): their retries count."""
     return {number for trial in trials for number in RETRY.retry_history(trial)}

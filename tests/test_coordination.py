@@ -10,6 +10,7 @@ import threading
 import time
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from mnist_optuna import studies, workers
@@ -43,12 +44,94 @@ def test_the_twin_check_finds_finished_and_running_twins_as_the_study_grows():
     assert studies.twin_of(queued(again, 30)).params == {"width": 30}
 
 
+def test_a_report_reads_the_study_only_while_an_open_trial_may_still_turn_into_a_twin(monkeypatch):
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    reads = []
+    real = study.get_trials
+    monkeypatch.setattr(study, "get_trials", lambda *a, **k: (reads.append(1), real(*a, **k))[1])
+    for width in range(10):
+        study.tell(queued(study, width), 0.5)
+    study.enqueue_trial({"width": 5})
+    starting = study.ask()                   # created first, its parameters not suggested yet
+    mine = queued(study, 42)
+    assert studies.twin_of(mine) is None and studies.twin_of(mine) is None
+    assert len(reads) == 2                   # each report looks again while the earlier trial may turn
+    starting.suggest_int("width", 1, 100)    # it turns out another network
+    assert studies.twin_of(mine) is None
+    reads.clear()
+    for _ in range(5):
+        assert studies.twin_of(mine) is None
+    assert reads == []                       # from here on a report reads nothing, however large the study
+    later = queued(study, 42)                # a twin created later yields to ours at its first check
+    assert studies.twin_of(later).number == mine.number
+    reads.clear()
+    assert studies.twin_of(mine) is None and reads == []
+
+
+def test_an_earlier_trial_that_turns_into_a_twin_while_ours_trains_is_found_at_the_next_report():
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    study.enqueue_trial({"width": 42})
+    earlier = study.ask()                    # queued and started, its parameters not suggested yet
+    mine = queued(study, 42)
+    assert studies.twin_of(mine) is None
+    earlier.suggest_int("width", 1, 100)
+    assert studies.twin_of(mine).number == earlier.number
+
+
+def test_a_later_twin_that_finishes_before_it_sees_ours_is_still_found():
+    # the later trial's last report came just before ours was created; it then finishes as trained
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    mine = queued(study, 42)
+    later = queued(study, 42)
+    assert studies.twin_of(mine) is None     # the later one is not ours to yield to while it runs
+    study.tell(later, 0.9)
+    assert studies.twin_of(mine).number == later.number
+
+
 def test_a_twin_that_trained_nothing_is_not_a_twin():
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
     skipped = queued(study, 5)
     skipped.set_user_attr("reason", "over budget: 1.0 MMAC > 0.5")
     study.tell(skipped, state=TrialState.PRUNED)
     assert studies.twin_of(queued(study, 5)) is None
+
+
+@pytest.mark.parametrize("when", ["report", "tell"])
+def test_a_worker_whose_trial_another_judged_lost_says_so_and_goes_on(when, caplog):
+    # another worker fails this worker's running trial (its heartbeat came late) and queues it again; this worker
+    # then finds its next report refused, or, its objective done, Optuna's tell refused: it used to end in a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize")
+    other = optuna.load_study(study_name=study.study_name, storage=storage)
+
+    def objective(trial):
+        trial.suggest_int("width", 1, 1000)
+        studies.claim(trial, "my-run")
+        if trial.number == 0:
+            other.tell(0, state=TrialState.FAIL)
+            workers.RETRY(other, other.get_trials(deepcopy=False)[0])
+            if when == "report":
+                trial.report(0.5, 1)
+        return 0.5
+
+    assert studies.search(study, objective, 3, "my-run", "", lambda t: "net") is False
+    assert "trial 0 was judged lost by another worker while this one still trained it" in caplog.text
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    assert trials[1].params == trials[0].params  # its retry ran here
+    assert workers.remaining_trials(study, 3, "my-run") == 0
+
+
+def test_an_error_of_the_objective_itself_still_ends_the_search():
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+
+    def objective(trial):
+        studies.claim(trial, "my-run")
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        studies.search(study, objective, 2, "my-run", "", lambda t: "net")
 
 
 def test_a_worker_waits_for_another_that_still_adds_trials_or_may_be_restarted():
