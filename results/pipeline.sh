@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MNIST_DATA_DIR="${MNIST_DATA_DIR:-../shared/data}"
-STEPS="${*:-single ensemble}"
+STEPS="${*:-single single20 ensemble}"
 SEARCH=results/search
 SHIPPED=results/shipped
 mkdir -p "$SHIPPED"
