@@ -107,10 +107,10 @@ class LiveTrial:
     def taken_over(self, study):
         """Whether the last trial was finished by another worker: a write refused, or an objective that ended well
         yet the trial is stored as failed (Optuna's tell then refuses)."""
-        if self.trial is None or not (self.refused or self.ended):
-            return False
         if self.refused:
             return True
+        if self.trial is None or not self.ended:
+            return False
         own = (self.trial.number, self.trial.datetime_start)
         return any((t.number, t.datetime_start) == own and t.state == TrialState.FAIL
                    for t in study.get_trials(deepcopy=False))

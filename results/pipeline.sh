@@ -38,7 +38,11 @@ for step in $STEPS; do
                # for 20 epochs on 60,000 images with 3 seeds, no augmentation. Rule fixed before any of its numbers:
                # its singles replace the shipped 12-epoch ones only if its chosen network's promoted validation
                # accuracy beats the 12-epoch choice's (results/single/promotion.json); the test numbers are reported
-               # either way and choose nothing.
+               # either way and choose nothing. Skipped once the shipped singles are its own (their recorded command).
+      if shipped single-0.pt single-1.pt single-2.pt && python -c '
+import sys, torch
+meta = torch.load("results/shipped/single-0.pt", map_location="cpu", weights_only=False)["meta"]
+sys.exit(0 if "--out-dir results/single20" in meta["command"] else 1)'; then echo "single20: shipped already"; continue; fi
       python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --promote 2 --retrain-only --promote-epochs 20 --final-epochs 20 \
         --final-seeds 3 --storage "$SEARCH/study.journal" --out-dir results/single20 2>&1 | tee -a results/single20.log
       if python -c '
