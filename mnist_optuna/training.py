@@ -400,7 +400,8 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     test_accuracy = accuracy_on(model, *test, tta=tta, background=background)
     meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
             "train_images": len(y), "augment": train_cfg.augment, "precision": train_cfg.precision,
-            "ema": train_cfg.ema, "tta": tta, "torch": str(torch.__version__), "history": history}
+            "ema": train_cfg.ema, "tta": tta, "torch": str(torch.__version__), "history": history,
+            "threads": torch.get_num_threads()}  # CPU results are bit-identical only at the same thread count
     save_checkpoint(checkpoint, model, train_cfg, meta)
     return model, history, test_accuracy, train_seconds
 

@@ -30,6 +30,7 @@ for step in $STEPS; do
       if shipped single-0.pt single-1.pt single-2.pt; then echo "single: shipped already"; continue; fi
       python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --retrain-only --promote-epochs 12 --final-epochs 12 --final-seeds 3 \
         --storage "$SEARCH/study.journal" --out-dir results/single 2>&1 | tee -a results/single.log
+      rm -f "$SHIPPED"/single-[3-9].pt  # a longer step's extra seeds are not of this network
       cp results/single/model.pt "$SHIPPED/single-0.pt"
       cp results/single/seed-1.pt "$SHIPPED/single-1.pt"
       cp results/single/seed-2.pt "$SHIPPED/single-2.pt" ;;
@@ -39,12 +40,15 @@ for step in $STEPS; do
                # its singles replace the shipped 12-epoch ones only if its chosen network's promoted validation
                # accuracy beats the 12-epoch choice's (results/single/promotion.json); the test numbers are reported
                # either way and choose nothing. Skipped once the shipped singles are its own (their recorded command).
-      if shipped single-0.pt single-1.pt single-2.pt && python -c '
+               # 5 seeds since the fifth session (written before seeds 3 and 4 were trained): 3 seeds gave 99.65 ± 0.03 %
+               # against the 99.66 % target, which 3 seeds of that spread cannot tell apart; all 5 ship and the mean
+               # over all 5 is the result, whatever it is; no further seeds are added after these.
+      if shipped single-0.pt single-1.pt single-2.pt single-3.pt single-4.pt && python -c '
 import sys, torch
 meta = torch.load("results/shipped/single-0.pt", map_location="cpu", weights_only=False)["meta"]
 sys.exit(0 if "--out-dir results/single20" in meta["command"] else 1)'; then echo "single20: shipped already"; continue; fi
       python MNIST-optuna.py "${SEARCH_FLAGS[@]}" --promote 2 --retrain-only --promote-epochs 20 --final-epochs 20 \
-        --final-seeds 3 --storage "$SEARCH/study.journal" --out-dir results/single20 2>&1 | tee -a results/single20.log
+        --final-seeds 5 --storage "$SEARCH/study.journal" --out-dir results/single20 2>&1 | tee -a results/single20.log
       if python -c '
 import json, sys
 best = lambda d: max(v["val_accuracy"] for v in json.load(open(d + "/promotion.json")).values())
@@ -53,8 +57,7 @@ print(f"single20: promoted validation {new:.2%} (20 epochs) against {old:.2%} (1
 sys.exit(0 if new > old else 1)'; then
         echo "single20: ships (better on validation)"
         cp results/single20/model.pt "$SHIPPED/single-0.pt"
-        cp results/single20/seed-1.pt "$SHIPPED/single-1.pt"
-        cp results/single20/seed-2.pt "$SHIPPED/single-2.pt"
+        for i in 1 2 3 4; do cp "results/single20/seed-$i.pt" "$SHIPPED/single-$i.pt"; done
       else
         echo "single20: not shipped (not better on validation); the 12-epoch singles stay"
       fi ;;
