@@ -3,6 +3,7 @@
 # validation split; the test set is read only by the final retrains, after the choice.
 #   nohup bash results/pipeline.sh > results/pipeline.log 2>&1 &   # every step; hours on 2 CPU cores
 #   bash results/pipeline.sh single                                # only the named steps (single | single20 | ensemble)
+#   OMP_NUM_THREADS=1 bash results/pipeline.sh verify              # retrain single-0.pt again, compare bit for bit
 # A step whose shipped files exist is skipped. A step that was stopped resumes when run again: the
 # search from its journal, the promotion from promotion.json, each final retrain from its checkpoint.
 # (Issue #4's steps - stage1, stage2, augment, augsearch, wide, wide2 - are in git history, commit d10f27b.)
@@ -68,7 +69,10 @@ sys.exit(0 if new > old else 1)'; then
       cp results/ensemble/model.pt "$SHIPPED/ensemble-0.pt"
       cp results/ensemble/ensemble-1.pt "$SHIPPED/ensemble-1.pt"
       cp results/ensemble/ensemble-2.pt "$SHIPPED/ensemble-2.pt" ;;
-    *) echo "unknown step '$step'; choose among single single20 ensemble" >&2; exit 2 ;;
+    verify)  # not a default step: single-0.pt retrained again through the command it records, from a copy of the
+             # journal and its step's promotion.json, and compared tensor by tensor (results/verify.py; about 40 min)
+      python results/verify.py "$SHIPPED/single-0.pt"; continue ;;
+    *) echo "unknown step '$step'; choose among single single20 ensemble verify" >&2; exit 2 ;;
   esac
 done
 python MNIST-optuna.py --evaluate "$SHIPPED"/single-*.pt

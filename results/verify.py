@@ -1,0 +1,104 @@
+"""Retrain a shipped checkpoint through the command it records and compare the weights bit for bit.
+
+    python results/verify.py results/shipped/single-0.pt      # what `bash results/pipeline.sh verify` runs
+
+The command runs again as recorded (the same choice from the same journal, the same recipe and seed) with three
+changes that leave the training alone: a scratch --out-dir holding a copy of the step's config.json and
+promotion.json (the promotion's validation scores are reused, not retrained), a copy of the journal as --storage
+(the study is not touched), and only as many seed repeats as the checkpoint's own. The torch thread count is set
+to the checkpoint's (recorded since the fifth session; set OMP_NUM_THREADS yourself for older ones): a CPU's
+reductions split differently over threads. Exit 0 when every tensor of the state_dict is identical.
+"""
+import json
+import os
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fail(message):
+    print(f"verify: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def replay_command(command, out_dir, storage, seeds):
+    """The recorded command with --out-dir, --storage and --final-seeds replaced and --ensemble dropped."""
+    argv, replaced, skip = shlex.split(command), [], 0
+    for i, word in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        if word in ("--out-dir", "--storage", "--final-seeds", "--ensemble"):
+            skip = 1
+            continue
+        replaced.append(word)
+    return replaced + ["--out-dir", str(out_dir), "--storage", str(storage), "--final-seeds", str(seeds)]
+
+
+def flag_value(command, flag):
+    argv = shlex.split(command)
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def main(path):
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        meta = payload["meta"]
+    except (OSError, KeyError, RuntimeError, TypeError, pickle.UnpicklingError) as error:
+        fail(f"cannot read {path} as a checkpoint of this project ({error}); pass a file of results/shipped/")
+    command, repeat = meta.get("command", ""), meta.get("repeat", 0)
+    words = shlex.split(command)
+    if len(words) < 2 or Path(words[1]).name not in ("MNIST-optuna.py", "MNIST-optuna-adv.py"):
+        fail(f"{path} records no command of this project's scripts to replay")
+    out_dir, storage = flag_value(command, "--out-dir"), flag_value(command, "--storage")
+    if out_dir is None or storage is None or not (ROOT / storage).is_file():
+        fail(f"{path}'s command names no run folder or journal here ({out_dir}, {storage})")
+    try:
+        chosen = json.loads((ROOT / out_dir / "best_params.json").read_text())
+    except (OSError, ValueError):
+        fail(f"{out_dir}/best_params.json (the step's choice) is missing; run its step of results/pipeline.sh first")
+    if (chosen.get("trial"), chosen.get("study_seed")) != (meta.get("trial"), meta.get("study_seed")):
+        fail(f"{path} is an ensemble member, not the network {out_dir} chose; only the chosen network and its "
+             "seed repeats can be replayed")
+    scratch = Path(tempfile.mkdtemp(prefix="verify-"))
+    for name in ("config.json", "promotion.json"):
+        if (ROOT / out_dir / name).is_file():
+            shutil.copy2(ROOT / out_dir / name, scratch / name)
+    shutil.copy2(ROOT / storage, scratch / "study.journal")
+    argv = replay_command(command, scratch, scratch / "study.journal", repeat + 1)
+    env = dict(os.environ)
+    if "threads" in meta:
+        env["OMP_NUM_THREADS"] = str(meta["threads"])
+    print(f"verify: replaying {path} (repeat {repeat}, seed {meta.get('seed')}, trained with "
+          f"{meta.get('threads', 'an unrecorded number of')} threads; this run: "
+          f"{env.get('OMP_NUM_THREADS', 'torch default')} threads)\n  {shlex.join(argv)}", flush=True)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env)
+    retrained = scratch / ("model.pt" if repeat == 0 else f"seed-{repeat}.pt")
+    if done.returncode != 0 or not retrained.is_file():
+        fail(f"the replay ended with exit code {done.returncode}; its files are in {scratch}")
+    ours = payload["state_dict"]
+    replayed = torch.load(retrained, map_location="cpu", weights_only=False)
+    again = replayed["state_dict"]
+    differ = [name for name in ours if name not in again or not torch.equal(ours[name], again[name])]
+    if set(again) != set(ours) or differ:
+        print(f"verify: {path} NOT reproduced: {len(differ)} of {len(ours)} tensors differ "
+              f"({', '.join(differ[:5])}); the replay is in {scratch}")
+        return 1
+    print(f"verify: {path} reproduced bit for bit ({len(ours)} tensors identical, torch.equal); "
+          f"retrained in {replayed['meta']['train_seconds']:.0f} s")
+    shutil.rmtree(scratch)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        fail("usage: python results/verify.py results/shipped/single-0.pt")
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,47 @@
+"""results/verify.py: a shipped checkpoint retrained through the command it records, compared bit for bit."""
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, TINY, TINY_CNN, run_script
+
+SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--no-plots", "--promote", "2", "--final-seeds", "2"]
+
+
+def verify(path):
+    return subprocess.run([sys.executable, str(ROOT / "results" / "verify.py"), str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_verify_reproduces_a_seed_repeat_and_catches_one_changed_weight(tmp_path, data_dir):
+    out, journal = tmp_path / "run", tmp_path / "study.journal"
+    first = run_script("MNIST-optuna.py", *SEARCH, "--storage", journal, "--out-dir", out)
+    assert first.returncode == 0, first.stderr
+    study_before = journal.read_bytes()
+
+    again = verify(out / "seed-1.pt")  # repeat 1: the replay trains repeats 0 and 1 and compares the second
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reproduced bit for bit" in again.stdout
+    assert "--final-seeds 2" in again.stdout and "this run: 1 threads" in again.stdout
+    assert journal.read_bytes() == study_before  # the replay used a copy of the journal
+
+    payload = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
+    name = next(iter(payload["state_dict"]))
+    payload["state_dict"][name] = payload["state_dict"][name].clone()
+    payload["state_dict"][name].view(-1)[0] += 1e-3
+    torch.save(payload, tmp_path / "changed.pt")
+    changed = verify(tmp_path / "changed.pt")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert f"NOT reproduced: 1 of {len(payload['state_dict'])} tensors differ ({name})" in changed.stdout
+    shutil.rmtree(re.search(r"the replay is in (\S+)", changed.stdout).group(1))  # kept for a look when it differs
+
+
+def test_verify_refuses_what_it_cannot_replay_in_one_line(tmp_path):
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    result = verify(not_a_checkpoint)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "pass a file of results/shipped/" in result.stderr
