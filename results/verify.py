@@ -7,7 +7,8 @@ changes that leave the training alone: a scratch --out-dir holding a copy of the
 promotion.json (the promotion's validation scores are reused, not retrained), a copy of the journal as --storage
 (the study is not touched), and only as many seed repeats as the checkpoint's own. The torch thread count is set
 to the checkpoint's (recorded since the fifth session; set OMP_NUM_THREADS yourself for older ones): a CPU's
-reductions split differently over threads. Exit 0 when every tensor of the state_dict is identical.
+reductions split differently over threads. For a seed repeat k, the step's own checkpoints of repeats 0..k-1 are
+reused where they exist, so only repeat k trains. Exit 0 when every tensor of the state_dict is identical.
 """
 import json
 import os
@@ -69,9 +70,12 @@ def main(path):
         fail(f"{path} is an ensemble member, not the network {out_dir} chose; only the chosen network and its "
              "seed repeats can be replayed")
     scratch = Path(tempfile.mkdtemp(prefix="verify-"))
-    for name in ("config.json", "promotion.json"):
-        if (ROOT / out_dir / name).is_file():
-            shutil.copy2(ROOT / out_dir / name, scratch / name)
+    # the step's folder and the checkpoints of the repeats before this one (the replay reuses those and trains only
+    # this checkpoint's; each repeat starts from its own seed, so they do not change it)
+    earlier = ["model.pt"] + [f"seed-{k}.pt" for k in range(1, repeat)] if repeat else []
+    copied = [name for name in ["config.json", "promotion.json"] + earlier if (ROOT / out_dir / name).is_file()]
+    for name in copied:
+        shutil.copy2(ROOT / out_dir / name, scratch / name)
     shutil.copy2(ROOT / storage, scratch / "study.journal")
     argv = replay_command(command, scratch, scratch / "study.journal", repeat + 1)
     env = dict(os.environ)
@@ -79,7 +83,8 @@ def main(path):
         env["OMP_NUM_THREADS"] = str(meta["threads"])
     print(f"verify: replaying {path} (repeat {repeat}, seed {meta.get('seed')}, trained with "
           f"{meta.get('threads', 'an unrecorded number of')} threads; this run: "
-          f"{env.get('OMP_NUM_THREADS', 'torch default')} threads)\n  {shlex.join(argv)}", flush=True)
+          f"{env.get('OMP_NUM_THREADS', 'torch default')} threads)\n  {shlex.join(argv)}"
+          + "".join(f"\n  reusing {out_dir}/{name} (an earlier repeat)" for name in earlier if name in copied), flush=True)
     done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env)
     retrained = scratch / ("model.pt" if repeat == 0 else f"seed-{repeat}.pt")
     if done.returncode != 0 or not retrained.is_file():
