@@ -30,23 +30,31 @@ def fail(message):
     sys.exit(2)
 
 
+REPLACED = ("--out-dir", "--storage", "--final-seeds", "--ensemble")
+
+
 def replay_command(command, out_dir, storage, seeds):
     """The recorded command with --out-dir, --storage and --final-seeds replaced and --ensemble dropped."""
-    argv, replaced, skip = shlex.split(command), [], 0
-    for i, word in enumerate(argv):
+    replaced, skip = [], False
+    for word in shlex.split(command):
         if skip:
-            skip -= 1
-            continue
-        if word in ("--out-dir", "--storage", "--final-seeds", "--ensemble"):
-            skip = 1
-            continue
-        replaced.append(word)
+            skip = False
+        elif word.split("=", 1)[0] in REPLACED:
+            skip = "=" not in word  # `--flag value` takes the next word along, `--flag=value` does not
+        else:
+            replaced.append(word)
     return replaced + ["--out-dir", str(out_dir), "--storage", str(storage), "--final-seeds", str(seeds)]
 
 
 def flag_value(command, flag):
-    argv = shlex.split(command)
-    return argv[argv.index(flag) + 1] if flag in argv else None
+    """The value a recorded command gives `flag` (as `--flag value` or `--flag=value`), or None."""
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
 
 
 def main(path):
