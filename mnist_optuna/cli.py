@@ -171,6 +171,7 @@ def add_run_flags(parser, quick):
       help="continue a study whose search settings differ from this run's (default: refuse with the difference)")
     a("--compile", action="store_true", help="torch.compile each model (worth it on a GPU)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
+    a("--no-onnx", action="store_true", help="skip model.onnx (its export and its check in ONNX Runtime: about 5 s)")
     a("--verbose", action="store_true", help="more log lines, Optuna's included")
     a("--quiet", action="store_true", help="print only the summary")
 

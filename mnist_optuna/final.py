@@ -81,6 +81,7 @@ class FinalConfig:
     again: bool = False    # --retrain-only: run the final stage even when another worker ran it for this choice
     shared: bool = False   # --storage given: other workers may share the study, so the final stage is claimed
     plots: bool = True
+    onnx: bool = True      # --no-onnx: no model.onnx (nor its parity check)
 
     @classmethod
     def from_args(cls, args, precision):
@@ -88,7 +89,7 @@ class FinalConfig:
                    ema=args.final_ema, tta=args.tta, precision=precision, subset=args.final_subset,
                    seeds=args.final_seeds, ensemble=args.ensemble, augment=args.augment, compile=args.compile,
                    skip=args.no_final, again=args.retrain_only, shared=args.storage is not None,
-                   plots=not args.no_plots)
+                   plots=not args.no_plots, onnx=not args.no_onnx)
 
     @property
     def label(self):
@@ -185,13 +186,15 @@ def final_stage(cfg, run, ranked, summary, interrupted, meta, plots, key_name="s
         written = write_plots(out_dir, *plots, final_history=history)
         log.info(f"plots: {len(written)} PNG files in {out_dir / 'plots'}")
     if model is not None:
-        files = [out_dir / name for name in ("model.pt", "model.onnx", "best_params.json")] + written
+        files = [out_dir / name for name in ("model.pt", "model.onnx", "best_params.json")
+                 if (out_dir / name).is_file()] + written
         summary["published"] = publish(run.tracker, run.artifacts, run.storage, best, summary, model, out_dir, files)
         write_json(out_dir / "summary.json", summary)
         if stage:
             stage.release({**summary["published"], "out_dir": str(out_dir), "test_accuracy": summary["test_accuracy"]})
     print(f"results: {out_dir}/  (best_params.json, trials.csv, summary.json"
-          f"{'' if cfg.skip else ', model.pt, model.onnx'}{'' if not cfg.plots else ', plots/'})")
+          f"{'' if cfg.skip else ', model.pt' + (', model.onnx' if cfg.onnx else '')}"
+          f"{', plots/' if cfg.plots else ''})")
     print(f"reproduce: {command_line()}")
     return 0
 
@@ -229,11 +232,11 @@ class StagedFiles:
         return staged
 
     def publish(self):
-        """Move every staged file into the run folder; a seed repeat or ensemble member of the previous stage that
-        this one does not make goes, so every checkpoint in the folder is of this stage."""
+        """Move every staged file into the run folder; a seed repeat, ensemble member or model.onnx of the previous
+        stage that this one does not make goes, so every model in the folder is of this stage."""
         names = {path.name for path in self.folder.iterdir() if not path.name.startswith(".")}
-        previous = [path for pattern in ("seed-*.pt", "ensemble-*.pt") for path in self.out_dir.glob(pattern)
-                    if path.name not in names]
+        previous = [path for pattern in ("seed-*.pt", "ensemble-*.pt", "model.onnx")
+                    for path in self.out_dir.glob(pattern) if path.name not in names]
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             for name in sorted(names, key=lambda name: name == "summary.json"):  # summary.json last
@@ -311,13 +314,14 @@ def retrain_chosen(cfg, run, ranked, summary, meta, staged, key_name="study_seed
     model, history, test_accuracy, seconds = retrain(best, "model.pt")
     print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
           f"(final training {seconds:.0f} s on {len(y)} images)")
-    onnx_path = export_onnx(model, staged.path("model.onnx"))
-    max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
-    print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
-          f"{100 * agreement:.1f} %")
     summary = {**summary, "test_accuracy": test_accuracy, "augment": cfg.augment, "tta": cfg.tta,
-               "precision": cfg.precision, "ema": cfg.ema, "final_seconds": seconds,
-               "final_history": history, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
+               "precision": cfg.precision, "ema": cfg.ema, "final_seconds": seconds, "final_history": history}
+    if cfg.onnx:
+        onnx_path = export_onnx(model, staged.path("model.onnx"))
+        max_diff, agreement = onnx_parity(model, onnx_path, test[0][:1000])
+        print(f"onnx parity: max abs diff {max_diff:.2e} on 1000 test images, predicted labels agree "
+              f"{100 * agreement:.1f} %")
+        summary = {**summary, "onnx_max_abs_diff": max_diff, "onnx_label_agreement": agreement}
     if cfg.seeds > 1:
         summary["final_seeds"] = repeat_seeds(best, cfg.seeds, test_accuracy, seconds, retrain, label)
     if cfg.ensemble > 1:

@@ -327,7 +327,7 @@ def settings_of_trials(study, search):
 NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "precision", "deterministic", "compile", "quick", "no_final",
               "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
               "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac",
-              "mlflow", "artifacts", "promote_epochs", "final_ema", "tta"}
+              "mlflow", "artifacts", "promote_epochs", "final_ema", "tta", "no_onnx"}
 # settings added after studies existed, with the behaviour a study that does not record them was searched with
 ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3,
                   "training_data": CANONICAL_FINGERPRINT}

@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
 
-# a tiny search: seconds per trial on 2 cores, still real MNIST
+# a tiny search: seconds per trial on 2 cores, still real MNIST; no model.onnx (5 s of each final stage: the --quick
+# runs and their tests check the ONNX file)
 TINY = ["--train-subset", "1000", "--val-size", "500", "--epochs", "1", "--batch-size", "50",
-        "--final-epochs", "1", "--final-subset", "1000"]
+        "--final-epochs", "1", "--final-subset", "1000", "--no-onnx"]
 TINY_CNN = ["--conv-layers", "2", "--pool-after", "1", "2", "--conv-filters", "4", "8", "4",
             "--kernel-sizes", "3", "--fc-width", "16", "32", "16"]
 TINY_ADV = TINY + ["--backbone", str(ROOT / "tests" / "tiny_backbone.json")]
