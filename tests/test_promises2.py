@@ -218,6 +218,19 @@ def test_promise_the_promoted_choice_is_the_network_retrained(tmp_path, data_dir
     assert training.load_checkpoint(tmp_path / "model.pt")[1]["meta"]["study_seed"] == 1
 
 
+def test_promise_a_final_stage_leaves_no_model_file_of_the_stage_before(tmp_path):
+    # the stage before made model.pt, model.onnx and a seed repeat; this one (--no-onnx, one seed) makes model.pt only:
+    # a model.onnx left beside it would be another network's
+    for name in ("model.pt", "model.onnx", "seed-1.pt", "notes.txt"):
+        (tmp_path / name).write_text("the stage before")
+    with final.StagedFiles(tmp_path) as staged:
+        staged.path("model.pt").write_text("this stage")
+        staged.publish()
+    assert (tmp_path / "model.pt").read_text() == "this stage"
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "seed-1.pt").exists()
+    assert (tmp_path / "notes.txt").read_text() == "the stage before"  # not a model: kept
+
+
 def test_promise_a_grid_study_recorded_under_the_old_dropout_name_resumes_under_head_dropout():
     # the head grid's fixed dropout was DROPOUT, a range in the other script; studies that recorded it as
     # "dropout" resume under --head-dropout, and a changed value is still refused under its new name
