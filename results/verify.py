@@ -12,7 +12,6 @@ reused where they exist, so only repeat k trains. Exit 0 when every tensor of th
 """
 import json
 import os
-import pickle
 import shlex
 import shutil
 import subprocess
@@ -23,6 +22,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from errors import UserError  # noqa: E402  (the project's modules, beside the scripts)
+from mnist_optuna.training import load_checkpoint  # noqa: E402
 
 
 def fail(message):
@@ -33,10 +35,10 @@ def fail(message):
 REPLACED = ("--out-dir", "--storage", "--final-seeds", "--ensemble")
 
 
-def replay_command(command, out_dir, storage, seeds):
-    """The recorded command with --out-dir, --storage and --final-seeds replaced and --ensemble dropped."""
+def replay_command(words, out_dir, storage, seeds):
+    """The recorded command's words with --out-dir, --storage and --final-seeds replaced and --ensemble dropped."""
     replaced, skip = [], False
-    for word in shlex.split(command):
+    for word in words:
         if skip:
             skip = False
         elif word.split("=", 1)[0] in REPLACED:
@@ -46,9 +48,8 @@ def replay_command(command, out_dir, storage, seeds):
     return replaced + ["--out-dir", str(out_dir), "--storage", str(storage), "--final-seeds", str(seeds)]
 
 
-def flag_value(command, flag):
-    """The value a recorded command gives `flag` (as `--flag value` or `--flag=value`), or None."""
-    words = shlex.split(command)
+def flag_value(words, flag):
+    """The value a recorded command's words give `flag` (as `--flag value` or `--flag=value`), or None."""
     for i, word in enumerate(words):
         if word == flag and i + 1 < len(words):
             return words[i + 1]
@@ -59,15 +60,15 @@ def flag_value(command, flag):
 
 def main(path):
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        meta = payload["meta"]
-    except (OSError, KeyError, RuntimeError, TypeError, pickle.UnpicklingError) as error:
-        fail(f"cannot read {path} as a checkpoint of this project ({error}); pass a file of results/shipped/")
-    command, repeat = meta.get("command", ""), meta.get("repeat", 0)
-    words = shlex.split(command)
+        _, payload = load_checkpoint(path)
+    except UserError as error:
+        fail(f"{error}, such as a file of results/shipped/")
+    meta = payload.get("meta", {})
+    repeat = meta.get("repeat", 0)
+    words = shlex.split(meta.get("command", ""))
     if len(words) < 2 or Path(words[1]).name not in ("MNIST-optuna.py", "MNIST-optuna-adv.py"):
         fail(f"{path} records no command of this project's scripts to replay")
-    out_dir, storage = flag_value(command, "--out-dir"), flag_value(command, "--storage")
+    out_dir, storage = flag_value(words, "--out-dir"), flag_value(words, "--storage")
     if out_dir is None or storage is None or not (ROOT / storage).is_file():
         fail(f"{path}'s command names no run folder or journal here ({out_dir}, {storage})")
     try:
@@ -85,7 +86,7 @@ def main(path):
     for name in copied:
         shutil.copy2(ROOT / out_dir / name, scratch / name)
     shutil.copy2(ROOT / storage, scratch / "study.journal")
-    argv = replay_command(command, scratch, scratch / "study.journal", repeat + 1)
+    argv = replay_command(words, scratch, scratch / "study.journal", repeat + 1)
     env = dict(os.environ)
     if "threads" in meta:
         env["OMP_NUM_THREADS"] = str(meta["threads"])
@@ -98,7 +99,7 @@ def main(path):
     if done.returncode != 0 or not retrained.is_file():
         fail(f"the replay ended with exit code {done.returncode}; its files are in {scratch}")
     ours = payload["state_dict"]
-    replayed = torch.load(retrained, map_location="cpu", weights_only=False)
+    _, replayed = load_checkpoint(retrained)
     again = replayed["state_dict"]
     differ = [name for name in ours if name not in again or not torch.equal(ours[name], again[name])]
     if set(again) != set(ours) or differ:

@@ -44,4 +44,4 @@ def test_verify_refuses_what_it_cannot_replay_in_one_line(tmp_path):
     not_a_checkpoint.write_text("not a checkpoint")
     result = verify(not_a_checkpoint)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "pass a file of results/shipped/" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "such as a file of results/shipped/" in result.stderr
