@@ -1,12 +1,14 @@
 """Command-line plumbing: a flag for every UPPER_CASE constant of a script, presets, one-line errors, logging
 and the stop signals. No domain logic lives here."""
 import argparse
+import contextlib
 import errno
 import logging
 import math
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from errors import UserError
@@ -204,15 +206,41 @@ def setup_logging(verbose=False, quiet=False):
         handler.addFilter(_NoInterruptTraceback())
 
 
-_INTERRUPT = {"requested": False, "signal": signal.SIGINT}
+_INTERRUPT = {"requested": False, "signal": signal.SIGINT, "held": 0, "pending": False}
 
 
 def _on_stop_signal(signum, frame):
     """SIGINT (Ctrl-C) and SIGTERM (timeout, docker, Kubernetes, Slurm) stop a run the same way: the running
-    trial is recorded as interrupted (a rerun queues it again), the summary is printed and written."""
+    trial is recorded as interrupted (a rerun queues it again), the summary is printed and written. Inside
+    `stop_signals_held()` the stop waits for the block's end; a second signal while one waits stops at once."""
+    again = _INTERRUPT["pending"]
     _INTERRUPT["requested"] = True
     _INTERRUPT["signal"] = signum
+    if _INTERRUPT["held"] and not again:
+        _INTERRUPT["pending"] = True
+        return
+    _INTERRUPT["pending"] = False
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """A block that Ctrl-C or SIGTERM must not cut in two: the stop they ask for is raised when the block ends.
+    For a library's own critical section whose cleanup breaks when interrupted: Optuna's journal-file lock,
+    whose release then fails with FileNotFoundError, and whose wait for another worker's lock, when
+    interrupted, takes that worker's lock away from it. Signals reach only the main thread; other threads
+    pass through."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _INTERRUPT["held"] += 1
+    try:
+        yield
+    finally:
+        _INTERRUPT["held"] -= 1
+        if not _INTERRUPT["held"] and _INTERRUPT["pending"]:
+            _INTERRUPT["pending"] = False
+            raise KeyboardInterrupt
 
 
 def stop_code():
@@ -230,7 +258,8 @@ class _NoInterruptTraceback(logging.Filter):
 
 def interrupted_by_user(error):
     """Ctrl-C itself, or an error it caused by landing inside a library's own cleanup (seen: Optuna's
-    journal-file lock, whose release then fails with FileNotFoundError instead of KeyboardInterrupt)."""
+    journal-file lock, whose release then failed with FileNotFoundError instead of KeyboardInterrupt; its
+    appends are now held whole by `stop_signals_held`, this still catches any other library's)."""
     return isinstance(error, KeyboardInterrupt) or _INTERRUPT["requested"]
 
 

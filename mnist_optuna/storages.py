@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from data import CANONICAL_FINGERPRINT
 from errors import UserError, first_line
+from mnist_optuna.cli import stop_signals_held
 from mnist_optuna.rundir import json_default, prepare_out_dir
 from mnist_optuna.workers import GRACE_SECONDS, HEARTBEAT_SECONDS, RETRY
 
@@ -104,19 +105,20 @@ def mend_torn_journal(path):
     if not torn or foreign:  # whole, or not a journal at all (Optuna's replay then says so)
         return
     lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
-    lock.acquire()
-    try:
-        content = path.read_bytes()
-        mended, dropped, foreign = readable_records(content)
-        if not dropped or foreign:
-            return
-        backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        backup.write_bytes(content)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.mend")
-        tmp.write_bytes(mended)
-        os.replace(tmp, path)
-    finally:
-        lock.release()
+    with stop_signals_held():  # like the appends: never interrupted while the lock is taken or held
+        lock.acquire()
+        try:
+            content = path.read_bytes()
+            mended, dropped, foreign = readable_records(content)
+            if not dropped or foreign:
+                return
+            backup = path.with_name(f"{path.name}.torn-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+            backup.write_bytes(content)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.mend")
+            tmp.write_bytes(mended)
+            os.replace(tmp, path)
+        finally:
+            lock.release()
     log.warning(f"warning: {path} held {dropped} bytes of torn records (a crash or a full disk cut them short); "
                 f"removed them, kept every whole record and the original as {backup.name}")
 
@@ -135,6 +137,16 @@ def check_journal_name(path):
                         f"{limit - LOCK_NAME_EXTRA} bytes")
 
 
+class HeldJournalBackend(optuna.storages.journal.JournalFileBackend):
+    """Optuna's journal file, whose appends Ctrl-C and SIGTERM never cut in two: a stop that arrives while a
+    record is written under the file lock is raised once the lock is released (the lock's own cleanup fails
+    when interrupted, and an interrupted wait for the lock would take another worker's lock away)."""
+
+    def append_logs(self, logs):
+        with stop_signals_held():
+            super().append_logs(logs)
+
+
 def make_storage(spec, out_dir, must_exist=False):
     """An Optuna storage from --storage: None -> a journal file in the run folder; a path -> a journal
     file (several processes on one machine); a URL -> an RDB (many machines), with heartbeats so a
@@ -151,7 +163,7 @@ def make_storage(spec, out_dir, must_exist=False):
             path.parent.mkdir(parents=True, exist_ok=True)
             open(path, "ab").close()  # a read-only journal is found here, not at the first trial's record
             mend_torn_journal(path)
-            backend = optuna.storages.journal.JournalFileBackend(str(path))
+            backend = HeldJournalBackend(str(path))
             return optuna.storages.JournalStorage(backend)
         except OSError as error:
             raise UserError(f"cannot open journal file {path} ({error.strerror or error}); pass a writable path") \
