@@ -144,7 +144,8 @@ def trial_values(path):
 @QUICK_MAIN
 def test_tta_is_labelled_and_never_changes_the_search(quick_main_run, tmp_path):
     out, plain_output = quick_main_run
-    result = run_script("MNIST-optuna.py", "--quick", "--tta", "--out-dir", tmp_path / "tta", "--no-plots")
+    result = run_script("MNIST-optuna.py", "--quick", "--tta", "--out-dir", tmp_path / "tta", "--no-plots",
+                        "--no-onnx")
     assert result.returncode == 0, result.stderr
     # the search's values are the plain validation accuracies, TTA or not
     assert trial_values(tmp_path / "tta" / "trials.csv") == trial_values(out / "trials.csv")
