@@ -227,9 +227,9 @@ def _on_stop_signal(signum, frame):
 def stop_signals_held():
     """A block that Ctrl-C or SIGTERM must not cut in two: the stop they ask for is raised when the block ends.
     For a library's own critical section whose cleanup breaks when interrupted: Optuna's journal-file lock,
-    whose release then fails with FileNotFoundError, and whose wait for another worker's lock, when
-    interrupted, takes that worker's lock away from it. Signals reach only the main thread; other threads
-    pass through."""
+    whose release then fails with FileNotFoundError, and whose acquire, interrupted just before it took the
+    lock, "releases" the lock another worker holds. Signals reach only the main thread; other threads pass
+    through. Only the scripts' handler (`run`) holds a stop; Python's default Ctrl-C is raised as before."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -139,8 +139,8 @@ def check_journal_name(path):
 
 class HeldJournalBackend(optuna.storages.journal.JournalFileBackend):
     """Optuna's journal file, whose appends Ctrl-C and SIGTERM never cut in two: a stop that arrives while a
-    record is written under the file lock is raised once the lock is released (the lock's own cleanup fails
-    when interrupted, and an interrupted wait for the lock would take another worker's lock away)."""
+    record is written under the file lock is raised once the lock is released (the lock's cleanup fails when
+    interrupted, and one interrupted just before the lock was taken removes the lock another worker holds)."""
 
     def append_logs(self, logs):
         with stop_signals_held():
