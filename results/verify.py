@@ -27,6 +27,10 @@ from errors import UserError  # noqa: E402  (the project's modules, beside the s
 from mnist_optuna.training import load_checkpoint  # noqa: E402
 
 
+def threads(count):
+    return f"{count} thread" if str(count) == "1" else f"{count} threads"
+
+
 def fail(message):
     print(f"verify: {message}", file=sys.stderr)
     sys.exit(2)
@@ -90,9 +94,9 @@ def main(path):
     env = dict(os.environ)
     if "threads" in meta:
         env["OMP_NUM_THREADS"] = str(meta["threads"])
-    print(f"verify: replaying {path} (repeat {repeat}, seed {meta.get('seed')}, trained with "
-          f"{meta.get('threads', 'an unrecorded number of')} threads; this run: "
-          f"{env.get('OMP_NUM_THREADS', 'torch default')} threads)\n  {shlex.join(argv)}"
+    trained, now = meta.get("threads", "an unrecorded number of"), env.get("OMP_NUM_THREADS", "torch's default")
+    print(f"verify: replaying {path} (repeat {repeat}, seed {meta.get('seed')}, trained with {threads(trained)}; "
+          f"this run: {threads(now)})\n  {shlex.join(argv)}"
           + "".join(f"\n  reusing {out_dir}/{name} (an earlier repeat)" for name in earlier if name in copied), flush=True)
     done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env)
     retrained = scratch / ("model.pt" if repeat == 0 else f"seed-{repeat}.pt")
