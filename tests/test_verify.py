@@ -25,7 +25,7 @@ def test_verify_reproduces_a_seed_repeat_and_catches_one_changed_weight(tmp_path
     again = verify(out / "seed-1.pt")  # repeat 1: the replay reuses the run's model.pt (repeat 0) and trains repeat 1
     assert again.returncode == 0, again.stdout + again.stderr
     assert "reproduced bit for bit" in again.stdout and f"reusing {out}/model.pt (an earlier repeat)" in again.stdout
-    assert "--final-seeds 2" in again.stdout and "this run: 1 threads" in again.stdout
+    assert "--final-seeds 2" in again.stdout and "this run: 1 thread)" in again.stdout
     assert journal.read_bytes() == study_before  # the replay used a copy of the journal
 
     payload = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
