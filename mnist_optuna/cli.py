@@ -229,7 +229,9 @@ def stop_signals_held():
     For a library's own critical section whose cleanup breaks when interrupted: Optuna's journal-file lock,
     whose release then fails with FileNotFoundError, and whose acquire, interrupted just before it took the
     lock, "releases" the lock another worker holds. Signals reach only the main thread; other threads pass
-    through. Only the scripts' handler (`run`) holds a stop; Python's default Ctrl-C is raised as before."""
+    through. Only the scripts' handler (`run`) holds a stop; Python's default Ctrl-C is raised as before. Unlike
+    `stop_signals_blocked`, a second signal stops at once: a wait for another worker's lock may last Optuna's
+    grace period (30 s)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -241,6 +243,18 @@ def stop_signals_held():
         if not _INTERRUPT["held"] and _INTERRUPT["pending"]:
             _INTERRUPT["pending"] = False
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """The strict sibling of `stop_signals_held`: SIGINT and SIGTERM blocked by the system for a block of
+    milliseconds that must finish whatever comes (the final stage's files moved into place together); no second
+    signal cuts it, and a blocked one is delivered, and stops the run, when the block ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def stop_code():

@@ -8,7 +8,6 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from data import (
     training_statistics,
 )
 from errors import UserError
-from mnist_optuna.cli import stop_code
+from mnist_optuna.cli import stop_code, stop_signals_blocked
 from mnist_optuna.reporting import (
     Stopwatch,
     best_params_payload,
@@ -237,14 +236,11 @@ class StagedFiles:
         names = {path.name for path in self.folder.iterdir() if not path.name.startswith(".")}
         previous = [path for pattern in ("seed-*.pt", "ensemble-*.pt", "model.onnx")
                     for path in self.out_dir.glob(pattern) if path.name not in names]
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with stop_signals_blocked():
             for name in sorted(names, key=lambda name: name == "summary.json"):  # summary.json last
                 os.replace(self.folder / name, self.out_dir / name)
             for path in previous:
                 path.unlink()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         for path in self.folder.iterdir():  # the lock file, temporaries of a stopped write
             path.unlink()
         self.folder.rmdir()
