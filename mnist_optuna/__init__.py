@@ -10,6 +10,7 @@ only modules on the floors below its own (tests/test_layout.py checks it):
     workers      what workers sharing a study agree on: trial reasons, counting, lost trials, the final-stage claim
     training     the one train/evaluate loop, precision, seeds, checkpoints, ONNX
     rundir, cli  the run folder (config.json, atomic writes, source version); flags, logging, signals, exit codes
+    scores       what a validation score can tell apart: standard errors, NLL, per-image correctness, McNemar's test
 
 Below them, at the top level: models.py and data.py, and errors.py under both.
 """

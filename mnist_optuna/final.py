@@ -30,6 +30,7 @@ from mnist_optuna.cli import stop_code, stop_signals_blocked
 from mnist_optuna.reporting import (
     Stopwatch,
     best_params_payload,
+    config_key,
     mean_std,
     mmac_limits,
     network_text,
@@ -38,11 +39,11 @@ from mnist_optuna.reporting import (
     trial_accuracy,
 )
 from mnist_optuna.rundir import command_line, source_version, write_json
-from mnist_optuna.studies import merged_study, rank, release_memory
+from mnist_optuna.scores import compare, comparison_text, score_text, scores_of_logits
+from mnist_optuna.studies import merged_study, mmac_of, rank, release_memory
 from mnist_optuna.tracking import local_file, open_artifact_store, publish, published_text
 from mnist_optuna.training import (
     TrainConfig,
-    accuracy_on,
     derive_seed,
     describe_device,
     export_onnx,
@@ -350,16 +351,12 @@ def repeat_seeds(best, n, first_accuracy, first_seconds, retrain, label):
     return {"runs": runs, "mean": mean, "std": std}
 
 
-def _config_key(trial):
-    return json.dumps([trial.user_attrs.get("model"), trial.user_attrs.get("train")], sort_keys=True)
-
-
 def top_distinct(ranking, k):
     """The first k trials of `ranking` whose (network, training) differ from all before them."""
     members, seen = [], set()
     for trial in ranking:
-        if len(members) < k and _config_key(trial) not in seen:
-            seen.add(_config_key(trial))
+        if len(members) < k and config_key(trial) not in seen:
+            seen.add(config_key(trial))
             members.append(trial)
     return members
 
@@ -410,37 +407,86 @@ def promote(candidates, data, cfg, out_dir):
             with progress(recipe.epochs, f"promotion {search_rank}", "epoch") as bar:
                 history = train(model, x, y, recipe, seed, val=(data.val_x, data.val_y),
                                 on_epoch=lambda record: bar.update(1), background=data.background)
-            score = (accuracy_on(model, data.val_x, data.val_y, tta=True, background=data.background) if cfg.tta
-                     else history[-1]["val_accuracy"])
-            done[key] = {"val_accuracy": score, "seconds": clock.seconds(),
+            last = history[-1]
+            scores = (scores_of_logits(predict_logits(model, data.val_x, tta=True, background=data.background),
+                                       data.val_y) if cfg.tta else
+                      {"accuracy": last["val_accuracy"], "nll": last["val_nll"], "images": last["val_images"],
+                       "correct": last["val_correct"]})
+            done[key] = {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_images": scores["images"],
+                         "val_correct": scores["correct"], "seconds": clock.seconds(),
                          "val_curve": [record["val_accuracy"] for record in history]}
             write_json(path, done)
             del model
             release_memory()
         result = done[key]
         rows.append({"trial": trial, "search_rank": search_rank, "search_val": trial_accuracy(trial),
-                     "promoted_val": result["val_accuracy"], "seconds": result["seconds"]})
+                     "promoted_val": result["val_accuracy"], "promoted_nll": result.get("val_nll"),
+                     "images": result.get("val_images"), "correct": result.get("val_correct"),
+                     "mmac": mmac_of(trial), "seconds": result["seconds"]})
         log.info(f"promotion {search_rank}/{len(candidates)}: {trial.user_attrs.get('study', '')} trial "
                  f"{trial.number}  search val {100 * trial_accuracy(trial):.2f} %  promoted val "
-                 f"{100 * result['val_accuracy']:.2f} %  {result['seconds']:.0f} s")
+                 f"{promoted_text(rows[-1])}  {result['seconds']:.0f} s")
     rows.sort(key=lambda row: (-row["promoted_val"], row["search_rank"]))
     correlation = spearman([row["search_val"] for row in rows], [row["promoted_val"] for row in rows])
+    rows, rule, comparisons = choose_within_noise(rows)
     print("\n==== promotion (choice at the final fidelity, on validation) ====")
-    print(" rank  search rank  trial                  search val  promoted val  network")
+    print(" rank  search rank  trial                  search val  promoted val (± s.e., NLL)     MMAC  network")
     for place, row in enumerate(rows, start=1):
         trial = row["trial"]
         name = f"{trial.user_attrs.get('study', '')} #{trial.number}"
-        print(f"{place:5d}  {row['search_rank']:11d}  {name:21s}"
-              f"  {100 * row['search_val']:8.2f} %  {100 * row['promoted_val']:10.2f} %  {network_text(trial)}")
+        print(f"{place:5d}  {row['search_rank']:11d}  {name:21s}  {100 * row['search_val']:8.2f} %  "
+              f"{promoted_text(row):30s}  {row['mmac']:5.1f}  {network_text(trial)}")
+    print(f"chosen by the rule: {rule}")
     text = "n/a (fewer than 2 distinct scores)" if correlation is None else f"{correlation:+.2f}"
     print(f"rank correlation of search and promoted validation (Spearman): {text}")
     record = {"epochs": epochs, "train_images": len(y), "augment": cfg.augment, "tta": cfg.tta,
-              "spearman": correlation,
+              "spearman": correlation, "rule": rule, "against_most_accurate": comparisons,
               "rows": [{"study": row["trial"].user_attrs.get("study"), "trial": row["trial"].number,
                         "search_rank": row["search_rank"], "search_val": row["search_val"],
-                        "promoted_val": row["promoted_val"], "seconds": row["seconds"]} for row in rows]}
+                        "promoted_val": row["promoted_val"], "promoted_nll": row["promoted_nll"],
+                        "mmac": row["mmac"], "seconds": row["seconds"]} for row in rows]}
     record["chosen"] = record["rows"][0]
     return {"ranking": [row["trial"] for row in rows], "record": record}
+
+
+def promoted_text(row):
+    if not row.get("images"):  # a score kept from before scores carried their noise
+        return f"{100 * row['promoted_val']:.2f} %"
+    return score_text(row["promoted_val"], row["images"], row.get("promoted_nll"))
+
+
+WITHIN_NOISE_RULE = "the cheapest network in MACs among those within noise of the most accurate"
+
+
+def choose_within_noise(rows):
+    """(rows with the chosen candidate first, the rule that chose it, the paired comparisons behind it). `rows` come
+    most accurate first. Each other candidate is compared with the most accurate on the same validation images
+    (McNemar's exact test); when some are within noise of it, a two-image difference does not choose: the cheapest
+    network in MACs among them does (of equal MACs, the more accurate). Without per-image records (scores kept
+    from before they were recorded) the most accurate is chosen, and the rule says so."""
+    top = rows[0]
+    if len(rows) == 1:
+        return rows, "the only candidate", []
+    if not all(row.get("correct") and row.get("images") == top["images"] for row in rows):
+        return rows, "the most accurate (no per-image record to test the others against it)", []
+    comparisons, tied = [], [top]
+    for row in rows[1:]:
+        comparison = compare(top["correct"], row["correct"], top["images"])
+        comparisons.append({"trial": row["trial"].number, "study": row["trial"].user_attrs.get("study"),
+                            **comparison})
+        if not comparison["beyond_noise"]:
+            tied.append(row)
+    name = f"trial {top['trial'].number}"
+    if len(tied) == 1:
+        return rows, (f"the most accurate, {name}, better beyond noise than every other candidate (McNemar p <= "
+                      f"{max(c['p_value'] for c in comparisons):.2g})"), comparisons
+    chosen = min(tied, key=lambda row: (row["mmac"], -row["promoted_val"]))
+    others = ", ".join(f"trial {row['trial'].number}" for row in tied if row is not top)
+    lines = [comparison_text(c, name, f"trial {c['trial']}") for c in comparisons if not c["beyond_noise"]]
+    log.info("\n".join(lines))
+    return ([chosen] + [row for row in rows if row is not chosen],
+            f"{WITHIN_NOISE_RULE} ({others} within noise of {name}): trial "
+            f"{chosen['trial'].number}, {chosen['mmac']:.1f} MMAC", comparisons)
 
 
 def spearman(a, b):

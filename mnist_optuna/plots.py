@@ -19,7 +19,7 @@ SEARCH_PLOTS = {
     "intermediate_values": optuna_plots.plot_intermediate_values,
     "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
 }
-AXIS_NAMES = {"accuracy": "validation accuracy", "mmac": "MMAC per image", "latency": "CPU ms per image"}
+AXIS_NAMES = {"val_accuracy": "validation accuracy", "mmac": "MMAC per image", "latency_ms": "CPU ms per image"}
 
 
 def _save(axes, path):

@@ -1,5 +1,6 @@
 """What a run prints and the result tables it writes: trial lines, the summary of both scripts, trials.csv,
 best_params.json's payload, progress bars. It decides nothing."""
+import json
 import logging
 import statistics
 import sys
@@ -8,6 +9,7 @@ import time
 from optuna.trial import TrialState
 
 from mnist_optuna.rundir import command_line, write_atomic
+from mnist_optuna.scores import compare, comparison_text, score_text
 from mnist_optuna.workers import NOT_TRAINED
 from models import describe
 
@@ -42,9 +44,42 @@ def latency_text(trial):
     return f" {trial.user_attrs['latency_ms']:.3f} ms/img" if trial.user_attrs.get("latency_ms") is not None else ""
 
 
+def val_text(trial):
+    """'val 98.97 ± 0.10 %, NLL 0.0412': the validation accuracy with its standard error on the validation images
+    (and the NLL) where the trial recorded them, else the accuracy alone."""
+    accuracy, validation = trial_accuracy(trial), trial.user_attrs.get("validation") or {}
+    if accuracy is None:
+        return ""
+    if not validation.get("images"):
+        return f"val {100 * accuracy:.2f} %"
+    return f"val {score_text(accuracy, validation['images'], validation.get('nll'))}"
+
+
+def config_key(trial):
+    """What a trial trains (network and recipe): two trials with one key are the same candidate."""
+    return json.dumps([trial.user_attrs.get("model"), trial.user_attrs.get("train")], sort_keys=True)
+
+
+def runner_up(ranked):
+    """The first (key, trial) of `ranked` after the first whose network or recipe differs from the first's."""
+    if not ranked:
+        return None
+    first = config_key(ranked[0][1])
+    return next((pair for pair in ranked[1:] if config_key(pair[1]) != first), None)
+
+
+def best_against_runner_up(best, other):
+    """McNemar's test of the best trial against the runner-up on the validation images both were scored on
+    (scores.compare), or None when either lacks a per-image record or they were scored on other images."""
+    a, b = (trial.user_attrs.get("validation") or {} for trial in (best, other))
+    if not (a.get("correct") and b.get("correct")) or a.get("images") != b.get("images"):
+        return None
+    return compare(a["correct"], b["correct"], a["images"])
+
+
 def trial_line(trial, label="", describe_trial=network_text):
     seconds = trial.duration.total_seconds() if trial.duration else float("nan")
-    value = f"val {100 * trial_accuracy(trial):6.2f} %" if trial_accuracy(trial) is not None else " " * 12
+    value = f"{val_text(trial):29s}" if trial_accuracy(trial) is not None else " " * 29
     last = max(trial.intermediate_values) if trial.intermediate_values else None
     where = f" (step {last})" if trial.state == TrialState.PRUNED and last is not None else ""
     reason = f"  [{trial.user_attrs['reason']}]" if trial.user_attrs.get("reason") else ""
@@ -97,6 +132,9 @@ def trials_table(studies):
     frames = []
     for label, value, study in studies:
         frame = study.trials_dataframe()
+        if "user_attrs_validation" in frame.columns:  # its NLL is a column; which images it got right is not
+            frame["user_attrs_val_nll"] = frame.pop("user_attrs_validation").map(
+                lambda record: record.get("nll") if isinstance(record, dict) else None)
         frame.insert(0, label, value)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -143,8 +181,7 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
             print(f"{label} {key}: no complete trial")
             continue
         per_study[key] = {"value": trial_accuracy(trial), "trial": trial.number, "params": trial.params}
-        print(f"{label} {key}: best val {100 * trial_accuracy(trial):.2f} %  trial {trial.number}  "
-              f"{describe_trial(trial)}")
+        print(f"{label} {key}: best {val_text(trial)}  trial {trial.number}  {describe_trial(trial)}")
     counts = state_counts(all_trials)
     mean, std = mean_std([v["value"] for v in per_study.values()])
     skipped = f", {counts['not_trained']} not trained (over budget or repeats)" if counts["not_trained"] else ""
@@ -154,12 +191,21 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
     if front is not None:
         print_front(front, objectives, label, describe_trial)
     best_key, best = ranked[0] if ranked else (None, None)
+    best_vs = None
     within = "" if pick_mmac is None else f" within {pick_mmac:g} MMAC"
     if best is not None:
         what = f"chosen: the most accurate front network{within}" if front is not None else f"best trial{within}"
-        print(f"{what}: val {100 * trial_accuracy(best):.2f} %  {label} {best_key}  trial {best.number}  "
-              f"{describe_trial(best)}")
+        print(f"{what}: {val_text(best)}  {label} {best_key}  trial {best.number}  {describe_trial(best)}")
         print("\n".join(params_lines(best.params)))
+        second = runner_up(ranked)
+        if second is not None:
+            comparison = best_against_runner_up(best, second[1])
+            print(comparison_text(comparison, f"best trial {best.number}",
+                                  f"the runner-up (trial {second[1].number}, {val_text(second[1])})"))
+            best_vs = {"runner_up": {label: second[0], "trial": second[1].number,
+                                     "value": trial_accuracy(second[1])}, **(comparison or {})}
+        else:
+            print("no runner-up to compare the best trial with: no other complete configuration")
     elif per_study:  # complete trials, none within the limits
         print(f"no {'front network' if front is not None else 'complete trial'} within "
               f"{mmac_limits({'pick_mmac': pick_mmac, **(extra or {})})}; "
@@ -167,7 +213,8 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
     print(f"search wall time: {wall:.1f} s")
     summary = {"seeds": per_study, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
                "best": None if best is None else {"seed": best_key, "trial": best.number,
-                                                 "value": trial_accuracy(best), "params": best.params},
+                                                 "value": trial_accuracy(best), "params": best.params,
+                                                 **({"against_runner_up": best_vs} if best_vs else {})},
                "objectives": list(objectives), "pick_mmac": pick_mmac,
                "search_seconds": wall, "command": command_line(), "out_dir": str(out_dir), **(extra or {})}
     if front is not None:

@@ -225,6 +225,14 @@ def check_database_file(url):
                             "--storage") from None
 
 
+# what Optuna, its dashboard and its CLI call each objective (instead of "Objective 0")
+METRIC_NAMES = {"accuracy": "val_accuracy", "mmac": "mmac", "latency": "latency_ms"}
+
+
+def metric_names(objectives):
+    return [METRIC_NAMES[name] for name in objectives]
+
+
 def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False, must_exist=False,
                objectives=("accuracy",), renamed=None):
     """Create the study or join/resume the existing one of that name.
@@ -248,13 +256,14 @@ def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False,
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                     directions=directions, load_if_exists=True)
     if study.directions != directions:
-        had = study.metric_names or (["accuracy"] if len(study.directions) == 1 else
-                                     [direction.name.lower() for direction in study.directions])
+        names = {metric: name_ for name_, metric in METRIC_NAMES.items()}
+        had = [names.get(metric, metric) for metric in study.metric_names or []] or (
+            ["accuracy"] if len(study.directions) == 1 else [direction.name.lower() for direction in study.directions])
         raise UserError(f"study {name} optimises {' '.join(had)}, this run asks for --objectives "
                         f"{' '.join(objectives)}; pass the study's own --objectives, or a new --out-dir (or "
                         "--study-prefix) for a new search")
-    if len(objectives) > 1 and study.metric_names != list(objectives):
-        study.set_metric_names(list(objectives))  # trials.csv then has a values_<name> column per objective
+    if study.metric_names != metric_names(objectives) and not must_exist:
+        study.set_metric_names(metric_names(objectives))  # trials.csv then has a values_<name> column per objective
     if search is None or must_exist:
         return study
     search = json.loads(json.dumps(search, default=json_default))

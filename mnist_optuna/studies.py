@@ -22,6 +22,7 @@ from mnist_optuna.cli import interrupted_by_user
 from mnist_optuna.reporting import print_trial_lines, progress, trial_accuracy
 from mnist_optuna.rundir import start_run
 from mnist_optuna.storages import (
+    metric_names,
     open_run_folder,
     open_study,
     search_settings,
@@ -235,6 +236,8 @@ def yield_to_twin(trial, twin, several):
     """Leave the configuration to its twin: take the twin's accuracy when it has one, else prune."""
     trial.set_user_attr("reason", f"{TWIN} {twin.number}; not trained again")
     if twin.state == TrialState.COMPLETE and not several:
+        if twin.user_attrs.get("validation"):
+            trial.set_user_attr("validation", twin.user_attrs["validation"])
         return trial_accuracy(twin)
     raise optuna.TrialPruned(f"the configuration of trial {twin.number}, which was pruned or is training")
 
@@ -307,7 +310,11 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
             trial.set_user_attr("cuda_memory_mb", torch.cuda.memory_allocated() / 2**20)
     if twin is not None:
         return yield_to_twin(trial, twin, several)
-    measured = {"accuracy": history[-1]["val_accuracy"], "mmac": mmac,
+    last = history[-1]
+    # the score's noise, and the images it got right, for comparisons with other trials on the same images
+    trial.set_user_attr("validation", {"nll": last["val_nll"], "images": last["val_images"],
+                                       "correct": last["val_correct"]})
+    measured = {"accuracy": last["val_accuracy"], "mmac": mmac,
                 "latency": trial.user_attrs.get("latency_ms")}
     return tuple(measured[name] for name in objectives) if several else measured["accuracy"]
 
@@ -395,8 +402,7 @@ def merged_study(searched, objectives):
     draw it."""
     trials = [t for _, _, study in searched for t in study.get_trials(deepcopy=False, states=FINISHED)]
     merged = optuna.create_study(directions=[DIRECTIONS[name] for name in objectives])
-    if len(objectives) > 1:
-        merged.set_metric_names(list(objectives))
+    merged.set_metric_names(metric_names(objectives))
     merged.add_trials(trials)
     return merged, trials
 

@@ -18,6 +18,7 @@ from torch import nn
 from data import CANONICAL_FINGERPRINT, EVAL_BATCH, batches, random_affine
 from errors import UserError
 from mnist_optuna.rundir import write_atomic
+from mnist_optuna.scores import scores_of_logits
 from models import INPUT_SHAPE, build_model, normalise_config
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -249,6 +250,9 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
     With cfg.ema, the moving average of the weights is what is evaluated, and what `model` holds at the
     end; `also_last` adds the last weights' validation accuracy to each record (val_accuracy_last).
     Returns the per-epoch history.
+    Each record with a validation score also has its negative log-likelihood (val_nll); the last record has which
+    validation images the last evaluation got right (val_correct, packed by scores.pack_correct) and their number
+    (val_images), so two models can be compared on the same images without training them again.
     Raises Divergence when the loss stops being finite.
     """
     device = x.device
@@ -270,7 +274,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        val_accuracy = last_accuracy = None
+        val_accuracy = last_accuracy = scores = None
         for batch_index, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, generator), start=1):
             if augment_generator is not None:
                 xb = random_affine(xb, augment_generator, background)
@@ -297,7 +301,8 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
                 if average is not None:
                     fit_batchnorm(scored, x)
                     fitted = True
-                val_accuracy = accuracy_on(scored, *val)
+                scores = scores_of_logits(predict_logits(scored, val[0]), val[1])
+                val_accuracy = scores["accuracy"]
                 if also_last and average is not None:
                     last_accuracy = accuracy_on(model, *val)
                 eval_seconds += time.perf_counter() - clock
@@ -312,10 +317,14 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": correct.item() / max(seen, 1),
                         "val_accuracy": val_accuracy, "seconds": time.perf_counter() - started,
                         "eval_seconds": eval_seconds})
+        if scores is not None:
+            history[-1]["val_nll"] = scores["nll"]
         if last_accuracy is not None:
             history[-1]["val_accuracy_last"] = last_accuracy
         if on_epoch is not None:
             on_epoch(history[-1])
+    if scores is not None:
+        history[-1].update(val_correct=scores["correct"], val_images=scores["images"])
     if average is not None:  # the averaged weights, with their own BatchNorm statistics, are the trained model
         if not fitted:  # (the last report after the last step measured them already)
             fit_batchnorm(scored, x)

@@ -54,7 +54,7 @@ def test_same_seed_same_order_and_values(tmp_path):
     for name in ("a", "b"):
         result = run_script("MNIST-optuna-adv.py", *args, "--seed", "3", "--out-dir", tmp_path / name)
         assert result.returncode == 0, result.stderr
-        frames.append(pd.read_csv(tmp_path / name / "trials.csv")[["number", "params_fc", "state", "value"]])
+        frames.append(pd.read_csv(tmp_path / name / "trials.csv")[["number", "params_fc", "state", "value_val_accuracy"]])
     pd.testing.assert_frame_equal(*frames)
     # the grid is trained in the order of its seed, which another seed changes
     heads = adv.head_grid([1, 2], [[8, 16], [8]])

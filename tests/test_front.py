@@ -88,7 +88,7 @@ def test_the_front_is_optunas_and_pick_mmac_retrains_within_budget(tmp_path):
     assert sorted(numbers) == sorted(t.number for t in study.best_trials) and len(numbers) >= 2
     assert mmacs == sorted(mmacs)
     table = pd.read_csv(out / "trials.csv")
-    assert {"values_accuracy", "values_mmac"} <= set(table.columns)
+    assert {"values_val_accuracy", "values_mmac"} <= set(table.columns)
     assert (out / "plots" / "pareto_front.png").stat().st_size > 0 and "test accuracy:" in result.stdout
     most_accurate = max(study.best_trials, key=lambda t: (t.values[0], -t.values[1]))
     assert json.loads((out / "best_params.json").read_text())["trial"] == most_accurate.number

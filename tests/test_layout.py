@@ -11,7 +11,7 @@ SCRIPTS = ("MNIST-optuna", "MNIST-optuna-adv")
 FLOORS = [
     ["errors"],
     ["models", "data"],
-    ["mnist_optuna.rundir", "mnist_optuna.cli"],
+    ["mnist_optuna.rundir", "mnist_optuna.cli", "mnist_optuna.scores"],
     ["mnist_optuna.training"],
     ["mnist_optuna.workers", "mnist_optuna.tracking"],
     ["mnist_optuna.reporting", "mnist_optuna.plots", "mnist_optuna.backbone"],

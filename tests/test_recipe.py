@@ -138,7 +138,7 @@ def test_tta_averages_the_softmax_of_the_image_and_its_four_shifts(small):
 def trial_values(path):
     """(seed, trial number, state, value) of each trial of a trials.csv."""
     with open(path, newline="") as handle:
-        return [(row["seed"], row["number"], row["state"], row["value"]) for row in csv.DictReader(handle)]
+        return [(row["seed"], row["number"], row["state"], row["value_val_accuracy"]) for row in csv.DictReader(handle)]
 
 
 @QUICK_MAIN

@@ -22,7 +22,7 @@ COLUMNS = ["seed", "number", "state"]
 def trials(out_dir):
     """trials.csv's seed, number, state, objective value(s) and parameters."""
     frame = pd.read_csv(out_dir / "trials.csv")
-    values = sorted(c for c in frame.columns if c == "value" or c.startswith("values_"))
+    values = sorted(c for c in frame.columns if c.startswith("value"))
     params = sorted(c for c in frame.columns if c.startswith("params_"))
     return frame[COLUMNS + values + params]
 
@@ -108,3 +108,40 @@ def test_help_lists_the_constants_as_defaults():
     script = load_script("MNIST-optuna.py")
     text = script.build_parser().format_help()
     assert f"(default: {script.N_TRIALS})" in text and "--final-epochs" in text
+
+
+@QUICK_MAIN
+def test_quick_run_shows_each_score_with_its_noise_and_tests_the_best_against_the_runner_up(quick_main_run):
+    import re
+
+    import optuna
+
+    from mnist_optuna.scores import mcnemar, unpack_correct
+    from mnist_optuna.storages import make_storage
+
+    out, output = quick_main_run
+    lines = [line for line in output.splitlines() if re.search(r"trial +\d+  COMPLETE", line)]
+    assert lines and all(re.search(r"val \d+\.\d\d ± \d\.\d\d %, NLL \d\.\d{4}", line) for line in lines)
+    verdict = re.search(r"best trial (\d+) is (better beyond noise than|within noise of) the runner-up \(trial (\d+),"
+                        r".*: (\d+) right only by the best, (\d+) only by the other, p = ([0-9.e-]+)\)", output)
+    assert verdict, output
+    # the counts and the p-value are those of the two trials' recorded per-image correctness on validation
+    storage = make_storage(None, out, must_exist=True)
+    trials = {(t.number, t.user_attrs["study"]): t for name in ("mnist-cnn-seed0", "mnist-cnn-seed1")
+              for t in optuna.load_study(study_name=name, storage=storage).trials}
+    summary = json.loads((out / "summary.json").read_text())
+    best, other = summary["search_best"], summary["search_best"]["against_runner_up"]
+    first = trials[(best["trial"], f"mnist-cnn-seed{best['seed']}")].user_attrs["validation"]
+    second = trials[(other["runner_up"]["trial"], f"mnist-cnn-seed{other['runner_up']['seed']}")].user_attrs[
+        "validation"]
+    assert first["images"] == second["images"] == 2000
+    only_best, only_other, p_value = mcnemar(unpack_correct(first["correct"], 2000),
+                                             unpack_correct(second["correct"], 2000))
+    assert (only_best, only_other) == (other["only_best"], other["only_other"]) == tuple(map(int, verdict.group(4, 5)))
+    assert p_value == other["p_value"] and f"{p_value:.2g}" == verdict.group(6)
+    assert (verdict.group(2) == "within noise of") == (not other["beyond_noise"])
+    # the NLL is that of the trial: a real cross-entropy, not a placeholder
+    assert 0 < first["nll"] < 1 and first["nll"] != second["nll"]
+    # the studies name what they optimise, for Optuna's dashboard and CLI
+    assert optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).metric_names == ["val_accuracy"]
+    assert "promotion" in summary and summary["promotion"]["rule"] and "chosen by the rule:" in output
