@@ -11,11 +11,13 @@ images, the last weights) and 1, 2 and 3 epochs on the 50,000 images with the mo
 For each fidelity and each score (validation accuracy; validation NLL, lower is better) it prints Spearman's rho
 with the mean final validation accuracy, a bootstrap interval over the networks, and the training seconds per
 trial; and the noise ceiling: rho between the two seeds of the final fidelity (no fidelity can predict one
-final run better than another final run of the same network does). The test set is never read.
+final run better than another final run of the same network does). The final fidelity's runs also record their test
+accuracy, for benchmarks/search_quality.py's report (its random arm); nothing here reads it to choose.
 
 Every finished training goes to the JSON file at once (its scores, the per-image correctness on validation, its
 seconds); a rerun with the same file and settings skips what it holds, a rerun with other settings is refused.
-Work runs fidelity by fidelity, the final fidelity's second seed last, so a partial file already answers part.
+Work runs fidelity by fidelity: today's trial fidelity, the final fidelity's first seed, the other candidates, the
+final fidelity's second seed; so a partial file already answers the main question.
 """
 import argparse
 import dataclasses
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from data import load_search_data, promotion_training_set, resolve_data_dir  # noqa: E402
 from errors import UserError  # noqa: E402
 from mnist_optuna import cli, studies  # noqa: E402
-from mnist_optuna.final import spearman  # noqa: E402
+from mnist_optuna.final import load_test, spearman  # noqa: E402
 from mnist_optuna.rundir import write_json  # noqa: E402
 from mnist_optuna.scores import scores_of_logits  # noqa: E402
 from mnist_optuna.training import (  # noqa: E402
@@ -104,15 +106,19 @@ def recipes(space, precision):
     return found
 
 
-def one_training(config, recipe, seed, x, y, data):
-    """Train `config` with `recipe` from `seed` on (x, y); its validation scores and seconds."""
+def one_training(config, recipe, seed, x, y, data, test=None):
+    """Train `config` with `recipe` from `seed` on (x, y); its validation scores, seconds, and with `test` (images,
+    labels) its test accuracy (reported, never used to choose)."""
     seed_everything(seed)
     model = build_model(config).to(x.device)
     started, cpu = time.perf_counter(), time.process_time()
     history = train(model, x, y, recipe, seed, background=data.background)
     scores = scores_of_logits(predict_logits(model, data.val_x), data.val_y)
-    return {**scores, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
-            "train_loss": history[-1]["train_loss"]}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    found = {**scores, "seconds": seconds, "cpu_seconds": cpu, "train_loss": history[-1]["train_loss"]}
+    if test is not None:
+        found["test_accuracy"] = (predict_logits(model, test[0]).argmax(1) == test[1]).float().mean().item()
+    return found
 
 
 def bootstrap_interval(a, b, reps=2000, seed=0):
@@ -205,6 +211,7 @@ def main(argv=None):
     subset = load_search_data(data_dir, device, space.val_size, space.train_subset, space.split_seed)
     train_sets = {"subset": (subset.train_x, subset.train_y),
                   "all": promotion_training_set(subset, args.train_images)}
+    test = load_test(data_dir, device, subset.mean, subset.std)
     networks = draw_networks(script, space, args.networks, args.draw_seed)
     found = recipes(space, precision)
     settings = {"networks": networks, "draw_seed": args.draw_seed, "val_size": space.val_size,
@@ -222,15 +229,17 @@ def main(argv=None):
           f"{torch.__version__}, {torch.get_num_threads()} thread(s); device {device}, {precision} ({why})")
     for net, config in enumerate(networks):
         print(f"network {net}: {describe(config)} drop {config['dropout']:.2f} ({mmac(config):.1f} MMAC)")
-    jobs = [(name, images, recipe, net, 0) for name, images, recipe in found[:-1] for net in range(len(networks))]
-    name, images, recipe = found[-1]
-    jobs += [(name, images, recipe, net, seed) for seed in (0, 1) for net in range(len(networks))]
+    # today's trial fidelity and one final run of every network first: the question that matters most is answered
+    # first; then the other candidates, then the final fidelity's second seed (the noise ceiling)
+    stages = [(found[0], 0), (found[-1], 0), *[(candidate, 0) for candidate in found[1:-1]], (found[-1], 1)]
+    jobs = [(name, images, recipe, net, seed) for (name, images, recipe), seed in stages for net in range(len(networks))]
     for name, images, recipe, net, seed in jobs:
         key = json.dumps([name, net, seed])
         if key in runs:
             continue
         train_seed = derive_seed(args.draw_seed, net) if seed == 0 else derive_seed(args.draw_seed, net, seed)
-        runs[key] = one_training(networks[net], recipe, train_seed, *train_sets[images], subset)
+        runs[key] = one_training(networks[net], recipe, train_seed, *train_sets[images], subset,
+                                 test if name == FINAL else None)
         write_json(path, stored)
         result = runs[key]
         print(f"  {name:32s} network {net:2d} seed {seed}: val {100 * result['accuracy']:.2f} %  NLL "
