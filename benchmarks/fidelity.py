@@ -142,7 +142,7 @@ def rho_text(rho, interval):
     return f"{rho:+.2f} {band:16s}"
 
 
-def report(runs, names, n_networks):
+def report(runs, names, n_networks, stored_networks=None):
     """The table: each fidelity's rho (accuracy, -NLL) with the final validation accuracy, seconds per trial; the
     noise ceiling; one summary line naming the fidelity with the most rho per training minute."""
     def got(name, net, seed=0):
@@ -172,6 +172,10 @@ def report(runs, names, n_networks):
             if rho is not None and (best is None or rho / seconds > best[0] / best[2]):
                 best = (rho, f"{name} ({'accuracy' if sign > 0 else 'NLL'})", seconds, len(have))
         print(f"{name:34s} {cells[0]:>24s} {cells[1]:>24s} {seconds:8.0f}")
+    if stored_networks is not None and len(nets) >= 3:  # a predictor that trains nothing: the network's size
+        sizes = [mmac(stored_networks[net]) for net in nets]
+        print(f"{'network MMAC (no training)':34s} {rho_text(spearman(sizes, target), bootstrap_interval(sizes, target))}"
+              f"{'':>24s} {0:8d}")
     both = [net for net in nets if len(finals[net]) == 2]
     ceiling = None
     if len(both) >= 3:
@@ -200,11 +204,18 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", default=str(ROOT / "bench-out" / "fidelity.json"),
                         help="JSON file of finished trainings; a rerun skips them")
+    parser.add_argument("--report", action="store_true", help="print the table of the --results file; train nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        stored = json.loads(Path(args.results).read_text())
+        names = [*stored["settings"]["recipes"]]
+        for net, config in enumerate(stored["settings"]["networks"]):
+            print(f"network {net}: {describe(config)} drop {config['dropout']:.2f} ({mmac(config):.1f} MMAC)")
+        return report(stored["runs"], names, len(stored["settings"]["networks"]), stored["settings"]["networks"])
     script = load_script("MNIST-optuna.py")
     space = script.build_parser().parse_with_preset(["--quick"] if args.quick else [], "--quick", script.QUICK)
     if args.quick:
-        args.networks, args.train_images = min(args.networks, 4), args.train_images or 4000
+        args.networks, args.train_images = min(args.networks, 3), args.train_images or 2000
     device = resolve_device(args.device)
     precision, why = resolve_precision(space.precision, device)
     data_dir = resolve_data_dir(args.data_dir or space.data_dir)
@@ -244,7 +255,7 @@ def main(argv=None):
         result = runs[key]
         print(f"  {name:32s} network {net:2d} seed {seed}: val {100 * result['accuracy']:.2f} %  NLL "
               f"{result['nll']:.4f}  ({result['seconds']:.0f} s)", flush=True)
-    report(runs, [name for name, _, _ in found], len(networks))
+    report(runs, [name for name, _, _ in found], len(networks), networks)
 
 
 if __name__ == "__main__":

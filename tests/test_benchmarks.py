@@ -58,3 +58,56 @@ def test_coordination_benchmark_runs_the_projects_calls_and_prints_the_ratio():
     assert re.search(r"^120 trials, 8 open at once, 3 reports each, journal storage", result.stdout, re.MULTILINE)
     assert re.search(r"^ratio per report at 100-199 trials / at 0-99: \d+\.\d\dx   \(without Optuna's list of the "
                      r"trials: \d+\.\d\dx; per trial: \d+\.\d\dx\)$", result.stdout, re.MULTILINE)
+
+
+def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(tmp_path):
+    import json
+
+    from mnist_optuna.final import spearman
+    from mnist_optuna.scores import unpack_correct
+
+    fidelity = tmp_path / "fidelity.json"
+    args = ["benchmarks/fidelity.py", "--quick", "--data-dir", DATA_DIR, "--device", "cpu", "--results", fidelity]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(fidelity.read_text())
+    names = list(stored["settings"]["recipes"])
+    assert len(stored["settings"]["networks"]) == 3 and len(names) == 5 and names[-1] == "final"
+    # every candidate once, the final fidelity twice, for each network; each with the images it got right
+    assert len(stored["runs"]) == 3 * (len(names) + 1)
+    for run_ in stored["runs"].values():
+        correct = unpack_correct(run_["correct"], run_["images"])
+        assert abs(correct.mean() - run_["accuracy"]) < 1e-6 and run_["nll"] > 0
+    # the printed rho of today's trial fidelity is Spearman's of the stored scores against the mean final accuracy
+    final = [sum(stored["runs"][json.dumps(["final", net, seed])]["accuracy"] for seed in (0, 1)) / 2
+             for net in range(3)]
+    trial = [stored["runs"][json.dumps([names[0], net, 0])]["accuracy"] for net in range(3)]
+    rho = spearman(trial, final)
+    line = next(line for line in result.stdout.splitlines() if line.startswith(names[0]))
+    assert line.split()[len(names[0].split())] == f"{rho:+.2f}"
+    assert re.search(r"^fidelity: most rank correlation per training second: .+, rho [+-]\d\.\d\d at \d+ s per trial; "
+                     r"noise ceiling [+-]\d\.\d\d \(3 networks\)$", result.stdout, re.MULTILINE)
+    again = run(*args)  # a rerun trains nothing and prints the same table
+    assert again.returncode == 0 and " seed 0: val " not in again.stdout
+    assert again.stdout.split("==== fidelity")[1] == result.stdout.split("==== fidelity")[1]
+
+    quality = tmp_path / "quality.json"
+    result = run("benchmarks/search_quality.py", "--quick", "--pairs", "0", "1", "--random-draws", "3",
+                 "--data-dir", DATA_DIR, "--device", "cpu", "--fidelity-results", fidelity, "--results", quality)
+    assert result.returncode == 0, result.stderr
+    held = json.loads(quality.read_text())
+    choice = held["search"]["0 1"]
+    # the search arm is the promotion's choice, and trained at the final fidelity twice
+    assert re.search(rf"chosen by the rule: .*trial {choice['trial']}", result.stdout) and len(choice["finals"]) == 2
+    assert "random: 3 of 3 draws have their 2 final runs" in result.stdout
+    margin = re.search(r"^search vs random: ([+-]\d+\.\d{3}) \+- (nan|\d+\.\d{3}) points of final validation accuracy "
+                       r"\(1 study seed pair\(s\), 3 random draws", result.stdout, re.MULTILINE)
+    assert margin, result.stdout
+    search_mean = sum(r["accuracy"] for r in choice["finals"].values()) / 2
+    random_mean = sum(final) / 3  # the random arm is the fidelity benchmark's final runs
+    assert float(margin.group(1)) == round(100 * (search_mean - random_mean), 3)
+    assert re.search(r"^search vs hand: [+-]\d+\.\d{3} \+- ", result.stdout, re.MULTILINE)
+    # another final recipe against the same fidelity file: refused in one line, nothing trained
+    other = run("benchmarks/search_quality.py", "--quick", "--train-images", "1500", "--data-dir", DATA_DIR,
+                "--fidelity-results", fidelity, "--results", tmp_path / "other.json")
+    assert other.returncode != 0 and "Traceback" not in other.stderr
