@@ -3,6 +3,7 @@ validation), the retrain of the chosen network, the test read once, seed repeats
 export with its parity check, and --evaluate of saved checkpoints; before them, the ending both scripts share
 (wait for the other workers, rank, summarise). It chooses nothing from test results."""
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from mnist_optuna.scores import compare, comparison_text, score_text, scores_of_
 from mnist_optuna.studies import merged_study, mmac_of, rank, release_memory
 from mnist_optuna.tracking import local_file, open_artifact_store, publish, published_text
 from mnist_optuna.training import (
+    EpochCheckpoint,
     TrainConfig,
     derive_seed,
     describe_device,
@@ -404,16 +406,20 @@ def promote(candidates, data, cfg, out_dir):
             seed_everything(seed)
             model = build_model(trial.user_attrs["model"]).to(x.device)
             clock = Stopwatch()
+            # epoch by epoch in the run folder, so a stopped promotion resumes from its last finished epoch
+            checkpoint = EpochCheckpoint(Path(out_dir) / f".promotion-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+                                         ".epoch", key, f"promotion {search_rank}")
             with progress(recipe.epochs, f"promotion {search_rank}", "epoch") as bar:
                 history = train(model, x, y, recipe, seed, val=(data.val_x, data.val_y),
-                                on_epoch=lambda record: bar.update(1), background=data.background)
+                                on_epoch=lambda record: bar.update(1), background=data.background,
+                                checkpoint=checkpoint)
             last = history[-1]
             scores = (scores_of_logits(predict_logits(model, data.val_x, tta=True, background=data.background),
                                        data.val_y) if cfg.tta else
                       {"accuracy": last["val_accuracy"], "nll": last["val_nll"], "images": last["val_images"],
                        "correct": last["val_correct"]})
             done[key] = {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_images": scores["images"],
-                         "val_correct": scores["correct"], "seconds": clock.seconds(),
+                         "val_correct": scores["correct"], "seconds": clock.seconds() + checkpoint.resumed_seconds,
                          "val_curve": [record["val_accuracy"] for record in history]}
             write_json(path, done)
             del model

@@ -3,6 +3,8 @@ weights, shift TTA, seeding, device choice, time estimates, checkpoints."""
 import contextlib
 import copy
 import io
+import json
+import logging
 import math
 import os
 import pickle
@@ -20,6 +22,8 @@ from errors import UserError
 from mnist_optuna.rundir import write_atomic
 from mnist_optuna.scores import scores_of_logits
 from models import INPUT_SHAPE, build_model, normalise_config
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
@@ -240,8 +244,63 @@ def fit_batchnorm(model, x, images=BN_IMAGES):
     torch.optim.swa_utils.update_bn([xb for xb, _ in batches(head, head, EVAL_BATCH, drop_last=False)], model)
 
 
+class EpochCheckpoint:
+    """Where a training keeps, at the end of each epoch, everything its continuation needs (weights, optimizer,
+    schedule, the moving average with its BatchNorm statistics, the random states of the batch order, augmentation
+    and dropout, the history so far), written whole or not at all, so a stopped training resumes from its last
+    finished epoch instead of its first step. `identity` (JSON-able: network, recipe, seed, images, data) says what
+    is trained: a file of another training is never continued. `name` names the training in the line that says it
+    resumes. train() removes the file when the training ends."""
+
+    def __init__(self, path, identity, name="training"):
+        self.path, self.name = Path(path), name
+        self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+        self.resumed_epochs, self.resumed_seconds = 0, 0.0
+
+    def load(self):
+        """The state saved after the last finished epoch of this very training, or None."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            same = isinstance(state, dict) and state.get("identity") == self.identity
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
+            same = False
+        if not same:
+            log.info(f"{self.name}: {self.path.name} is not a checkpoint of this training; starting from its first "
+                     "epoch")
+            return None
+        return state
+
+    def save(self, state):
+        buffer = io.BytesIO()
+        torch.save({**state, "identity": self.identity}, buffer)
+        write_atomic(self.path, buffer.getvalue())
+
+    def remove(self):
+        self.path.unlink(missing_ok=True)
+
+
+def _rng_states(generator, augment_generator):
+    states = {"batch_order": generator.get_state(), "torch": torch.get_rng_state()}
+    if augment_generator is not None:
+        states["augment"] = augment_generator.get_state()
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states, generator, augment_generator):
+    generator.set_state(states["batch_order"])
+    torch.set_rng_state(states["torch"])
+    if augment_generator is not None:
+        augment_generator.set_state(states["augment"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1, on_epoch=None, background=0.0,
-          also_last=False):
+          also_last=False, checkpoint=None):
     """Train `model` on (x, y); evaluate on `val` (x, y) `reports_per_epoch` times per epoch.
 
     on_report(step, val_accuracy) is called after each evaluation, step counting from 1; it may raise
@@ -253,6 +312,9 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
     Each record with a validation score also has its negative log-likelihood (val_nll); the last record has which
     validation images the last evaluation got right (val_correct, packed by scores.pack_correct) and their number
     (val_images), so two models can be compared on the same images without training them again.
+    With `checkpoint` (EpochCheckpoint) the state after each epoch is saved there (before on_epoch), a training
+    stopped after some epoch continues from it, the same to the last bit as an uninterrupted one on the same
+    machine and thread count, and the file is removed at the end.
     Raises Divergence when the loss stops being finite.
     """
     device = x.device
@@ -267,8 +329,26 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
     average = weight_average(model, cfg, steps_per_epoch)
     scored = model if average is None else average.module  # the weights a validation score is of
     fitted = False  # the average's BatchNorm statistics belong to its current weights
-    history, step = [], 0
-    for epoch in range(1, cfg.epochs + 1):
+    history, step, first_epoch = [], 0, 1
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if average is not None:
+            average.load_state_dict(state["average"])
+        _set_rng_states(state["rng"], generator, augment_generator)
+        history, step, fitted = state["history"], state["step"], state["fitted"]
+        first_epoch = len(history) + 1
+        checkpoint.resumed_epochs = len(history)
+        checkpoint.resumed_seconds = sum(record["seconds"] for record in history)
+        threads = "" if state.get("threads") == torch.get_num_threads() else (
+            f"; it trained with {state.get('threads')} torch thread(s), this run has {torch.get_num_threads()}, so "
+            "the result is not bit-identical to an uninterrupted run")
+        log.info(f"{checkpoint.name}: resuming after epoch {len(history)} of {cfg.epochs} from its checkpoint"
+                 f"{threads}")
+    for epoch in range(first_epoch, cfg.epochs + 1):
         started, eval_seconds = time.perf_counter(), 0.0
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -321,6 +401,12 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
             history[-1]["val_nll"] = scores["nll"]
         if last_accuracy is not None:
             history[-1]["val_accuracy_last"] = last_accuracy
+        if checkpoint is not None and epoch < cfg.epochs:  # (a resumed training always has an epoch left to run)
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                             "average": average.state_dict() if average is not None else None,
+                             "rng": _rng_states(generator, augment_generator), "step": step, "fitted": fitted,
+                             "history": history, "threads": torch.get_num_threads()})
         if on_epoch is not None:
             on_epoch(history[-1])
     if scores is not None:
@@ -329,6 +415,8 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         if not fitted:  # (the last report after the last step measured them already)
             fit_batchnorm(scored, x)
         model.load_state_dict(average.module.state_dict())
+    if checkpoint is not None:
+        checkpoint.remove()
     return history
 
 
@@ -404,8 +492,12 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     seed_everything(seed)
     model = build_model(model_config).to(x.device)
     started = time.perf_counter()
-    history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch, background=background)
-    train_seconds = time.perf_counter() - started
+    # epoch by epoch beside the checkpoint (a dot file: never published with it), so a stop costs an epoch at most
+    progress = EpochCheckpoint(Path(checkpoint).with_name(f".{Path(checkpoint).name}.epoch"), {
+        "model": normalise_config(model_config), "train": train_cfg.to_dict(), "seed": seed, "train_images": len(y),
+        "training_data": meta.get("training_data", CANONICAL_FINGERPRINT)}, Path(checkpoint).name)
+    history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch, background=background, checkpoint=progress)
+    train_seconds = time.perf_counter() - started + progress.resumed_seconds
     test_accuracy = accuracy_on(model, *test, tta=tta, background=background)
     meta = {**meta, "seed": seed, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
             "train_images": len(y), "augment": train_cfg.augment, "precision": train_cfg.precision,

@@ -1,0 +1,107 @@
+"""A stop costs an epoch, not a training: the final retrain, an ensemble member and a promotion keep their state after
+each epoch, and a rerun continues from the last finished one, to the last bit of an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import DATA_DIR, ROOT, TINY, TINY_CNN, run_script
+from mnist_optuna.training import EpochCheckpoint, TrainConfig, seed_everything, train
+from models import build_model
+
+CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True, "slope": 0.01, "batch_norm": True}], "fc": [16],
+          "dropout": 0.3, "num_classes": 10}
+
+
+def toy_data():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 1, 28, 28, generator=generator).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (600,), generator=generator)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("recipe", [dict(ema=0.5, augment=True, label_smoothing=0.1),
+                                    dict(optimizer="sgd", schedule="cosine"), dict(schedule="none")],
+                         ids=["ema-augment-onecycle", "sgd-cosine", "adamw-constant"])
+def test_a_training_stopped_after_an_epoch_resumes_to_the_last_bit(tmp_path, recipe):
+    x, y = toy_data()
+    cfg = TrainConfig(epochs=4, batch_size=50, **recipe)
+
+    def run(checkpoint=None, stop_after=None):
+        seed_everything(7)
+        model = build_model(CONFIG)
+
+        def on_epoch(record):
+            if record["epoch"] == stop_after:
+                raise Stop()
+        history = train(model, x, y, cfg, 7, val=(x[:200], y[:200]), on_epoch=on_epoch, checkpoint=checkpoint)
+        return model, history
+
+    whole, whole_history = run()
+    path = tmp_path / ".t.epoch"
+    with pytest.raises(Stop):
+        run(EpochCheckpoint(path, {"what": "t"}), stop_after=2)
+    assert path.is_file()
+    resumed = EpochCheckpoint(path, {"what": "t"})
+    model, history = run(resumed)
+    assert resumed.resumed_epochs == 2 and not path.exists()  # resumed after epoch 2, removed at the end
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), model.state_dict().values()))
+    assert [r["val_accuracy"] for r in history] == [r["val_accuracy"] for r in whole_history]
+    assert history[-1]["val_correct"] == whole_history[-1]["val_correct"]
+
+    # a checkpoint of another training is never continued
+    with pytest.raises(Stop):
+        run(EpochCheckpoint(path, {"what": "t"}), stop_after=1)
+    other = EpochCheckpoint(path, {"what": "another"})
+    run(other)
+    assert other.resumed_epochs == 0
+
+
+def killed_when(command, path, timeout=240):
+    """Start `command`, SIGKILL it as soon as `path` exists; True when it was killed so (False: it ended first)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if path.exists():
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=30)
+                return True
+            time.sleep(0.02)
+        return False
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_last_bit(tmp_path):
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "4000",
+            "--ensemble", "2", "--no-plots"]
+    whole = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, "--out-dir", str(out), "--data-dir",
+               str(DATA_DIR)]
+    staged = out / ".final-stage"
+    # killed in the ensemble member's training (model.pt is finished by then) right after an epoch's checkpoint;
+    # model.pt's own training resumes through the same code (retrain_and_test)
+    assert killed_when(command, staged / ".ensemble-1.pt.epoch")
+    rerun = run_script("MNIST-optuna.py", *args, "--out-dir", out)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = [line for line in rerun.stdout.splitlines() + rerun.stderr.splitlines() if "resuming after epoch" in line]
+    assert len(resumed) == 1 and resumed[0].startswith("ensemble-1.pt: resuming after epoch ")
+    epoch = int(resumed[0].split("resuming after epoch ")[1].split()[0])
+    assert 1 <= epoch < 4
+    for name in ("model.pt", "ensemble-1.pt"):
+        a = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
+        b = torch.load(out / name, weights_only=True)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not list(out.glob(".*.epoch")) and not staged.exists()
