@@ -34,6 +34,7 @@ def fingerprint_of(image_digest, label_digest):
 CANONICAL_FINGERPRINT = fingerprint_of(*(CANONICAL_SHA256[name] for name in FILES["train"]))
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
+MIN_SPLIT = 10 * NUM_CLASSES  # validation and training images at least: ten of each class
 EVAL_BATCH = 250  # the fastest evaluation batch measured on 2 CPU cores (benchmarks/throughput.py)
 
 
@@ -222,6 +223,9 @@ def normalise(images, mean, std, device):
 def load_search_data(data_dir, device, val_size, train_subset=None, split_seed=0):
     """The seeded stratified train/validation split, on the device. The test set is not touched."""
     images, labels = read_split(data_dir, "train")
+    if val_size < MIN_SPLIT or (train_subset is not None and train_subset < MIN_SPLIT):
+        raise DataError(f"--val-size {val_size} and --train-subset {train_subset}: each needs at least {MIN_SPLIT} "
+                        "images (a score on fewer tells no networks apart; one image is 0 or 100 %)")
     if val_size >= len(labels):
         raise DataError(f"--val-size {val_size} leaves no training images out of {len(labels)}; "
                         f"choose fewer than {len(labels)}")

@@ -107,8 +107,13 @@ class Parser(argparse.ArgumentParser):
             self.set_defaults(**{name.lower(): value for name, value in preset.items()})
         args = self.parse_args(argv)
         for dest in self.ranges:
-            low, high = getattr(args, dest)[:2]
-            check(low <= high, f"--{dest.replace('_', '-')}: low {low} is above high {high}")
+            low, high, *step = getattr(args, dest)
+            flag = f"--{dest.replace('_', '-')}"
+            check(low <= high, f"{flag}: low {low} is above high {high}")
+            # a step past the range would leave only its low end: a search of one value that looks like a range
+            check(not step or low == high or 0 < step[0] <= high - low,
+                  f"{flag}: step {step[0] if step else ''} is larger than the range {low}..{high}; give a step of at "
+                  f"most {high - low}, or LOW = HIGH for one value")
         return args
 
 

@@ -168,7 +168,8 @@ def final_stage(cfg, run, ranked, summary, interrupted, meta, plots, key_name="s
         other = stage.acquire(on_wait=waiting) if stage else None
         if other is not None:
             attrs = other.user_attrs
-            print(f"final stage: already run by worker {attrs.get('worker')} (run folder {attrs.get('out_dir')}); "
+            published = attrs.get("published") or {}  # the claim keeps its run folder in its published record
+            print(f"final stage: already run by worker {attrs.get('worker')} (run folder {published.get('out_dir')}); "
                   f"its results: {published_text(attrs.get('published') or {})}")
             write_json(out_dir / "summary.json", {**summary, "final_stage_by": attrs.get("worker"),
                                                   "published": attrs.get("published")})

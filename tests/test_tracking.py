@@ -116,6 +116,9 @@ def test_two_workers_run_one_final_stage_and_a_third_finds_the_model(shared_stor
     study = optuna.load_study(study_name=f"{name}-seed0", storage=make_storage(storage, tmp_path))
     model_id = study.user_attrs["final_artifacts"]["artifacts"]["model.pt"]
     assert model_id in other and "final stage: already run by worker" in other
+    # the line names the folder of the worker that ran it
+    ran = next(i for i, o in enumerate(outputs) if o is trained[0])
+    assert f"(run folder {tmp_path / f'w{ran}'})" in other
     # a third process that ran no trial finds the model through the study alone
     fetched = tmp_path / "third.pt"
     attached = optuna.load_study(study_name=f"{name}-seed0", storage=make_storage(storage, tmp_path)).user_attrs
