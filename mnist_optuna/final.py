@@ -214,6 +214,7 @@ class StagedFiles:
         self.out_dir = Path(out_dir)
         self.folder = self.out_dir / self.FOLDER
         self.lock = None
+        self.made = set()  # the names this stage asked for: only they are published
 
     def __enter__(self):
         self.folder.mkdir(exist_ok=True)
@@ -229,15 +230,17 @@ class StagedFiles:
     def path(self, name):
         """Where the stage writes `name`. A checkpoint of that name already in the run folder is copied in first:
         when it holds the same training it is reused instead of trained again (retrain_and_test)."""
+        self.made.add(name)
         staged, published = self.folder / name, self.out_dir / name
         if name.endswith(".pt") and not staged.exists() and published.is_file():
             shutil.copy2(published, staged)
         return staged
 
     def publish(self):
-        """Move every staged file into the run folder; a seed repeat, ensemble member or model.onnx of the previous
-        stage that this one does not make goes, so every model in the folder is of this stage."""
-        names = {path.name for path in self.folder.iterdir() if not path.name.startswith(".")}
+        """Move the files this stage made into the run folder; a seed repeat, ensemble member or model.onnx of the
+        previous stage that this one does not make goes, and so does what a stopped stage with other settings left in
+        the staging folder (its checkpoints served only to resume it): every model in the folder is of this stage."""
+        names = {path.name for path in self.folder.iterdir() if path.name in self.made}
         previous = [path for pattern in ("seed-*.pt", "ensemble-*.pt", "model.onnx")
                     for path in self.out_dir.glob(pattern) if path.name not in names]
         with stop_signals_blocked():

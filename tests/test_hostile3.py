@@ -27,3 +27,30 @@ def test_a_split_too_small_to_score_anything_is_refused(capsys, tmp_path, script
     result = run_in_process(capsys, script, *TINY, *sizes, "--out-dir", tmp_path / "o")
     assert "needs at least 100 images" in assert_one_line_error(result)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_stopped_final_stage_leaves_nothing_that_the_next_stage_publishes(tmp_path):
+    import json
+
+    import torch
+
+    from conftest import run_script
+    from test_hostile2 import SEARCH, stop_after
+
+    out = tmp_path / "run"
+    with_onnx = [arg for arg in SEARCH if arg != "--no-onnx"]
+    first = [*with_onnx, "--promote", "0", "--out-dir", out]
+    assert run_script("MNIST-optuna.py", *first).returncode == 0
+    # another final stage (3 seeds, 2 epochs) stopped once its repeat 1 is made: seed-1.pt waits in the staging folder
+    code, output = stop_after(out, "final recipe, repeat 1", *first, "--retrain-only", "--final-seeds", "3",
+                              "--final-epochs", "2")
+    assert code == 130, output
+    again = run_script("MNIST-optuna.py", *first, "--retrain-only")
+    assert again.returncode == 0, again.stderr
+    names = {path.name for path in out.iterdir()}
+    assert "seed-1.pt" not in names and not (out / ".final-stage").exists()
+    # every file is of this stage: the ONNX file gives model.pt's logits, summary.json names model.pt's accuracy
+    model = torch.load(out / "model.pt", weights_only=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert model["meta"]["test_accuracy"] == summary["test_accuracy"] and "final_seeds" not in summary
+    assert model["train"]["epochs"] != 2 and summary["onnx_label_agreement"] == 1.0
