@@ -105,6 +105,9 @@ def ensure_files(data_dir):
         if n_images != n_labels:
             raise DataError(f"{raw / images} holds {n_images} images but {raw / labels} holds {n_labels} labels; "
                             "restore matching files")
+        # every file's labels, the test file's included, before any work: not after a whole search
+        if n_labels and int(np.fromfile(raw / labels, dtype=np.uint8, offset=8).max()) >= NUM_CLASSES:
+            raise DataError(f"{raw / labels} holds labels outside 0..{NUM_CLASSES - 1}; replace the label file")
     for name in names:
         digest = _DIGESTS[str(raw.resolve() / name)] = sha256(raw / name)
         if digest != CANONICAL_SHA256[name]:
@@ -273,7 +276,11 @@ def _images(data, indices, size, seed):
 def pixel_statistics(images):
     """Mean and std of uint8 images scaled to [0, 1]."""
     pixels = images.float().div_(255.0)
-    return pixels.mean().item(), pixels.std().item()
+    mean, std = pixels.mean().item(), pixels.std().item()
+    if not std > 0:  # normalising would divide by zero
+        raise DataError(f"the training images are all one value ({round(255 * mean)}); they hold no digits: "
+                        "replace the image file")
+    return mean, std
 
 
 def training_statistics(data_dir):
