@@ -466,12 +466,47 @@ def load_checkpoint(path, device="cpu"):
     """(model, payload) from a checkpoint written by save_checkpoint."""
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-        model = build_model(payload["config"])
-        model.load_state_dict(payload["state_dict"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__}); "
-                        "pass a model.pt written by MNIST-optuna.py or MNIST-optuna-adv.py") from None
+        problem = payload_problem(payload)
+        if problem is None:
+            model = build_model(payload["config"])
+            model.load_state_dict(payload["state_dict"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError, EOFError,
+            pickle.UnpicklingError) as error:
+        problem = type(error).__name__
+    if problem is not None:
+        raise UserError(f"{path} is not a checkpoint of this project ({problem}); "
+                        "pass a model.pt written by MNIST-optuna.py or MNIST-optuna-adv.py")
     return model.to(device), payload
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def payload_problem(payload):
+    """What makes a loaded checkpoint payload unusable (its parts' types and values, checked before anything reads
+    them), or None. A file can be tampered with or come from elsewhere: each case is one line, not a traceback."""
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}, not a checkpoint's record"
+    config, meta = payload.get("config"), payload.get("meta", {})
+    if not isinstance(config, dict) or not isinstance(payload.get("state_dict"), dict):
+        return "its network or weights are missing"
+    classes = config.get("num_classes", 10)
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        return f"num_classes {classes!r} is not a number of classes >= 2"
+    if not isinstance(meta, dict):
+        return f"its meta is a {type(meta).__name__}, not a record"
+    for key in ("mean", "std"):
+        if key in meta and not _number(meta[key]):
+            return f"its normalisation {key} {meta[key]!r} is not a number"
+    if "std" in meta and not meta["std"] > 0:
+        return f"its normalisation std {meta['std']!r} is not positive"
+    for key in ("command", "source", "training_data"):
+        if key in meta and not isinstance(meta[key], str):
+            return f"its recorded {key} is not text"
+    if "train" in payload and not isinstance(payload["train"], dict):
+        return "its training recipe is not a record"
+    return None
 
 
 def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta, on_epoch=None, background=0.0,

@@ -91,3 +91,44 @@ def test_training_images_of_one_value_are_refused_in_one_line(capsys, tmp_path, 
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: the training images are all one value (0)")
     assert not (tmp_path / "o").exists()
+
+
+def tampered(payload, path):
+    import torch
+
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda p: p["state_dict"]["head.0.weight"] if "head.0.weight" in p["state_dict"] else next(
+        iter(p["state_dict"].values())), "it holds a Tensor"),
+    (lambda p: {**p, "meta": []}, "its meta is a list"),
+    (lambda p: {**p, "meta": {**p["meta"], "std": 0.0}}, "its normalisation std 0.0 is not positive"),
+    (lambda p: {**p, "meta": {**p["meta"], "mean": "x"}}, "its normalisation mean 'x' is not a number"),
+    (lambda p: {**p, "config": {**p["config"], "num_classes": 0}}, "num_classes 0 is not a number of classes"),
+    (lambda p: {**p, "meta": {**p["meta"], "command": 7}}, "its recorded command is not text"),
+], ids=["bare-tensor", "meta-list", "std-0", "mean-text", "no-classes", "command-int"])
+def test_a_tampered_checkpoint_is_one_line_for_evaluate_and_verify(capsys, tmp_path, change, words):
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+    from mnist_optuna.training import TrainConfig, save_checkpoint
+    from models import build_model
+
+    good = tmp_path / "good.pt"
+    model = build_model({"conv": [{"channels": 4, "kernel": 3, "pool": True, "slope": 0.01, "batch_norm": True}],
+                         "fc": [16], "dropout": 0.0})
+    save_checkpoint(good, model, TrainConfig(), {"mean": 0.13, "std": 0.31, "command": "python MNIST-optuna.py"})
+    bad = tampered(change(torch.load(good, weights_only=True)), tmp_path / "bad.pt")
+    result = run_in_process(capsys, "MNIST-optuna.py", "--evaluate", bad)
+    assert words in assert_one_line_error(result)
+    # the good one and the bad one as an ensemble: the same line, no traceback
+    result = run_in_process(capsys, "MNIST-optuna.py", "--evaluate", good, bad)
+    assert words in assert_one_line_error(result)
+    verify = subprocess.run([sys.executable, str(ROOT / "results" / "verify.py"), str(bad)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode != 0 and "Traceback" not in verify.stderr and words in verify.stderr + verify.stdout
