@@ -36,11 +36,15 @@ def fail(message):
     sys.exit(2)
 
 
-REPLACED = ("--out-dir", "--storage", "--final-seeds", "--ensemble")
+# replaced by the replay's own, or dropped: a replay trains one network and publishes nowhere (no MLflow run, no file
+# in the team's artifact store)
+REPLACED = ("--out-dir", "--storage", "--final-seeds", "--ensemble", "--mlflow", "--artifacts")
+SCRIPTS = ("MNIST-optuna.py", "MNIST-optuna-adv.py")
 
 
 def replay_command(words, out_dir, storage, seeds):
-    """The recorded command's words with --out-dir, --storage and --final-seeds replaced and --ensemble dropped."""
+    """The recorded command's words with --out-dir, --storage and --final-seeds replaced, --ensemble, --mlflow and
+    --artifacts dropped."""
     replaced, skip = [], False
     for word in words:
         if skip:
@@ -62,6 +66,26 @@ def flag_value(words, flag):
     return None
 
 
+def settings_problem(script, flags):
+    """Why `flags` are not settings of `script` (its own parser's words), or None."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(script.stem.replace("-", "_"), script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = module.build_parser().parse_args(flags)
+    except SystemExit:
+        return errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "not its flags"
+    if getattr(args, "evaluate", None):
+        return "--evaluate trains nothing"
+    return None
+
+
 def main(path):
     try:
         _, payload = load_checkpoint(path)
@@ -70,8 +94,14 @@ def main(path):
     meta = payload.get("meta", {})
     repeat = meta.get("repeat", 0)
     words = shlex.split(meta.get("command", ""))
-    if len(words) < 2 or Path(words[1]).name not in ("MNIST-optuna.py", "MNIST-optuna-adv.py"):
+    if len(words) < 2 or Path(words[1]).name not in SCRIPTS:
         fail(f"{path} records no command of this project's scripts to replay")
+    # this project's own script, whatever folder the record names (a checkpoint never chooses the code that runs),
+    # with the recorded settings checked by that script's own parser first
+    script = ROOT / Path(words[1]).name
+    problem = settings_problem(script, words[2:])
+    if problem:
+        fail(f"{path}'s recorded command does not parse as {script.name}'s settings ({problem}); nothing was run")
     out_dir, storage = flag_value(words, "--out-dir"), flag_value(words, "--storage")
     if out_dir is None or storage is None or not (ROOT / storage).is_file():
         fail(f"{path}'s command names no run folder or journal here ({out_dir}, {storage})")
@@ -98,7 +128,7 @@ def main(path):
     print(f"verify: replaying {path} (repeat {repeat}, seed {meta.get('seed')}, trained with {threads(trained)}; "
           f"this run: {threads(now)})\n  {shlex.join(argv)}"
           + "".join(f"\n  reusing {out_dir}/{name} (an earlier repeat)" for name in earlier if name in copied), flush=True)
-    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env)
+    done = subprocess.run([sys.executable, str(script), *argv[2:]], cwd=ROOT, env=env)
     retrained = scratch / ("model.pt" if repeat == 0 else f"seed-{repeat}.pt")
     if done.returncode != 0 or not retrained.is_file():
         fail(f"the replay ended with exit code {done.returncode}; its files are in {scratch}")

@@ -45,3 +45,44 @@ def test_verify_refuses_what_it_cannot_replay_in_one_line(tmp_path):
     result = verify(not_a_checkpoint)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "such as a file of results/shipped/" in result.stderr
+
+
+def test_verify_runs_this_projects_script_never_the_one_a_checkpoint_names(tmp_path):
+    from mnist_optuna.training import TrainConfig, save_checkpoint
+    from models import build_model
+
+    evil = tmp_path / "elsewhere" / "MNIST-optuna.py"
+    evil.parent.mkdir()
+    marker = tmp_path / "ran-the-other-script"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    out, journal = tmp_path / "run", tmp_path / "study.journal"
+    out.mkdir()
+    (out / "best_params.json").write_text('{"trial": 0, "study_seed": 0}')
+    journal.write_text("")
+    model = build_model({"conv": [{"channels": 4, "kernel": 3, "pool": True, "slope": 0.01, "batch_norm": True}],
+                         "fc": [16], "dropout": 0.0})
+    command = f"python {evil} --retrain-only --out-dir {out} --storage {journal}"
+    save_checkpoint(tmp_path / "m.pt", model, TrainConfig(), {"command": command, "trial": 0, "study_seed": 0})
+    result = verify(tmp_path / "m.pt")
+    assert not marker.exists(), "verify ran the script the checkpoint named"
+    assert result.returncode == 2 and "the replay ended with exit code" in result.stderr  # ours ran, found no study
+
+    # recorded settings that are not the script's flags: refused before anything runs
+    save_checkpoint(tmp_path / "n.pt", model, TrainConfig(),
+                    {"command": f"python MNIST-optuna.py --no-such-flag 1 --out-dir {out} --storage {journal}"})
+    result = verify(tmp_path / "n.pt")
+    assert result.returncode == 2 and "does not parse as MNIST-optuna.py's settings" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_replay_publishes_nowhere():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verify", ROOT / "results" / "verify.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    words = ["python", "MNIST-optuna.py", "--mlflow", "sqlite:///m.db", "--artifacts=/team/store", "--epochs", "3",
+             "--out-dir", "a", "--ensemble", "3"]
+    replay = module.replay_command(words, "scratch", "scratch/s.journal", 1)
+    assert replay == ["python", "MNIST-optuna.py", "--epochs", "3", "--out-dir", "scratch", "--storage",
+                      "scratch/s.journal", "--final-seeds", "1"]
