@@ -58,3 +58,17 @@ def test_an_unreachable_proxy_is_one_line(capsys, tmp_path):
                             "--out-dir", tmp_path / "o")
     assert "python -m mnist_optuna proxy" in assert_one_line_error(result)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_port_in_use_an_impossible_port_and_an_unknown_host_are_one_line(proxy, tmp_path):
+    port = int(proxy[0].rsplit(":", 1)[1])
+    cases = [(["--host", "127.0.0.1", "--port", str(port)], f"port {port} on 127.0.0.1 is in use"),
+             (["--port", "99999"], "99999 is not a port (1-65535)"),
+             (["--host", "nohost.invalid", "--port", str(free_port())], "--host nohost.invalid:")]
+    for flags, words in cases:
+        second = subprocess.run([sys.executable, "-m", "mnist_optuna", "proxy", str(tmp_path / "second.journal"),
+                                 *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert words in second.stderr and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert "storage proxy for" not in second.stdout  # it never said it listens
+    assert not (tmp_path / "second.journal").exists()
