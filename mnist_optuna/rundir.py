@@ -1,6 +1,7 @@
 """The run folder: made or reused (never another tool's folder), proven writable, its config.json with the
 run id, the command and the source version of the code that ran, and files written whole or not at all."""
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import uuid
+import weakref
 from pathlib import Path
 
 from errors import UserError
@@ -49,6 +51,29 @@ def writable_folder(folder, flag, advice):
     except OSError as error:
         raise UserError(f"cannot write in {flag} {folder} ({error.strerror or error}); {advice}") from None
     return folder
+
+
+_HELD = weakref.WeakValueDictionary()  # resolved run folder -> the open lock file of this process's run in it
+
+
+def hold_run_folder(out_dir):
+    """One running command per run folder: an exclusive lock on its .run.lock, held while the returned file stays
+    open (the Run keeps it; the system releases it when the process ends, however it ends). Two commands in one folder
+    would each add --n-trials trials and write one another's files; the second is refused in one line. The same
+    process asking again (a test calling main twice) gets the lock it holds."""
+    key = str(Path(out_dir).resolve())
+    held = _HELD.get(key)
+    if held is not None and not held.closed:
+        return held
+    handle = open(Path(out_dir) / ".run.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another run is using --out-dir {out_dir} right now; wait for it to end, or pass another "
+                        "--out-dir (workers sharing a study each take a folder of their own)") from None
+    _HELD[key] = handle
+    return handle
 
 
 def start_run(out_dir, settings):

@@ -20,7 +20,7 @@ from data import load_search_data, resolve_data_dir
 from errors import UserError
 from mnist_optuna.cli import interrupted_by_user
 from mnist_optuna.reporting import print_trial_lines, progress, trial_accuracy
-from mnist_optuna.rundir import start_run
+from mnist_optuna.rundir import hold_run_folder, start_run
 from mnist_optuna.storages import (
     metric_names,
     open_run_folder,
@@ -347,6 +347,7 @@ class Run:
     tracker: object = None    # tracking.Tracker of --mlflow, or None
     artifacts: object = None  # the Optuna artifact store of --artifacts, or None
     precision: str = "fp32"   # what --precision resolved to on this device: fp32 | bf16
+    folder_lock: object = None  # rundir.hold_run_folder's lock: one running command per run folder
 
 
 def open_run(args, split_seed, record=None, experiment=None):
@@ -359,9 +360,10 @@ def open_run(args, split_seed, record=None, experiment=None):
     artifacts = open_artifact_store(args.artifacts)
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, split_seed)
     out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
+    folder_lock = hold_run_folder(out_dir)  # before config.json: a refused second run rewrites nothing
     run_id = start_run(out_dir, {**vars(args), **(record or {}), "precision": precision})
     log.info(f"device: {describe_device(device)}   precision: {precision} ({why})   data: {data_dir}   out: {out_dir}")
-    return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision)
+    return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision, folder_lock)
 
 
 def study_for(run, name, sampler, pruner, args, renamed=None, **resolved):

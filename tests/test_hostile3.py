@@ -132,3 +132,30 @@ def test_a_tampered_checkpoint_is_one_line_for_evaluate_and_verify(capsys, tmp_p
     verify = subprocess.run([sys.executable, str(ROOT / "results" / "verify.py"), str(bad)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode != 0 and "Traceback" not in verify.stderr and words in verify.stderr + verify.stdout
+
+
+def test_the_same_command_twice_at_once_in_one_folder_runs_once(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import DATA_DIR, ROOT, run_script
+
+    out = tmp_path / "twice"
+    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2",
+               "--no-plots", "--out-dir", str(out), "--data-dir", str(DATA_DIR)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the second starts once the first holds the folder (its config.json is written right after the lock)
+    import time
+    deadline = time.monotonic() + 120
+    while not (out / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output, errors = first.communicate(timeout=300)
+    assert first.returncode == 0, errors
+    assert second.returncode == 2 and "another run is using --out-dir" in second.stderr, second.stderr
+    assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
+    rows = (out / "trials.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 2  # --n-trials 2, trained once
+    # and once the first has ended, the same command in the folder resumes as always
+    assert run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots",
+                      "--out-dir", out).returncode == 0
