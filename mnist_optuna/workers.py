@@ -145,6 +145,29 @@ def remaining_trials(study, n_trials, run_id):
     return max(0, n_trials - done)
 
 
+_SEEN = {}  # what: (the value last seen, when this process first saw it, by its own monotonic clock)
+
+
+def silent_seconds(what, value):
+    """Seconds, by this process's clock, since another worker's heartbeat `value` (anything it advances) last changed,
+    as observed here; 0 at the first sight. Liveness never compares another host's clock with ours: a worker whose
+    clock is an hour ahead would look alive for an hour after its death, one an hour behind dead while it runs."""
+    now = time.monotonic()
+    last = _SEEN.get(what)
+    if last is None or last[0] != value:
+        _SEEN[what] = (value, now)
+        return 0.0
+    return now - last[1]
+
+
+def silent_for(what, worker, stamp):
+    """Seconds since `stamp` (a time.time() the worker named `worker` wrote): by the clock itself when that worker
+    runs on this host (one clock), else as observed here (silent_seconds)."""
+    if str(worker).rpartition(":")[0] == socket.gethostname() and isinstance(stamp, (int, float)):
+        return time.time() - stamp
+    return silent_seconds(what, stamp)
+
+
 SEARCHING = "searching:"  # + run id: a study user attribute saying whether that run folder's worker still adds trials
 
 
@@ -164,7 +187,7 @@ def searching_others(study, run_id, patience_seconds):
         if not key.startswith(SEARCHING) or key == SEARCHING + str(run_id) or not said.get("active"):
             continue
         host, _, pid = str(said.get("worker", "")).rpartition(":")
-        silent = time.time() - said.get("alive_at", 0)
+        silent = silent_for((study.study_name, key), said.get("worker"), said.get("alive_at"))
         here = host == socket.gethostname() and pid.isdigit()
         if (here and (_process_alive(int(pid)) or silent < GRACE_SECONDS)) or (not here and silent < patience_seconds):
             others.append(key[len(SEARCHING):])
@@ -191,9 +214,12 @@ def wait_for_others(searched, run_id=None, poll_seconds=1):
             trials = study.get_trials(deepcopy=False)
             longest = max((t.duration.total_seconds() for t in trials if t.duration), default=0)
             patience = datetime.timedelta(seconds=2 * longest + GRACE_SECONDS)
-            now = datetime.datetime.now()
+            # how long another host's trial has run is judged from when this process first saw it running, not from
+            # its start time, which that host's clock wrote
             running += [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") != worker_id()
-                        and t.datetime_start and now - t.datetime_start < patience]
+                        and silent_for((study.study_name, "running", t.number), t.user_attrs.get("worker"),
+                                       t.datetime_start.timestamp() if t.datetime_start else None)
+                        < patience.total_seconds()]
             searching += searching_others(study, run_id, patience.total_seconds())
         if not running and not searching:
             return
@@ -225,7 +251,8 @@ class FinalStageClaim:
 
     def _alive(self, trial):
         return (trial.state == TrialState.RUNNING and not _worker_dead(trial)
-                and time.time() - trial.user_attrs.get("alive_at", 0) < GRACE_SECONDS)
+                and silent_for((self.study.study_name, trial.number), trial.user_attrs.get("worker"),
+                               trial.user_attrs.get("alive_at")) < GRACE_SECONDS)
 
     def acquire(self, on_wait=None):
         """None when this worker runs the final stage (the claim is held until release), else the finished claim of

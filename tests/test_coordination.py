@@ -185,3 +185,29 @@ def test_a_retried_trial_taken_by_a_live_worker_is_not_failed_for_its_predecesso
     assert study.get_trials(deepcopy=False)[retry.number].state == TrialState.RUNNING
     studies.claim(retry, "run-b")  # once claimed, it is judged by its own worker (alive: this process)
     assert workers.requeue_lost_trials(study) == 0
+
+
+def test_another_hosts_liveness_never_compares_its_clock_with_ours(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize", study_name="skew")
+    # a searching worker on another host whose clock is an hour ahead, killed: its stamp never changes again
+    study.set_user_attr(workers.SEARCHING + "far", {"worker": "farhost:1", "active": True,
+                                                    "alive_at": time.time() + 3600})
+    assert workers.searching_others(study, "mine", 120) == ["far"]
+    clock[0] += 60
+    assert workers.searching_others(study, "mine", 120) == ["far"]
+    clock[0] += 61  # silent for the whole patience, as seen here: not waited for (it used to be an hour)
+    assert workers.searching_others(study, "mine", 120) == []
+
+    # a final-stage claim on another host whose clock is an hour behind, beating: alive, however far behind
+    claim = workers.FinalStageClaim(storage, "skew", "key", "mine")
+    held = claim.study.ask()
+    held.set_user_attr("worker", "behindhost:2")
+    for beat in range(4):
+        held.set_user_attr("alive_at", time.time() - 3600 + beat * 30)
+        assert claim._alive(claim.study.get_trials(deepcopy=False)[held.number])
+        clock[0] += workers.GRACE_SECONDS - 1
+    clock[0] += 2  # no beat for longer than the grace: dead, taken over
+    assert not claim._alive(claim.study.get_trials(deepcopy=False)[held.number])
