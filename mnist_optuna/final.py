@@ -6,7 +6,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import statistics
@@ -39,7 +38,7 @@ from mnist_optuna.reporting import (
     summarise,
     trial_accuracy,
 )
-from mnist_optuna.rundir import command_line, source_version, write_json
+from mnist_optuna.rundir import STAGING, command_line, publish_staged, source_version, write_json
 from mnist_optuna.scores import compare, comparison_text, score_text, scores_of_logits
 from mnist_optuna.studies import merged_study, mmac_of, rank, release_memory
 from mnist_optuna.tracking import local_file, open_artifact_store, publish, published_text
@@ -208,7 +207,7 @@ class StagedFiles:
     a stopped final stage leaves the previous files as they were, all of one network. The staging folder keeps
     what a stopped stage finished (its checkpoints resume it); a lock on it (released by the system when the
     process ends, however it ends) keeps two final stages in one folder from mixing their files."""
-    FOLDER = ".final-stage"
+    FOLDER = STAGING
 
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
@@ -241,16 +240,10 @@ class StagedFiles:
         previous stage that this one does not make goes, and so does what a stopped stage with other settings left in
         the staging folder (its checkpoints served only to resume it): every model in the folder is of this stage."""
         names = {path.name for path in self.folder.iterdir() if path.name in self.made}
-        previous = [path for pattern in ("seed-*.pt", "ensemble-*.pt", "model.onnx")
+        previous = [path.name for pattern in ("seed-*.pt", "ensemble-*.pt", "model.onnx")
                     for path in self.out_dir.glob(pattern) if path.name not in names]
-        with stop_signals_blocked():
-            for name in sorted(names, key=lambda name: name == "summary.json"):  # summary.json last
-                os.replace(self.folder / name, self.out_dir / name)
-            for path in previous:
-                path.unlink()
-        for path in self.folder.iterdir():  # the lock file, temporaries of a stopped write
-            path.unlink()
-        self.folder.rmdir()
+        with stop_signals_blocked():  # and a SIGKILL is finished by the next run in the folder (rundir)
+            publish_staged(self.out_dir, names, previous)
 
     def __exit__(self, *exc):
         self.lock.close()

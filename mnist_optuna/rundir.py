@@ -53,6 +53,39 @@ def writable_folder(folder, flag, advice):
     return folder
 
 
+STAGING = ".final-stage"  # the final stage's staging folder inside a run folder
+PUBLISHING = ".publishing"  # in it: the list of moves of a publish under way
+
+
+def publish_staged(out_dir, names, previous):
+    """Move the staged files `names` into the run folder (summary.json last) and remove `previous` (files of the stage
+    before that this one does not make), as one act a kill cannot leave half done: the list of moves is written
+    first, whole or not at all, and a run that finds it finishes them (finish_publish) before it reads the folder."""
+    write_json(Path(out_dir) / STAGING / PUBLISHING, {"names": sorted(names), "previous": sorted(previous)})
+    finish_publish(out_dir)
+
+
+def finish_publish(out_dir):
+    """Finish the publish a kill interrupted in `out_dir`, if any (every move is a rename, so doing one twice is
+    harmless); then the staging folder goes. True when there was one."""
+    folder = Path(out_dir) / STAGING
+    plan_path = folder / PUBLISHING
+    if not plan_path.is_file():
+        return False
+    plan = json.loads(plan_path.read_text())
+    for name in sorted(plan["names"], key=lambda name: name == "summary.json"):
+        if (folder / name).exists():
+            os.replace(folder / name, Path(out_dir) / name)
+    for name in plan["previous"]:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+    for path in folder.iterdir():  # the lock file, temporaries of a stopped write; the list last
+        if path != plan_path:
+            path.unlink()
+    plan_path.unlink()
+    folder.rmdir()
+    return True
+
+
 _HELD = weakref.WeakValueDictionary()  # resolved run folder -> the open lock file of this process's run in it
 
 

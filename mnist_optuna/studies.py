@@ -20,7 +20,7 @@ from data import load_search_data, resolve_data_dir
 from errors import UserError
 from mnist_optuna.cli import interrupted_by_user
 from mnist_optuna.reporting import print_trial_lines, progress, trial_accuracy
-from mnist_optuna.rundir import hold_run_folder, start_run
+from mnist_optuna.rundir import finish_publish, hold_run_folder, start_run
 from mnist_optuna.storages import (
     metric_names,
     open_run_folder,
@@ -361,6 +361,9 @@ def open_run(args, split_seed, record=None, experiment=None):
     data = load_search_data(data_dir, device, args.val_size, args.train_subset, split_seed)
     out_dir, storage = open_run_folder(args.out_dir, args.storage, must_exist=args.retrain_only)
     folder_lock = hold_run_folder(out_dir)  # before config.json: a refused second run rewrites nothing
+    if finish_publish(out_dir):  # before anything reads the folder
+        log.info(f"{out_dir}: the final stage's files were being moved into place when its run was killed; "
+                 "the move is finished")
     run_id = start_run(out_dir, {**vars(args), **(record or {}), "precision": precision})
     log.info(f"device: {describe_device(device)}   precision: {precision} ({why})   data: {data_dir}   out: {out_dir}")
     return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision, folder_lock)

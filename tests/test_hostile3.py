@@ -159,3 +159,50 @@ def test_the_same_command_twice_at_once_in_one_folder_runs_once(tmp_path):
     # and once the first has ended, the same command in the folder resumes as always
     assert run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots",
                       "--out-dir", out).returncode == 0
+
+
+def test_a_publish_killed_half_way_is_finished_by_the_next_run_before_it_reads_the_folder(tmp_path):
+    import json
+
+    from conftest import run_script
+    from mnist_optuna.rundir import PUBLISHING, STAGING
+
+    out = tmp_path / "run"
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots", "--promote", "0", "--out-dir", out]
+    assert run_script("MNIST-optuna.py", *args, "--final-seeds", "2").returncode == 0
+    # a later stage (one seed) killed while its files moved: model.pt is already the new one, the rest is not
+    staging = out / STAGING
+    staging.mkdir()
+    for name, text in (("model.pt", b"new model"), ("summary.json", b'{"stage": "new"}'),
+                       ("best_params.json", b'{"stage": "new"}')):
+        (staging / name).write_bytes(text)
+    (staging / PUBLISHING).write_text(json.dumps({"names": ["best_params.json", "model.pt", "summary.json"],
+                                                  "previous": ["seed-1.pt"]}))
+    (staging / "model.pt").replace(out / "model.pt")  # the one move done before the kill
+    assert (out / "seed-1.pt").exists() and json.loads((out / "summary.json").read_text()).get("stage") != "new"
+    # the next run in the folder finishes the moves first, before it reads anything
+    again = run_script("MNIST-optuna.py", *args, "--retrain-only", "--no-final")
+    assert again.returncode == 0, again.stderr
+    assert "the move is finished" in again.stdout + again.stderr
+    assert (out / "model.pt").read_bytes() == b"new model" and not (out / "seed-1.pt").exists()
+    assert not staging.exists()
+
+
+def test_finish_publish_completes_every_move_once(tmp_path):
+    import json
+
+    from mnist_optuna.rundir import PUBLISHING, STAGING, finish_publish
+
+    staging = tmp_path / STAGING
+    staging.mkdir()
+    (tmp_path / "summary.json").write_text("old")
+    (tmp_path / "ensemble-1.pt").write_text("old member")
+    (staging / "summary.json").write_text("new")
+    (staging / ".lock").write_text("")
+    (staging / PUBLISHING).write_text(json.dumps({"names": ["summary.json", "model.pt"],
+                                                  "previous": ["ensemble-1.pt"]}))
+    (tmp_path / "model.pt").write_text("new model")  # moved before the kill
+    assert finish_publish(tmp_path)
+    assert (tmp_path / "summary.json").read_text() == "new" and (tmp_path / "model.pt").read_text() == "new model"
+    assert not (tmp_path / "ensemble-1.pt").exists() and not staging.exists()
+    assert not finish_publish(tmp_path)  # nothing left to finish
