@@ -66,13 +66,16 @@ LOCK_NAME_EXTRA = len(".lock") + 36 + len(".rename")  # Optuna's lock file, and 
 
 
 def readable_records(content):
-    """(the complete records of a journal's bytes, one per line; how many bytes are torn records; whether some
-    bytes are not part of any record, which no crash of a writer leaves: then the file is not mended).
+    """(the complete records of a journal's bytes, one per line; how many bytes are torn records or a tail after the
+    last whole record; whether some bytes before a whole record are not part of any record, which no crash of a
+    writer leaves: then the file is not mended).
 
     A writer that crashed or hit a full disk leaves the start of a record without its newline. When it was the
     last writer, that part is the file's tail; when another worker appended after it, the part starts a line
-    that ends with that worker's whole record. Either way the whole records are kept and the torn parts dropped."""
-    kept, torn, foreign = [], 0, False
+    that ends with that worker's whole record. Either way the whole records are kept and the torn parts dropped.
+    Bytes after the last whole record that are no record at all (something appended to the file) go the same way:
+    the records before them are the study, and refusing the file would abandon every trial it holds."""
+    kept, torn, foreign, foreign_tail = [], 0, False, False
     for line in content.splitlines(keepends=True):
         record = line
         while record:
@@ -85,10 +88,11 @@ def readable_records(content):
             cut = record.find(RECORD_START, 1)  # a whole record may follow the torn one on its line
             record = record[cut:] if cut > 0 else b""
         part = line[:len(line) - len(record)]
-        foreign = foreign or not part.startswith(RECORD_START[:len(part)])
+        foreign_tail = foreign_tail or not part.startswith(RECORD_START[:len(part)])
         torn += len(part)
         if record:
             kept.append(record)
+            foreign = foreign or foreign_tail  # no record: what came before this whole one is inside the file
     return b"".join(kept), torn, foreign or not kept
 
 
@@ -119,8 +123,9 @@ def mend_torn_journal(path):
             os.replace(tmp, path)
         finally:
             lock.release()
-    log.warning(f"warning: {path} held {dropped} bytes of torn records (a crash or a full disk cut them short); "
-                f"removed them, kept every whole record and the original as {backup.name}")
+    log.warning(f"warning: {path} held {dropped} bytes that are no whole record (a record cut short by a crash or a "
+                f"full disk, or bytes appended after the last one); removed them, kept every whole record and the "
+                f"original as {backup.name}")
 
 
 def check_journal_name(path):

@@ -76,7 +76,7 @@ def test_a_torn_last_journal_record_is_mended_and_kept(tmp_path):
 
     result = run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--n-trials", "3", "--out-dir", out)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "torn records" in result.stdout + result.stderr
+    assert "no whole record" in result.stdout + result.stderr
     backups = list(out.glob("study.journal.torn-*"))
     assert len(backups) == 1 and backups[0].read_bytes() == original[:-40]
     finished = [t for t in study_trials(journal) if t.state.name in ("COMPLETE", "PRUNED")]

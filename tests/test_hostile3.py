@@ -206,3 +206,34 @@ def test_finish_publish_completes_every_move_once(tmp_path):
     assert (tmp_path / "summary.json").read_text() == "new" and (tmp_path / "model.pt").read_text() == "new model"
     assert not (tmp_path / "ensemble-1.pt").exists() and not staging.exists()
     assert not finish_publish(tmp_path)  # nothing left to finish
+
+
+def test_bytes_appended_after_a_journals_last_record_are_dropped_with_a_backup_not_the_study():
+    import os
+
+    from mnist_optuna.storages import readable_records
+
+    records = b'{"op_code": 0, "worker_id": "a"}\n{"op_code": 5, "worker_id": "a"}\n'
+    garbage = os.urandom(300).replace(b"{", b"(")
+    kept, dropped, foreign = readable_records(records + garbage)
+    assert kept == records and dropped == len(garbage) and not foreign
+    # the same bytes before a whole record are no crash's leftovers: the file is not mended
+    assert readable_records(garbage + b"\n" + records)[2]
+
+
+def test_a_journal_with_bytes_appended_resumes_its_study(tmp_path):
+    import os
+
+    from conftest import run_script
+    from test_hostile2 import SEARCH, study_trials
+
+    out = tmp_path / "run"
+    assert run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out).returncode == 0
+    journal = out / "study.journal"
+    original = journal.read_bytes()
+    journal.write_bytes(original + os.urandom(200).replace(b"{", b"("))
+    result = run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--n-trials", "3", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    assert "no whole record" in result.stdout + result.stderr
+    assert len([t for t in study_trials(journal) if t.state.name in ("COMPLETE", "PRUNED")]) >= 3  # went on
+    assert any(path.read_bytes().startswith(original) for path in out.glob("study.journal.torn-*"))
