@@ -86,6 +86,10 @@ def ensure_files(data_dir):
     else:
         stamp = None
     missing = [name for name in names if not (raw / name).is_file()]
+    packed = [name for name in missing if (raw / f"{name}.gz").is_file()]
+    if packed:  # the files as MNIST's site serves them: only not unpacked yet
+        raise DataError(f"MNIST in {raw}/ is still compressed ({', '.join(f'{name}.gz' for name in packed)}); "
+                        f"decompress it there: gunzip -k {raw}/*.gz")
     if missing and Path(data_dir) != DEFAULT_DATA_DIR:
         # a folder the user named is read, never filled: a mistyped path must not grow MNIST/raw folders
         raise DataError(f"MNIST not found in {raw}/ (missing {', '.join(missing)}); put the files there, fix "

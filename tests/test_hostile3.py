@@ -237,3 +237,16 @@ def test_a_journal_with_bytes_appended_resumes_its_study(tmp_path):
     assert "no whole record" in result.stdout + result.stderr
     assert len([t for t in study_trials(journal) if t.state.name in ("COMPLETE", "PRUNED")]) >= 3  # went on
     assert any(path.read_bytes().startswith(original) for path in out.glob("study.journal.torn-*"))
+
+
+def test_compressed_mnist_files_are_named_with_the_command_that_unpacks_them(capsys, tmp_path, data_dir):
+    import gzip
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        (raw / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()[:1000], compresslevel=1))
+    result = run_in_process(capsys, "MNIST-optuna.py", *TINY, "--data-dir", tmp_path / "data",
+                            "--out-dir", tmp_path / "o")
+    line = assert_one_line_error(result)
+    assert "is still compressed" in line and "gunzip -k" in line and "train-images-idx3-ubyte.gz" in line
