@@ -38,6 +38,9 @@ def normalise_config(config):
     if not isinstance(config["conv"], list) or not config["conv"]:
         raise ConfigError("model config 'conv' must be a non-empty list of conv blocks")
     for i, block in enumerate(config["conv"]):
+        if isinstance(block, list):
+            raise ConfigError(f"conv block {i} is a list; each block is one JSON object (on the command line one "
+                              "argument per block: --conv-blocks '{\"channels\": 16, \"kernel\": 3}' '{...}')")
         if not isinstance(block, dict) or not {"channels", "kernel"} <= block.keys():
             raise ConfigError(f"conv block {i} needs at least 'channels' and 'kernel'")
         block.setdefault("slope", 0.01)

@@ -250,3 +250,10 @@ def test_compressed_mnist_files_are_named_with_the_command_that_unpacks_them(cap
                             "--out-dir", tmp_path / "o")
     line = assert_one_line_error(result)
     assert "is still compressed" in line and "gunzip -k" in line and "train-images-idx3-ubyte.gz" in line
+
+
+def test_conv_blocks_given_as_one_json_list_say_how_to_pass_them(capsys, tmp_path):
+    result = run_in_process(capsys, "MNIST-optuna-adv.py", *TINY, "--conv-blocks",
+                            '[{"channels": 8, "kernel": 3, "pool": true}]', "--out-dir", tmp_path / "o")
+    line = assert_one_line_error(result)
+    assert "conv block 0 is a list" in line and "one argument per block" in line
