@@ -19,7 +19,7 @@ from mnist_optuna import cli, final, studies, workers
 from mnist_optuna.backbone import read_backbone
 from mnist_optuna.reporting import network_text
 from mnist_optuna.training import PRECISIONS
-from models import normalise_config
+from models import build_model, normalise_config
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ def head_grid(depths, widths):
 def backbone_of(args):
     """The conv blocks of --backbone (a best_params.json or model.pt), else CONV_BLOCKS."""
     if args.backbone is None:
-        return normalise_config({"conv": args.conv_blocks, "fc": []})["conv"]
+        config = normalise_config({"conv": args.conv_blocks, "fc": []})
+        build_model(config)  # blocks that do not fit a 28x28 image: one line now, not a failed trial later
+        return config["conv"]
     return read_backbone(args.backbone, args.artifacts)[0]["conv"]
 
 

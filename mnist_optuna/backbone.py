@@ -6,7 +6,8 @@ from pathlib import Path
 from errors import UserError
 from mnist_optuna.tracking import local_file, open_artifact_store
 from mnist_optuna.training import load_checkpoint
-from models import normalise_config
+from data import NUM_CLASSES
+from models import build_model, normalise_config
 
 
 def read_backbone(path, artifacts=None):
@@ -17,7 +18,7 @@ def read_backbone(path, artifacts=None):
         raise UserError(f"--backbone {path} does not exist; pass a best_params.json or a model.pt")
     if path.suffix == ".pt":
         payload = load_checkpoint(path)[1]
-        return normalise_config(payload["config"]), payload.get("train")
+        return checked(path, normalise_config(payload["config"])), payload.get("train")
     try:
         payload = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -28,4 +29,14 @@ def read_backbone(path, artifacts=None):
         raise UserError(f"--backbone {path} has no 'model' with 'conv' blocks; pass the best_params.json "
                         "written by MNIST-optuna.py")
     train = payload.get("train")
-    return normalise_config({"fc": [], **model}), train if isinstance(train, dict) else None
+    return checked(path, normalise_config({"fc": [], **model})), train if isinstance(train, dict) else None
+
+
+def checked(path, config):
+    """The backbone's network, refused before any work when it cannot serve MNIST: another number of classes (a run
+    would ship a model with outputs MNIST has no digit for), or conv blocks that do not fit a 28x28 image."""
+    if config["num_classes"] != NUM_CLASSES:
+        raise UserError(f"--backbone {path} classifies {config['num_classes']} classes, MNIST has {NUM_CLASSES}; pass "
+                        "the best_params.json or model.pt of an MNIST run")
+    build_model({**config, "fc": []})  # too many pools: its one-line ConfigError, before a trial fails on it
+    return config

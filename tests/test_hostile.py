@@ -53,13 +53,14 @@ def test_an_adv_rerun_with_another_backbone_is_refused(tmp_path):
     assert "--backbone" in assert_one_line_error(result)
 
 
-def test_a_grid_point_whose_trial_failed_on_a_bad_backbone_is_trained_after_the_fix(tmp_path):
+def test_a_backbone_that_does_not_fit_is_refused_before_any_trial_and_the_fixed_grid_trains_every_point(tmp_path):
     out = tmp_path / "run"
     grid = ["--fc-depths", "1", "--fc-widths", "8,16,32", "--no-final", "--no-plots", "--out-dir", out]
-    bad = tmp_path / "bad.json"  # five pools do not fit a 28x28 image: the first trial fails building it
+    bad = tmp_path / "bad.json"  # five pools do not fit a 28x28 image: refused in one line, before any trial
     bad.write_text(json.dumps({"model": {"conv": [{"channels": 4, "kernel": 3, "pool": True}] * 5, "fc": []}}))
     first = run_script("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", bad, *grid)
-    assert first.returncode == 2 and "pooling" in first.stderr
+    assert "too many pooling layers" in assert_one_line_error(first)
+    assert not (out / "study.journal").exists()  # no failed trial left behind
     fixed = run_script("MNIST-optuna-adv.py", *TINY_ADV, *grid, "--resume-anyway")
     assert fixed.returncode == 0, fixed.stderr
     done = [t.params["fc"] for t in study_trials(out / "study.journal", "mnist-fc-grid")

@@ -257,3 +257,16 @@ def test_conv_blocks_given_as_one_json_list_say_how_to_pass_them(capsys, tmp_pat
                             '[{"channels": 8, "kernel": 3, "pool": true}]', "--out-dir", tmp_path / "o")
     line = assert_one_line_error(result)
     assert "conv block 0 is a list" in line and "one argument per block" in line
+
+
+def test_a_backbone_of_another_number_of_classes_is_refused(capsys, tmp_path):
+    from mnist_optuna.training import TrainConfig, save_checkpoint
+    from models import build_model
+
+    twelve = tmp_path / "twelve.pt"
+    save_checkpoint(twelve, build_model({"conv": [{"channels": 4, "kernel": 3, "pool": True}], "fc": [8],
+                                         "num_classes": 12}), TrainConfig(), {})
+    for script, flags in (("MNIST-optuna.py", ["--stage", "optim"]), ("MNIST-optuna-adv.py", [])):
+        result = run_in_process(capsys, script, *TINY, *flags, "--backbone", twelve, "--out-dir", tmp_path / "o")
+        assert "classifies 12 classes, MNIST has 10" in assert_one_line_error(result)
+    assert not (tmp_path / "o").exists()
