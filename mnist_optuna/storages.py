@@ -197,9 +197,10 @@ def make_storage(spec, out_dir, must_exist=False):
 
 def grpc_proxy(url):
     """The storage behind Optuna's gRPC storage proxy at grpc://HOST:PORT (`python -m mnist_optuna proxy`)."""
-    match = re.match(r"^grpc://([^:/]+)(?::(\d+))?/?$", url)
-    if not match:
-        raise UserError(f"--storage {url}: write grpc://HOST:PORT")
+    # a host name, an IPv4 address, or an IPv6 literal in brackets (grpc://[::1]:13000), as gRPC takes them
+    match = re.match(r"^grpc://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]]+)(?::(\d+))?/?$", url)
+    if not match or not 1 <= int(match.group(2) or GRPC_PORT) <= 65535:
+        raise UserError(f"--storage {url}: write grpc://HOST:PORT (a port 1-65535; an IPv6 address in brackets)")
     host, port = match.group(1), int(match.group(2) or GRPC_PORT)
     try:
         proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)

@@ -72,3 +72,14 @@ def test_a_port_in_use_an_impossible_port_and_an_unknown_host_are_one_line(proxy
         assert words in second.stderr and len(second.stderr.strip().splitlines()) == 1, second.stderr
         assert "storage proxy for" not in second.stdout  # it never said it listens
     assert not (tmp_path / "second.journal").exists()
+
+
+@pytest.mark.parametrize("url, words", [
+    ("grpc://[::1]:{port}", "cannot reach the storage proxy at [::1]:"),  # an IPv6 literal is an address, not a typo
+    ("grpc://127.0.0.1:99999", "a port 1-65535"),
+    ("grpc://[::1", "write grpc://HOST:PORT"),
+])
+def test_grpc_urls_take_ipv6_literals_and_refuse_impossible_ports(capsys, tmp_path, url, words):
+    result = run_in_process(capsys, "MNIST-optuna.py", "--quick", "--storage", url.format(port=free_port()),
+                            "--out-dir", tmp_path / "o")
+    assert words in assert_one_line_error(result)
