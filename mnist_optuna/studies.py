@@ -30,6 +30,7 @@ from mnist_optuna.storages import (
 from mnist_optuna.tracking import Tracker, open_artifact_store
 from mnist_optuna.training import (
     Divergence,
+    EpochCheckpoint,
     TrainConfig,
     derive_seed,
     describe_device,
@@ -243,7 +244,7 @@ def yield_to_twin(trial, twin, several):
 
 
 def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoch=1, max_mmac=None,
-              objectives=("accuracy",)):
+              objectives=("accuracy",), checkpoint_dir=None):
     """Train the trial's network, report validation accuracy, prune; return the last validation accuracy, or
     with several `objectives` the values of each (accuracy, MMAC, CPU latency in ms per image) in their order.
 
@@ -253,6 +254,8 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     so the front never lists one network twice). A diverged loss prunes the trial and an out-of-memory fails
     it. Each keeps its reason in the trial's user attributes; the study goes on. Optuna cannot prune a
     multi-objective trial, so such a trial trains all its epochs and reports nothing on the way.
+    With `checkpoint_dir` the training keeps its state there after each epoch: a trial stopped or killed and queued
+    again (same parameters, same seed) continues from its last finished epoch, its earlier reports made again.
     """
     several = len(objectives) > 1
     seed = trial_seed(study_seed, trial.params)
@@ -275,6 +278,20 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     model = build_model(model_config).to(data.train_x.device)
 
     last_step = train_cfg.epochs * reports_per_epoch
+    checkpoint = None
+    if checkpoint_dir is not None:
+        identity = {"study": trial.study.study_name if isinstance(trial, optuna.trial.Trial) else None,
+                    "model": model_config, "train": train_cfg.to_dict(), "seed": seed,
+                    "images": len(data.train_y), "val": len(data.val_y), "reports_per_epoch": reports_per_epoch,
+                    "data": data.fingerprint}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+        def replay(reports):  # the retried trial gets the reports its predecessor made before the stop
+            for step, value in reports:
+                if not several:
+                    trial.report(value, step)
+        checkpoint = EpochCheckpoint(Path(checkpoint_dir) / f".trial-{digest}.epoch", identity,
+                                     f"trial {trial.number}", replay)
 
     def on_report(step, val_accuracy):
         # two workers can start one configuration at the same moment, each reading the study before the
@@ -290,9 +307,11 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
         if step < last_step and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} with validation accuracy {val_accuracy:.4f}")
 
+    stopped = False  # by the user: the only end that keeps the checkpoint (a kill runs no code at all)
     try:
         history = train(model, data.train_x, data.train_y, train_cfg, seed, val=(data.val_x, data.val_y),
-                        on_report=on_report, reports_per_epoch=reports_per_epoch, background=data.background)
+                        on_report=on_report, reports_per_epoch=reports_per_epoch, background=data.background,
+                        checkpoint=checkpoint)
         if "latency" in objectives:
             trial.set_user_attr("latency_ms", cpu_latency_ms(model))
     except TwinFound as found:
@@ -303,9 +322,14 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     except (torch.OutOfMemoryError, MemoryError) as error:
         trial.set_user_attr("reason", f"out of memory: {str(error).splitlines()[0] if str(error) else ''}")
         raise
+    except BaseException as error:
+        stopped = interrupted_by_user(error)
+        raise
     finally:
         del model
         release_memory()
+        if checkpoint is not None and not stopped:  # pruned, a twin's, failed or done: nothing to resume
+            checkpoint.remove()
         if torch.cuda.is_available():  # what a trial leaves behind; flat over many trials means no leak
             trial.set_user_attr("cuda_memory_mb", torch.cuda.memory_allocated() / 2**20)
     if twin is not None:
@@ -387,7 +411,7 @@ def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None, 
             claim(trial, run.run_id)
             model_config, train_cfg = suggest(trial)
             return run_trial(trial, model_config, train_cfg, run.data, study_seed, reports_per_epoch, max_mmac,
-                             objectives)
+                             objectives, checkpoint_dir=run.out_dir)
         except BaseException as error:
             # Ctrl-C or SIGTERM at any point of the trial, not only in training: Optuna marks it failed, and
             # this reason makes a rerun queue it again (a trial without it would count as a real failure)

@@ -252,10 +252,11 @@ class EpochCheckpoint:
     is trained: a file of another training is never continued. `name` names the training in the line that says it
     resumes. train() removes the file when the training ends."""
 
-    def __init__(self, path, identity, name="training"):
+    def __init__(self, path, identity, name="training", on_resume=None):
         self.path, self.name = Path(path), name
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         self.resumed_epochs, self.resumed_seconds = 0, 0.0
+        self.on_resume = on_resume  # on_resume([(step, val_accuracy), ...]): the reports made before the stop
 
     def load(self):
         """The state saved after the last finished epoch of this very training, or None."""
@@ -329,7 +330,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
     average = weight_average(model, cfg, steps_per_epoch)
     scored = model if average is None else average.module  # the weights a validation score is of
     fitted = False  # the average's BatchNorm statistics belong to its current weights
-    history, step, first_epoch = [], 0, 1
+    history, step, first_epoch, reports = [], 0, 1, []
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -339,7 +340,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         if average is not None:
             average.load_state_dict(state["average"])
         _set_rng_states(state["rng"], generator, augment_generator)
-        history, step, fitted = state["history"], state["step"], state["fitted"]
+        history, step, fitted, reports = state["history"], state["step"], state["fitted"], state["reports"]
         first_epoch = len(history) + 1
         checkpoint.resumed_epochs = len(history)
         checkpoint.resumed_seconds = sum(record["seconds"] for record in history)
@@ -348,6 +349,8 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
             "the result is not bit-identical to an uninterrupted run")
         log.info(f"{checkpoint.name}: resuming after epoch {len(history)} of {cfg.epochs} from its checkpoint"
                  f"{threads}")
+        if checkpoint.on_resume is not None:
+            checkpoint.on_resume([tuple(report) for report in reports])
     for epoch in range(first_epoch, cfg.epochs + 1):
         started, eval_seconds = time.perf_counter(), 0.0
         model.train()
@@ -389,6 +392,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
                 if not math.isfinite(loss.item()):
                     raise Divergence(f"loss is {loss.item()} at epoch {epoch}")
                 model.train()
+                reports.append((step, val_accuracy))
                 if on_report is not None:
                     on_report(step, val_accuracy)
         train_loss = (loss_sum / max(seen, 1)).item()
@@ -406,7 +410,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
                              "scheduler": scheduler.state_dict() if scheduler is not None else None,
                              "average": average.state_dict() if average is not None else None,
                              "rng": _rng_states(generator, augment_generator), "step": step, "fitted": fitted,
-                             "history": history, "threads": torch.get_num_threads()})
+                             "history": history, "reports": reports, "threads": torch.get_num_threads()})
         if on_epoch is not None:
             on_epoch(history[-1])
     if scores is not None:

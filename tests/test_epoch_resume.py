@@ -105,3 +105,42 @@ def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_la
         b = torch.load(out / name, weights_only=True)["state_dict"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert not list(out.glob(".*.epoch")) and not staged.exists()
+
+
+def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_reports_and_value(tmp_path):
+    import optuna
+
+    from mnist_optuna.storages import make_storage
+
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "1", "--epochs", "4", "--train-subset", "4000",
+            "--pruner", "none", "--no-final", "--no-plots"]
+    whole = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, "--out-dir", str(out), "--data-dir",
+               str(DATA_DIR)]
+    out.mkdir()
+    deadline = time.monotonic() + 240
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.monotonic() < deadline and process.poll() is None and not list(out.glob(".trial-*.epoch")):
+            time.sleep(0.02)
+        assert process.poll() is None, "the trial ended before its first epoch checkpoint was seen"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    rerun = run_script("MNIST-optuna.py", *args, "--out-dir", out)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "resuming after epoch" in line]
+    assert len(resumed) == 1 and resumed[0].startswith("trial 1: resuming after epoch "), resumed
+
+    def finished(folder):
+        study = optuna.load_study(study_name="mnist-cnn-seed0", storage=make_storage(None, folder, must_exist=True))
+        return [t for t in study.trials if t.state.name == "COMPLETE"]
+    [expected], [retried] = finished(tmp_path / "whole"), finished(out)
+    assert retried.params == expected.params and retried.number == 1  # trial 0 was lost to the kill
+    assert retried.value == expected.value and retried.intermediate_values == expected.intermediate_values
+    assert retried.user_attrs["validation"] == expected.user_attrs["validation"]
+    assert not list(out.glob(".trial-*.epoch"))
