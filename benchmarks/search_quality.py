@@ -102,7 +102,7 @@ def report(arms):
     if "search" not in stats:
         print("search vs random: not measured yet (no search arm finished)")
         return
-    for other in ("random", "hand"):
+    for other in ("hand", "random"):  # the margin over chance last: the run's summary line
         if other not in stats:
             continue
         (a, sa, na), (b, sb, nb) = stats["search"], stats[other]
