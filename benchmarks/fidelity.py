@@ -194,16 +194,40 @@ def report(runs, names, n_networks, stored_networks=None):
           f"trial; {ceiling_text} ({best[3]} networks)")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--networks", type=int, default=12, help="random networks of the default space")
-    parser.add_argument("--draw-seed", type=int, default=0, help="seed of the networks' draw and of their trainings")
+def common_parser(doc, results):
+    """The flags both search benchmarks take."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the scripts' --quick space and sizes: a smoke run")
     parser.add_argument("--train-images", type=int, default=None, help="cap the 50,000 images (smoke runs)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--results", default=str(ROOT / "bench-out" / "fidelity.json"),
+    parser.add_argument("--results", default=str(ROOT / "bench-out" / results),
                         help="JSON file of finished trainings; a rerun skips them")
+    return parser
+
+
+def prepare(args):
+    """(the script, its default (or --quick) settings, device, precision and why, the search's data split, the
+    50,000 training images (or --train-images of them), the test set (a fifth of it for a smoke run: its figure
+    means nothing there))."""
+    script = load_script("MNIST-optuna.py")
+    space = script.build_parser().parse_with_preset(["--quick"] if args.quick else [], "--quick", script.QUICK)
+    if args.quick:
+        args.train_images = args.train_images or 2000
+    device = resolve_device(args.device)
+    precision, why = resolve_precision(space.precision, device)
+    data_dir = resolve_data_dir(args.data_dir or space.data_dir)
+    subset = load_search_data(data_dir, device, space.val_size, space.train_subset, space.split_seed)
+    test = load_test(data_dir, device, subset.mean, subset.std)
+    if args.quick:
+        test = (test[0][:2000], test[1][:2000])
+    return (script, space, device, precision, why, subset, promotion_training_set(subset, args.train_images), test)
+
+
+def main(argv=None):
+    parser = common_parser(__doc__, "fidelity.json")
+    parser.add_argument("--networks", type=int, default=12, help="random networks of the default space")
+    parser.add_argument("--draw-seed", type=int, default=0, help="seed of the networks' draw and of their trainings")
     parser.add_argument("--report", action="store_true", help="print the table of the --results file; train nothing")
     args = parser.parse_args(argv)
     if args.report:
@@ -212,19 +236,10 @@ def main(argv=None):
         for net, config in enumerate(stored["settings"]["networks"]):
             print(f"network {net}: {describe(config)} drop {config['dropout']:.2f} ({mmac(config):.1f} MMAC)")
         return report(stored["runs"], names, len(stored["settings"]["networks"]), stored["settings"]["networks"])
-    script = load_script("MNIST-optuna.py")
-    space = script.build_parser().parse_with_preset(["--quick"] if args.quick else [], "--quick", script.QUICK)
     if args.quick:
-        args.networks, args.train_images = min(args.networks, 3), args.train_images or 2000
-    device = resolve_device(args.device)
-    precision, why = resolve_precision(space.precision, device)
-    data_dir = resolve_data_dir(args.data_dir or space.data_dir)
-    subset = load_search_data(data_dir, device, space.val_size, space.train_subset, space.split_seed)
-    train_sets = {"subset": (subset.train_x, subset.train_y),
-                  "all": promotion_training_set(subset, args.train_images)}
-    test = load_test(data_dir, device, subset.mean, subset.std)
-    if args.quick:  # a smoke run's test figure means nothing: a fifth of the test set is enough to compute one
-        test = (test[0][:2000], test[1][:2000])
+        args.networks = min(args.networks, 3)
+    script, space, device, precision, why, subset, train_set, test = prepare(args)
+    train_sets = {"subset": (subset.train_x, subset.train_y), "all": train_set}
     networks = draw_networks(script, space, args.networks, args.draw_seed)
     found = recipes(space, precision)
     settings = {"networks": networks, "draw_seed": args.draw_seed, "val_size": space.val_size,

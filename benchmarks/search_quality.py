@@ -16,7 +16,6 @@ It prints each arm's mean final validation accuracy (each network the mean of it
 the search's margin over random and over the hand recipe with theirs, and each arm's test accuracy, which is
 reported and never used to choose. The search's own CPU (search and promotion) is printed beside it.
 """
-import argparse
 import json
 import math
 import shutil
@@ -29,14 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from data import load_search_data, promotion_training_set, resolve_data_dir  # noqa: E402
+from data import resolve_data_dir  # noqa: E402
 from errors import UserError  # noqa: E402
-from fidelity import FINAL, cpu_model, load_script, one_training, recipes  # noqa: E402
+from fidelity import FINAL, common_parser, cpu_model, one_training, prepare, recipes  # noqa: E402
 from mnist_optuna import cli, studies  # noqa: E402
-from mnist_optuna.final import FinalConfig, load_test, promote, top_distinct  # noqa: E402
+from mnist_optuna.final import FinalConfig, promote, top_distinct  # noqa: E402
 from mnist_optuna.rundir import write_json  # noqa: E402
 from mnist_optuna.storages import make_storage  # noqa: E402
-from mnist_optuna.training import derive_seed, resolve_device, resolve_precision  # noqa: E402
+from mnist_optuna.training import derive_seed  # noqa: E402
 from models import describe, mmac  # noqa: E402
 from throughput import NETWORKS  # noqa: E402
 
@@ -115,34 +114,18 @@ def report(arms):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common_parser(__doc__, "search_quality.json")
     parser.add_argument("--pairs", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5],
                         help="study seeds, taken two by two (one default run per pair)")
     parser.add_argument("--random-draws", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=2, help="final-fidelity runs per network")
-    parser.add_argument("--quick", action="store_true", help="the scripts' --quick space and sizes: a smoke run")
-    parser.add_argument("--train-images", type=int, default=None, help="cap the 50,000 images (smoke runs)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--fidelity-results", default=str(ROOT / "bench-out" / "fidelity.json"),
                         help="benchmarks/fidelity.py's JSON: the random arm's runs")
-    parser.add_argument("--results", default=str(ROOT / "bench-out" / "search_quality.json"),
-                        help="JSON file of finished runs; a rerun skips them")
     args = parser.parse_args(argv)
     if len(args.pairs) % 2:
         raise UserError("--pairs takes study seeds two by two (e.g. --pairs 0 1 2 3)")
-    script = load_script("MNIST-optuna.py")
-    space = script.build_parser().parse_with_preset(["--quick"] if args.quick else [], "--quick", script.QUICK)
-    if args.quick:
-        args.train_images = args.train_images or 2000
-    device = resolve_device(args.device)
-    precision, why = resolve_precision(space.precision, device)
+    script, space, device, precision, why, subset, train_set, test = prepare(args)
     data_dir = resolve_data_dir(args.data_dir or space.data_dir)
-    subset = load_search_data(data_dir, device, space.val_size, space.train_subset, space.split_seed)
-    train_set = promotion_training_set(subset, args.train_images)
-    test = load_test(data_dir, device, subset.mean, subset.std)
-    if args.quick:  # a smoke run's test figure means nothing: a fifth of the test set is enough to compute one
-        test = (test[0][:2000], test[1][:2000])
     name, _, recipe = recipes(space, precision)[-1]
     settings = json.loads(json.dumps({"recipe": recipe.to_dict(), "val_size": space.val_size, "quick": args.quick,
                                       "split_seed": space.split_seed, "train_images": len(train_set[1]),

@@ -1,6 +1,5 @@
 """A stop costs an epoch, not a training: the final retrain, an ensemble member and a promotion keep their state after
 each epoch, and a rerun continues from the last finished one, to the last bit of an uninterrupted run."""
-import os
 import signal
 import subprocess
 import sys
