@@ -174,8 +174,8 @@ def report(runs, names, n_networks, stored_networks=None):
         print(f"{name:34s} {cells[0]:>24s} {cells[1]:>24s} {seconds:8.0f}")
     if stored_networks is not None and len(nets) >= 3:  # a predictor that trains nothing: the network's size
         sizes = [mmac(stored_networks[net]) for net in nets]
-        print(f"{'network MMAC (no training)':34s} {rho_text(spearman(sizes, target), bootstrap_interval(sizes, target))}"
-              f"{'':>24s} {0:8d}")
+        cell = rho_text(spearman(sizes, target), bootstrap_interval(sizes, target))
+        print(f"{'network MMAC (no training)':34s} {cell:>24s} {'':>24s} {0:8d}")
     both = [net for net in nets if len(finals[net]) == 2]
     ceiling = None
     if len(both) >= 3:
