@@ -60,16 +60,27 @@ def test_coordination_benchmark_runs_the_projects_calls_and_prints_the_ratio():
                      r"trials: \d+\.\d\dx; per trial: \d+\.\d\dx\)$", result.stdout, re.MULTILINE)
 
 
-def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(tmp_path):
+def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(capsys, tmp_path):
+    # in this process (the benchmarks' main()), which spares a new Python per run
     import json
 
+    import pytest
+
+    from errors import UserError
     from mnist_optuna.final import spearman
     from mnist_optuna.scores import unpack_correct
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fidelity as fidelity_benchmark
+    import search_quality as quality_benchmark
+
+    def run_main(module, *args):
+        module.main([*map(str, args)])
+        return capsys.readouterr().out
+
     fidelity = tmp_path / "fidelity.json"
-    args = ["benchmarks/fidelity.py", "--quick", "--data-dir", DATA_DIR, "--device", "cpu", "--results", fidelity]
-    result = run(*args)
-    assert result.returncode == 0, result.stderr
+    args = ["--quick", "--data-dir", DATA_DIR, "--device", "cpu", "--results", fidelity]
+    output = run_main(fidelity_benchmark, *args)
     stored = json.loads(fidelity.read_text())
     names = list(stored["settings"]["recipes"])
     assert len(stored["settings"]["networks"]) == 3 and len(names) == 5 and names[-1] == "final"
@@ -83,31 +94,32 @@ def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(tmp_path
              for net in range(3)]
     trial = [stored["runs"][json.dumps([names[0], net, 0])]["accuracy"] for net in range(3)]
     rho = spearman(trial, final)
-    line = next(line for line in result.stdout.splitlines() if line.startswith(names[0]))
+    line = next(line for line in output.splitlines() if line.startswith(names[0]))
     assert line.split()[len(names[0].split())] == f"{rho:+.2f}"
     assert re.search(r"^fidelity: most rank correlation per training second: .+, rho [+-]\d\.\d\d at \d+ s per trial; "
-                     r"noise ceiling [+-]\d\.\d\d \(3 networks\)$", result.stdout, re.MULTILINE)
-    again = run(*args)  # a rerun trains nothing and prints the same table
-    assert again.returncode == 0 and " seed 0: val " not in again.stdout
-    assert again.stdout.split("==== fidelity")[1] == result.stdout.split("==== fidelity")[1]
+                     r"noise ceiling [+-]\d\.\d\d \(3 networks\)$", output, re.MULTILINE)
+    again = run_main(fidelity_benchmark, *args)  # a rerun trains nothing and prints the same table
+    assert " seed 0: val " not in again
+    assert again.split("==== fidelity")[1] == output.split("==== fidelity")[1]
 
     quality = tmp_path / "quality.json"
-    result = run("benchmarks/search_quality.py", "--quick", "--pairs", "0", "1", "--random-draws", "3",
-                 "--data-dir", DATA_DIR, "--device", "cpu", "--fidelity-results", fidelity, "--results", quality)
-    assert result.returncode == 0, result.stderr
+    output = run_main(quality_benchmark, "--quick", "--pairs", "0", "1", "--random-draws", "3", "--data-dir",
+                      DATA_DIR, "--device", "cpu", "--fidelity-results", fidelity, "--results", quality)
     held = json.loads(quality.read_text())
     choice = held["search"]["0 1"]
     # the search arm is the promotion's choice, and trained at the final fidelity twice
-    assert re.search(rf"chosen by the rule: .*trial {choice['trial']}", result.stdout) and len(choice["finals"]) == 2
-    assert "random: 3 of 3 draws have their 2 final runs" in result.stdout
+    assert re.search(rf"chosen by the rule: .*trial {choice['trial']}", output) and len(choice["finals"]) == 2
+    assert "random: 3 of 3 draws have their 2 final runs" in output
     margin = re.search(r"^search vs random: ([+-]\d+\.\d{3}) \+- (nan|\d+\.\d{3}) points of final validation accuracy "
-                       r"\(1 study seed pair\(s\), 3 random draws", result.stdout, re.MULTILINE)
-    assert margin, result.stdout
+                       r"\(1 study seed pair\(s\), 3 random draws", output, re.MULTILINE)
+    assert margin, output
+    assert output.strip().splitlines()[-1].startswith("search vs random: ")  # the run's summary line comes last
     search_mean = sum(r["accuracy"] for r in choice["finals"].values()) / 2
     random_mean = sum(final) / 3  # the random arm is the fidelity benchmark's final runs
     assert float(margin.group(1)) == round(100 * (search_mean - random_mean), 3)
-    assert re.search(r"^search vs hand: [+-]\d+\.\d{3} \+- ", result.stdout, re.MULTILINE)
-    # another final recipe against the same fidelity file: refused in one line, nothing trained
-    other = run("benchmarks/search_quality.py", "--quick", "--train-images", "1500", "--data-dir", DATA_DIR,
-                "--fidelity-results", fidelity, "--results", tmp_path / "other.json")
-    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert re.search(r"^search vs hand: [+-]\d+\.\d{3} \+- ", output, re.MULTILINE)
+    # another final recipe against the same fidelity file: refused before anything trains
+    with pytest.raises(UserError, match="another final recipe, data or sizes"):
+        run_main(quality_benchmark, "--quick", "--train-images", "1500", "--data-dir", DATA_DIR,
+                 "--fidelity-results", fidelity, "--results", tmp_path / "other.json")
+    assert not (tmp_path / "other.json").exists()

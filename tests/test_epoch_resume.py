@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import DATA_DIR, ROOT, TINY, TINY_CNN, run_script
+from conftest import DATA_DIR, ROOT, TINY, TINY_CNN, run_in_process
 from mnist_optuna.training import EpochCheckpoint, TrainConfig, seed_everything, train
 from models import build_model
 
@@ -81,10 +81,10 @@ def killed_when(command, path, timeout=240):
             process.wait()
 
 
-def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_last_bit(tmp_path):
+def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_last_bit(capsys, tmp_path):
     args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "4000",
             "--ensemble", "2", "--no-plots"]
-    whole = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
+    whole = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
     command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, "--out-dir", str(out), "--data-dir",
@@ -93,7 +93,7 @@ def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_la
     # killed in the ensemble member's training (model.pt is finished by then) right after an epoch's checkpoint;
     # model.pt's own training resumes through the same code (retrain_and_test)
     assert killed_when(command, staged / ".ensemble-1.pt.epoch")
-    rerun = run_script("MNIST-optuna.py", *args, "--out-dir", out)
+    rerun = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", out)
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in rerun.stdout.splitlines() + rerun.stderr.splitlines() if "resuming after epoch" in line]
     assert len(resumed) == 1 and resumed[0].startswith("ensemble-1.pt: resuming after epoch ")
@@ -106,14 +106,14 @@ def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_la
     assert not list(out.glob(".*.epoch")) and not staged.exists()
 
 
-def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_reports_and_value(tmp_path):
+def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_reports_and_value(capsys, tmp_path):
     import optuna
 
     from mnist_optuna.storages import make_storage
 
     args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "1", "--epochs", "4", "--train-subset", "4000",
             "--pruner", "none", "--no-final", "--no-plots"]
-    whole = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
+    whole = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
     command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, "--out-dir", str(out), "--data-dir",
@@ -130,7 +130,7 @@ def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_r
     finally:
         if process.poll() is None:
             process.kill()
-    rerun = run_script("MNIST-optuna.py", *args, "--out-dir", out)
+    rerun = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", out)
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "resuming after epoch" in line]
     assert len(resumed) == 1 and resumed[0].startswith("trial 1: resuming after epoch "), resumed
