@@ -21,6 +21,7 @@ import optuna
 from mnist_optuna import cli, final, studies
 from mnist_optuna.backbone import read_backbone
 from mnist_optuna.reporting import network_text, training_text
+from mnist_optuna.samplers import PositionSeeded
 from mnist_optuna.training import PRECISIONS, TrainConfig, minutes, training_seconds
 
 log = logging.getLogger(__name__)
@@ -251,8 +252,11 @@ def seed_study(args, run, seed, network, recipe):
     searched_skeleton = args.skeleton == "searched" and not network
     # a searched skeleton's parameters come and go with its depth: multivariate TPE on the groups of
     # parameters that occur together models each group where it exists, not absent blocks
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.n_startup_trials,
-                                         multivariate=searched_skeleton, group=searched_skeleton)
+    # TPE, its draws a function of the study seed and each trial's position: a resumed search draws what an
+    # uninterrupted one draws
+    sampler = PositionSeeded(seed, lambda position_seed: optuna.samplers.TPESampler(
+        seed=position_seed, n_startup_trials=args.n_startup_trials, multivariate=searched_skeleton,
+        group=searched_skeleton))
     name = f"{args.study_prefix}-optim-seed{seed}" if network else f"{args.study_prefix}-seed{seed}"
     pruner = studies.make_pruner("none" if len(args.objectives) > 1 else args.pruner, trial_epochs(args, network))
     study = studies.study_for(run, name, sampler, pruner, args, network=network)

@@ -4,6 +4,7 @@ only modules on the floors below its own (tests/test_layout.py checks it):
     final        the final stage: promotion, the retrain of the chosen network, seeds, ensembles, --evaluate
     studies      the run (device, data, folder, storage, tracker), one trial's life, the loop, the ranking
     backbone     --backbone read from a best_params.json or model.pt, local or in the artifact store
+    samplers     a sampler whose draws depend on the study seed and the trial's position, not on the process
     storages     journal files, databases and the gRPC proxy; studies that remember their settings
     reporting    what a run prints and the tables it writes; plots: the PNG files
     tracking     MLflow runs and Optuna's artifact store

@@ -14,7 +14,7 @@ FLOORS = [
     ["mnist_optuna.rundir", "mnist_optuna.cli", "mnist_optuna.scores"],
     ["mnist_optuna.training"],
     ["mnist_optuna.workers", "mnist_optuna.tracking"],
-    ["mnist_optuna.reporting", "mnist_optuna.plots", "mnist_optuna.backbone"],
+    ["mnist_optuna.reporting", "mnist_optuna.plots", "mnist_optuna.backbone", "mnist_optuna.samplers"],
     ["mnist_optuna.storages"],
     ["mnist_optuna.studies"],
     ["mnist_optuna.final"],

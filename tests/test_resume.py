@@ -66,3 +66,59 @@ def test_two_workers_of_one_seed_never_train_a_network_twice(tmp_path):
         code, output = finish(worker)
         assert code == 0, output
     assert len(trained(journal, "mnist-cnn-seed0")) == 6
+
+
+QUICK_SEARCH = ["--quick", "--no-final", "--no-plots"]
+_UNINTERRUPTED = {}
+
+
+def drawn(folder):
+    """Each study's trials that count, in order: (parameters, value); lost trials left out (their retries count)."""
+    import optuna
+
+    from mnist_optuna.storages import make_storage
+    from mnist_optuna.workers import lost_numbers
+
+    storage = make_storage(None, folder, must_exist=True)
+    found = {}
+    for seed in (0, 1):
+        trials = optuna.load_study(study_name=f"mnist-cnn-seed{seed}", storage=storage).trials
+        lost = lost_numbers(trials)
+        found[seed] = [(t.params, t.value) for t in trials if t.number not in lost]
+    return found
+
+
+@pytest.mark.parametrize("signal_name, when", [("SIGKILL", "inside"), ("SIGINT", "inside"), ("SIGKILL", "between")])
+def test_a_tpe_search_stopped_anywhere_and_resumed_draws_and_trains_what_an_uninterrupted_one_does(
+        capsys, tmp_path, signal_name, when):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import DATA_DIR, ROOT, run_in_process
+
+    if not _UNINTERRUPTED:
+        assert run_in_process(capsys, "MNIST-optuna.py", *QUICK_SEARCH, "--out-dir", tmp_path / "whole").returncode == 0
+        _UNINTERRUPTED.update(drawn(tmp_path / "whole"))
+    out = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, str(ROOT / "MNIST-optuna.py"), *QUICK_SEARCH, "--out-dir", str(out),
+                                "--data-dir", str(DATA_DIR)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    journal, deadline = out / "study.journal", time.monotonic() + 120
+    # inside: seed 0's first trial has claimed its worker and trains; between: it has finished, the next not begun
+    mark = b'"claimed"' if when == "inside" else b'"state":1,'
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if journal.is_file() and mark in journal.read_bytes():
+                process.send_signal(getattr(signal, signal_name))
+                break
+            time.sleep(0.005)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode in (-9, 130), process.returncode  # stopped, not finished
+    rerun = run_in_process(capsys, "MNIST-optuna.py", *QUICK_SEARCH, "--out-dir", out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert drawn(out) == _UNINTERRUPTED
