@@ -104,12 +104,14 @@ def kill_inside_a_trial(worker, journal, name, after, signal_number=signal.SIGKI
 def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
     storage = postgres_or_skip()
     name = f"kill-{uuid.uuid4().hex[:8]}"
-    common = [*TINY_ADV, *GRID, "--storage", storage, "--study-name", name, "--no-final"]
+    # trials of a second or so on 2,000 images: a kill right after a trial is seen training lands inside it (with
+    # 1,000 images a loaded CI machine once saw the trial end in between)
+    common = [*TINY_ADV, *GRID, "--train-subset", "2000", "--storage", storage, "--study-name", name, "--no-final"]
     victim = start("MNIST-optuna-adv.py", *common, "--out-dir", tmp_path / "victim")
     wait_for_trial_lines(victim, 2)
-    # wait until the victim is inside its next trial, then kill it without warning
+    # wait until the victim is inside its next trial (training: its network recorded), then kill it without warning
     for _ in range(200):
-        if any(t.state.name == "RUNNING" for t in load(storage, name).trials):
+        if any(t.state.name == "RUNNING" and "model" in t.user_attrs for t in load(storage, name).trials):
             break
         subprocess.run(["sleep", "0.05"])
     victim.send_signal(signal.SIGKILL)

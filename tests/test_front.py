@@ -17,7 +17,8 @@ pytestmark = pytest.mark.timeout(600)
 # a searched skeleton small enough for seconds per trial: 1-4 blocks, at most 2 pools, 2-8 base filters
 SEARCHED = ["--skeleton", "searched", "--conv-depth", "1", "4", "--max-pools", "2", "--conv-filters", "2", "8", "2",
             "--kernel-sizes", "3", "--fc-width", "16", "32", "16"]
-FRONT = [*TINY, *SEARCHED, "--objectives", "accuracy", "mmac", "--seeds", "0", "--n-trials", "6",
+# study seed 1: its six draws leave a front of three networks, so the pick by budget below chooses among several
+FRONT = [*TINY, *SEARCHED, "--objectives", "accuracy", "mmac", "--seeds", "1", "--n-trials", "6",
          "--n-startup-trials", "6", "--promote", "0"]
 
 
@@ -82,7 +83,7 @@ def test_the_front_is_optunas_and_pick_mmac_retrains_within_budget(tmp_path):
     out = tmp_path / "front"
     result = run_script("MNIST-optuna.py", *FRONT, "--out-dir", out)
     assert result.returncode == 0, result.stderr
-    study = optuna.load_study(study_name="mnist-cnn-seed0", storage=optuna.storages.JournalStorage(
+    study = optuna.load_study(study_name="mnist-cnn-seed1", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / JOURNAL_NAME))))
     numbers, mmacs = printed_front(result.stdout)
     assert sorted(numbers) == sorted(t.number for t in study.best_trials) and len(numbers) >= 2
