@@ -340,7 +340,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         if average is not None:
             average.load_state_dict(state["average"])
         _set_rng_states(state["rng"], generator, augment_generator)
-        history, step, fitted, reports = state["history"], state["step"], state["fitted"], state["reports"]
+        history, step, fitted, reports = state["history"], state["step"], state["fitted"], state.get("reports", [])
         first_epoch = len(history) + 1
         checkpoint.resumed_epochs = len(history)
         checkpoint.resumed_seconds = sum(record["seconds"] for record in history)
