@@ -111,6 +111,8 @@ def test_a_tpe_search_stopped_anywhere_and_resumed_draws_and_trains_what_an_unin
     try:
         while time.monotonic() < deadline and process.poll() is None:
             if journal.is_file() and mark in journal.read_bytes():
+                if when == "inside":  # into the training, past the journal writes that start the trial (a kill
+                    time.sleep(0.2)   # holding the journal's lock costs the rerun Optuna's 30 s grace period)
                 process.send_signal(getattr(signal, signal_name))
                 break
             time.sleep(0.005)
@@ -122,3 +124,29 @@ def test_a_tpe_search_stopped_anywhere_and_resumed_draws_and_trains_what_an_unin
     rerun = run_in_process(capsys, "MNIST-optuna.py", *QUICK_SEARCH, "--out-dir", out)
     assert rerun.returncode == 0, rerun.stderr
     assert drawn(out) == _UNINTERRUPTED
+
+
+def test_a_retry_with_its_first_parameters_fixed_draws_the_rest_as_the_lost_trial_would():
+    from mnist_optuna.samplers import PositionSeeded
+
+    def study():
+        return optuna.create_study(sampler=PositionSeeded(7, lambda seed: optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=2)))
+
+    def draw(trial):
+        return [trial.suggest_int("width", 1, 100), trial.suggest_float("rate", 1e-4, 1.0, log=True),
+                trial.suggest_categorical("kind", ["a", "b", "c"])]
+
+    whole = study()
+    drawn = draw(whole.ask())
+    # the lost trial had drawn its width before the stop: its retry has it fixed and draws only the rest
+    resumed = study()
+    resumed.enqueue_trial({"width": drawn[0]})
+    assert draw(resumed.ask()) == drawn
+    # and the next position draws alike in both, the startup draws and TPE's alike
+    for _ in range(3):
+        a, b = whole.ask(), resumed.ask()
+        values = draw(a)
+        assert draw(b) == values
+        whole.tell(a, values[0])
+        resumed.tell(b, values[0])
