@@ -3,7 +3,6 @@ validation), the retrain of the chosen network, the test read once, seed repeats
 export with its parity check, and --evaluate of saved checkpoints; before them, the ending both scripts share
 (wait for the other workers, rank, summarise). It chooses nothing from test results."""
 import fcntl
-import hashlib
 import json
 import logging
 import shlex
@@ -48,6 +47,7 @@ from mnist_optuna.training import (
     derive_seed,
     describe_device,
     export_onnx,
+    last_scores,
     load_checkpoint,
     minutes,
     onnx_parity,
@@ -404,17 +404,13 @@ def promote(candidates, data, cfg, out_dir):
             model = build_model(trial.user_attrs["model"]).to(x.device)
             clock = Stopwatch()
             # epoch by epoch in the run folder, so a stopped promotion resumes from its last finished epoch
-            checkpoint = EpochCheckpoint(Path(out_dir) / f".promotion-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-                                         ".epoch", key, f"promotion {search_rank}")
+            checkpoint = EpochCheckpoint.keyed(out_dir, "promotion", key, f"promotion {search_rank}")
             with progress(recipe.epochs, f"promotion {search_rank}", "epoch") as bar:
                 history = train(model, x, y, recipe, seed, val=(data.val_x, data.val_y),
                                 on_epoch=lambda record: bar.update(1), background=data.background,
                                 checkpoint=checkpoint)
-            last = history[-1]
             scores = (scores_of_logits(predict_logits(model, data.val_x, tta=True, background=data.background),
-                                       data.val_y) if cfg.tta else
-                      {"accuracy": last["val_accuracy"], "nll": last["val_nll"], "images": last["val_images"],
-                       "correct": last["val_correct"]})
+                                       data.val_y) if cfg.tta else last_scores(history))
             done[key] = {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"], "val_images": scores["images"],
                          "val_correct": scores["correct"], "seconds": clock.seconds() + checkpoint.resumed_seconds,
                          "val_curve": [record["val_accuracy"] for record in history]}

@@ -34,6 +34,7 @@ from mnist_optuna.training import (
     TrainConfig,
     derive_seed,
     describe_device,
+    last_scores,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -284,14 +285,11 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
                     "model": model_config, "train": train_cfg.to_dict(), "seed": seed,
                     "images": len(data.train_y), "val": len(data.val_y), "reports_per_epoch": reports_per_epoch,
                     "data": data.fingerprint}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
         def replay(reports):  # the retried trial gets the reports its predecessor made before the stop
-            for step, value in reports:
-                if not several:
-                    trial.report(value, step)
-        checkpoint = EpochCheckpoint(Path(checkpoint_dir) / f".trial-{digest}.epoch", identity,
-                                     f"trial {trial.number}", replay)
+            for step, value in ([] if several else reports):
+                trial.report(value, step)
+        checkpoint = EpochCheckpoint.keyed(checkpoint_dir, "trial", identity, f"trial {trial.number}", replay)
 
     def on_report(step, val_accuracy):
         # two workers can start one configuration at the same moment, each reading the study before the
@@ -334,11 +332,10 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
             trial.set_user_attr("cuda_memory_mb", torch.cuda.memory_allocated() / 2**20)
     if twin is not None:
         return yield_to_twin(trial, twin, several)
-    last = history[-1]
+    scores = last_scores(history)
     # the score's noise, and the images it got right, for comparisons with other trials on the same images
-    trial.set_user_attr("validation", {"nll": last["val_nll"], "images": last["val_images"],
-                                       "correct": last["val_correct"]})
-    measured = {"accuracy": last["val_accuracy"], "mmac": mmac,
+    trial.set_user_attr("validation", {key: scores[key] for key in ("nll", "images", "correct")})
+    measured = {"accuracy": scores["accuracy"], "mmac": mmac,
                 "latency": trial.user_attrs.get("latency_ms")}
     return tuple(measured[name] for name in objectives) if several else measured["accuracy"]
 

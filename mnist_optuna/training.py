@@ -2,6 +2,7 @@
 weights, shift TTA, seeding, device choice, time estimates, checkpoints."""
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import logging
@@ -273,6 +274,14 @@ class EpochCheckpoint:
             return None
         return state
 
+    @classmethod
+    def keyed(cls, folder, kind, identity, name, on_resume=None):
+        """The checkpoint in `folder` of a training known by its identity alone (a promotion, a search trial): its
+        file is named by a digest of the identity, so the rerun of the same training finds it."""
+        text = json.dumps(identity, sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return cls(Path(folder) / f".{kind}-{digest}.epoch", identity, name, on_resume)
+
     def save(self, state):
         buffer = io.BytesIO()
         torch.save({**state, "identity": self.identity}, buffer)
@@ -280,6 +289,13 @@ class EpochCheckpoint:
 
     def remove(self):
         self.path.unlink(missing_ok=True)
+
+
+def last_scores(history):
+    """The last validation scores of a history train() returned with `val`: {accuracy, nll, images, correct}."""
+    last = history[-1]
+    return {"accuracy": last["val_accuracy"], "nll": last["val_nll"], "images": last["val_images"],
+            "correct": last["val_correct"]}
 
 
 def _rng_states(generator, augment_generator):
