@@ -49,6 +49,7 @@ from mnist_optuna.workers import (
     remaining_trials,
     requeue_lost_trials,
     say_searching,
+    wait_for_claims,
     worker_id,
 )
 from models import build_model, cpu_latency_ms
@@ -88,6 +89,7 @@ def search(study, objective, n_trials, run_id, label, describe_trial, feed=None,
     left. Lost trials are queued again before each round and after each trial.
     """
     rounds = max_rounds or 20 + 2 * n_trials
+    wait_for_claims(study)
     todo = remaining_trials(study, n_trials, run_id)
     if todo:  # the other workers wait for this one before their final stage (workers.wait_for_others)
         say_searching(study, run_id, True)

@@ -26,6 +26,7 @@ INTERRUPTED = "interrupted"  # the reason of a trial stopped by Ctrl-C or SIGTER
 HEARTBEAT_SECONDS = 30     # an RDB worker silent for GRACE_SECONDS is presumed dead
 GRACE_SECONDS = 90
 MAX_RETRY = 2              # a trial whose worker died is re-run this many times at most
+CLAIM_SECONDS = 10         # a trial still unclaimed this long after it started lost its worker before the claim
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
@@ -54,6 +55,18 @@ def _claimed(trial):
     return trial.user_attrs.get("claimed", trial.number) == trial.number
 
 
+def _claim_overdue(study, trial):
+    """For a RUNNING trial no worker has claimed yet (none named, or a retry still naming its predecessor's dead
+    one): None while its claim may still come, True once it is overdue (its worker died between creating the trial
+    and claiming it, milliseconds apart), False for a claimed trial. Overdue means CLAIM_SECONDS since it started by
+    this host's clock or, whichever comes first, since this process first saw it unclaimed."""
+    if trial.user_attrs.get("worker") and _claimed(trial):
+        return False
+    age = time.time() - trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    seen = silent_seconds((study.study_name, "unclaimed", trial.number), trial.number)
+    return True if max(age, seen) >= CLAIM_SECONDS else None
+
+
 def requeue_lost_trials(study):
     """Queue again the trials whose worker was interrupted or died, once each.
 
@@ -67,7 +80,8 @@ def requeue_lost_trials(study):
     for trial in trials:
         if trial.number in retried:
             continue
-        if trial.state == TrialState.RUNNING and _claimed(trial) and _worker_dead(trial):
+        if trial.state == TrialState.RUNNING and (_claim_overdue(study, trial) or
+                                                  (_claimed(trial) and _worker_dead(trial))):
             try:
                 study.tell(trial.number, state=TrialState.FAIL)
             except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
@@ -80,6 +94,14 @@ def requeue_lost_trials(study):
     if requeued:
         log.info(f"{study.study_name}: {requeued} interrupted trial(s) queued to run again")
     return requeued
+
+
+def wait_for_claims(study, poll_seconds=0.2):
+    """Before a worker counts the study's trials: wait until every RUNNING trial is claimed or its claim overdue
+    (at most CLAIM_SECONDS), so that a trial created by a process killed before its claim is queued again in its
+    place instead of pushing this worker's trials one position further (other draws than an uninterrupted run)."""
+    while any(_claim_overdue(study, t) is None for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+        time.sleep(poll_seconds)
 
 
 class LiveTrial:

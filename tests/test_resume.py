@@ -1,5 +1,7 @@
 """Issue 13: a resumed, retried or concurrent run answers exactly what an uninterrupted one answers."""
 
+import time
+
 import optuna
 import pytest
 
@@ -150,3 +152,34 @@ def test_a_retry_with_its_first_parameters_fixed_draws_the_rest_as_the_lost_tria
         assert draw(b) == values
         whole.tell(a, values[0])
         resumed.tell(b, values[0])
+
+
+def test_a_trial_whose_worker_died_before_claiming_it_is_queued_again_in_its_place(monkeypatch):
+    from mnist_optuna import workers
+    from mnist_optuna.samplers import PositionSeeded, position
+
+    monkeypatch.setattr(workers, "CLAIM_SECONDS", 0.5)
+
+    def study():
+        return optuna.create_study(sampler=PositionSeeded(3, lambda seed: optuna.samplers.RandomSampler(seed)))
+
+    whole = study()
+    expected = [whole.ask().suggest_float("rate", 0, 1) for _ in range(2)]
+    stopped = study()
+    stopped.tell(stopped.ask(), 1.0)  # position 0 (its value is not compared here)
+    stopped.ask()  # position 1, created by a process killed before its claim: RUNNING, no worker named
+    start = time.monotonic()
+    workers.wait_for_claims(stopped, poll_seconds=0.05)
+    assert time.monotonic() - start >= 0.4  # it waited for the claim that might still come...
+    assert workers.requeue_lost_trials(stopped) == 1  # ...then took the trial for lost
+    retry = stopped.ask()
+    assert retry.number == 2 and position(stopped, retry) == 1
+    assert retry.suggest_float("rate", 0, 1) == expected[1]
+    stopped.tell(retry, 0.5)
+    # a claimed trial of a live worker (this process) is neither waited for nor queued again
+    claimed = stopped.ask()
+    claimed.set_user_attr("worker", workers.worker_id())
+    claimed.set_user_attr("claimed", claimed.number)
+    start = time.monotonic()
+    workers.wait_for_claims(stopped, poll_seconds=0.05)
+    assert time.monotonic() - start < 0.3 and workers.requeue_lost_trials(stopped) == 0
