@@ -23,6 +23,7 @@ from models import build_model, normalise_config
 
 log = logging.getLogger(__name__)
 
+# ==== search: the settings that define the grid's study, recorded with it (a rerun that changes one is refused) ==
 # ---- the grid (model hyperparameters of the head) -------------------------------
 FC_DEPTHS = [1, 2, 3, 4]      # numbers of hidden FC layers to try
 FC_WIDTHS = [                 # widths to try at each layer position, first after the backbone first
@@ -32,23 +33,19 @@ FC_WIDTHS = [                 # widths to try at each layer position, first afte
     [128, 256, 512, 1024],
 ]
 HEAD_DROPOUT = 0.2            # dropout before every FC layer (no BatchNorm follows it); fixed, not searched
-# ---- the fixed convolutional backbone -------------------------------------------
-BACKBONE = None               # a best_params.json or model.pt whose conv blocks are kept; None: CONV_BLOCKS
+# ---- the fixed convolutional backbone (--backbone, a run setting, replaces these) ---
 CONV_BLOCKS = [               # conv -> BN -> LeakyReLU (-> 2x2 max-pool), as JSON on the command line
     {"channels": 16, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
     {"channels": 32, "kernel": 3, "slope": 0.01, "batch_norm": True, "pool": True},
 ]
-# ---- study ---------------------------------------------------------------------
+# ---- how the study searches -------------------------------------------------------
+STUDY_NAME = "mnist-fc-grid"  # the study's exact name; workers sharing a storage share it
 SEED = 0                      # grid order, split, each trial's init and batch order
-N_TRIALS = None               # None: the whole grid; else this many networks per run folder
 MEDIAN_STARTUP_TRIALS = 5     # MedianPruner: trials that finish before any pruning
 MEDIAN_WARMUP_STEPS = 0       # MedianPruner: reports of a trial before it may be pruned
 MEDIAN_INTERVAL_STEPS = 1     # MedianPruner: prune checks every this many reports
 REPORTS_PER_EPOCH = 1         # validation reports (pruner steps) per epoch; 2 measured slower on CPU (README)
-STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
-STUDY_NAME = "mnist-fc-grid"  # the study's exact name; workers sharing a storage share it
-# ---- data ----------------------------------------------------------------------
-DATA_DIR = None               # None: $MNIST_DATA_DIR, else ./data (holds MNIST/raw/)
+# ---- data of the trials ---------------------------------------------------------
 VAL_SIZE = 10_000             # validation images, a stratified seeded draw from the 60,000
 TRAIN_SUBSET = 10_000         # training images per trial (stratified); None: all 50,000 left
 # ---- training (optimization hyperparameters) ------------------------------------
@@ -61,7 +58,12 @@ L1 = 0.0                      # explicit L1 penalty on weights (torch has no bui
 AUGMENT = False               # small random affine per batch on the device (results are labelled)
 LABEL_SMOOTHING = 0.0         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
-PRECISION = "auto"            # auto | fp32 | bf16: bf16 autocast in training (weights fp32); auto: where native
+# ==== run: how much to search, where, on what, and what follows the search (a rerun may change these) ====
+# ---- study ---------------------------------------------------------------------
+N_TRIALS = None               # None: the whole grid; else this many networks per run folder
+STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
+BACKBONE = None               # a best_params.json or model.pt whose conv blocks are kept; None: CONV_BLOCKS
+                              # (the study records the blocks it resolves to, not the path)
 # ---- final model -------------------------------------------------------------
 PROMOTE = 0                   # N > 1: the N best distinct heads retrained like the final model, chosen on validation
 PROMOTE_EPOCHS = None         # epochs of each promoted retrain; None: FINAL_EPOCHS
@@ -72,11 +74,15 @@ TTA = False                   # score promoted, final and ensemble models on the
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct networks and average their softmax
-MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): trials, final model as runs
-ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
+# ---- where and how it runs ------------------------------------------------------
+DATA_DIR = None               # None: $MNIST_DATA_DIR, else ./data (holds MNIST/raw/)
+PRECISION = "auto"            # auto | fp32 | bf16: bf16 autocast in training (weights fp32); auto: where native
 DEVICE = "auto"               # auto (CUDA when available) | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
+MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): trials, final model as runs
+ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
+# ==== end of the settings: what follows are no flags ==========================
 
 # settings renamed since studies were made with them: a study that recorded the old name resumes under the new one
 RENAMED = {"dropout": "head_dropout"}

@@ -25,6 +25,8 @@ from mnist_optuna.samplers import PositionSeeded
 from mnist_optuna.training import PRECISIONS, TrainConfig, minutes, training_seconds
 
 log = logging.getLogger(__name__)
+
+# ==== search: the settings that define a study, recorded with it (a rerun that changes one is refused) =====
 # ---- search space (model hyperparameters) -------------------------------------
 SKELETON = "fixed"            # fixed: CONV_LAYERS blocks pooled after POOL_AFTER | searched: depth and pools too
 CONV_LAYERS = 5               # fixed skeleton: conv blocks (conv -> BN -> LeakyReLU), as in the original
@@ -39,18 +41,13 @@ SLOPE = (1e-3, 0.2)           # LeakyReLU negative slope range per conv layer (l
 BATCH_NORM = [True]           # choices; [True, False] lets the search decide
 DROPOUT = (0.0, 0.5)          # dropout range in the FC head (never before a BatchNorm)
 FC_WIDTH = (64, 256, 64)      # (low, high, step) of the one hidden FC layer
-# ---- study -------------------------------------------------------------------
-SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
-N_TRIALS = 6                  # trials per seed that this run folder adds to each study
+# ---- how the study searches ------------------------------------------------------
+STUDY_PREFIX = "mnist-cnn"    # studies are named <prefix>-seed<N>
 N_STARTUP_TRIALS = 3          # random trials before TPE models the space
 PRUNER = "hyperband"          # hyperband | median | none (steps are epochs)
-STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
-STUDY_PREFIX = "mnist-cnn"    # studies are named <prefix>-seed<N>
 OBJECTIVES = ["accuracy"]     # accuracy [mmac] [latency]: more than one searches the Pareto front of validation
                               # accuracy vs MACs (and measured CPU ms) per image; Optuna cannot prune such trials
-PICK_MMAC = None              # retrain the most accurate (front) network within this many MMAC; None: the most accurate
-# ---- data ----------------------------------------------------------------------
-DATA_DIR = None               # None: $MNIST_DATA_DIR, else ./data (holds MNIST/raw/)
+# ---- data of the trials ---------------------------------------------------------
 VAL_SIZE = 10_000             # validation images, a stratified seeded draw from the 60,000
 TRAIN_SUBSET = 10_000         # training images per trial (stratified); None: all 50,000 left
 SPLIT_SEED = 0                # the validation split and subset; the same for every seed's study
@@ -63,10 +60,9 @@ WEIGHT_DECAY = 5e-4           # L2 through the optimizer
 L1 = 0.0                      # explicit L1 penalty on weights (torch has no built-in)
 LABEL_SMOOTHING = 0.1         # label smoothing of the cross-entropy
 SCHEDULE = "onecycle"         # none | cosine | onecycle
-PRECISION = "auto"            # auto | fp32 | bf16: bf16 autocast in training (weights fp32); auto: where native
+AUGMENT = False               # small random affine per batch on the device (results are labelled)
 # ---- stage 2: the optimization hyperparameters of a fixed network ------------------
 STAGE = "model"               # model: search the network (stage 1) | optim: search how to train BACKBONE
-BACKBONE = None               # stage 2: a best_params.json (or model.pt) whose network stays fixed
 OPTIM_OPTIMIZERS = ["adamw", "sgd"]  # choices
 OPTIM_LR = (5e-4, 2e-2)       # peak learning rate range (log scale)
 OPTIM_SCHEDULES = ["onecycle", "cosine"]  # choices
@@ -75,6 +71,13 @@ OPTIM_L1 = (1e-7, 1e-4)       # L1 range (log scale), when the trial uses L1 at 
 OPTIM_BATCH_SIZES = [64, 128, 256]  # choices
 OPTIM_LABEL_SMOOTHING = (0.0, 0.15)  # range
 OPTIM_EPOCHS = (2, 5)         # epochs per trial; the upper end is the pruner's last step
+# ==== run: how much to search, where, on what, and what follows the search (a rerun may change these) ====
+# ---- study ---------------------------------------------------------------------
+SEEDS = [0, 1]                # one TPE study per seed; the summary compares them
+N_TRIALS = 6                  # trials per seed that this run folder adds to each study
+STORAGE = None                # None: a journal file in OUT_DIR; a file path; or sqlite:///… / postgresql://…
+BACKBONE = None               # stage 2: a best_params.json (or model.pt) whose network stays fixed
+PICK_MMAC = None              # retrain the most accurate (front) network within this many MMAC; None: the most accurate
 # ---- final model -------------------------------------------------------------
 PROMOTE = 2                   # the N best distinct trials retrained like the final model, chosen on validation
 PROMOTE_EPOCHS = 3            # epochs of each promoted retrain (on the 50,000 training images); None: FINAL_EPOCHS
@@ -85,14 +88,15 @@ TTA = False                   # score promoted, final and ensemble models on the
 FINAL_SUBSET = None           # None: all 60,000 images; a number: a stratified subset (quick runs)
 FINAL_SEEDS = 1               # N > 1: retrain the best N times with different seeds (mean ± std)
 ENSEMBLE = 0                  # K > 1: also retrain the K best distinct configs and average their softmax
-AUGMENT = False               # small random affine per batch on the device (results are labelled)
-MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): trials, final model as runs
-ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
+# ---- where and how it runs ------------------------------------------------------
+DATA_DIR = None               # None: $MNIST_DATA_DIR, else ./data (holds MNIST/raw/)
+PRECISION = "auto"            # auto | fp32 | bf16: bf16 autocast in training (weights fp32); auto: where native
 DEVICE = "auto"               # auto | cpu | cuda | mps
 DETERMINISTIC = True          # deterministic kernels; --no-deterministic trades them for GPU speed
 OUT_DIR = None                # None: a new timestamped folder under runs/
-
-EVALUATE = []                 # checkpoints (model.pt) to evaluate on the test set, then exit: --evaluate A.pt B.pt
+MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): trials, final model as runs
+ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
+# ==== end of the settings: what follows are no flags ==========================
 
 QUICK = dict(SEEDS=[0, 1], N_TRIALS=2, N_STARTUP_TRIALS=2, EPOCHS=1, TRAIN_SUBSET=5000, VAL_SIZE=2000,
              BATCH_SIZE=64, CONV_LAYERS=3, POOL_AFTER=[1, 2], CONV_FILTERS=(8, 16, 8), FC_WIDTH=(32, 64, 32),
@@ -280,6 +284,8 @@ def build_parser():
         "PICK_MMAC": cli.optional_positive_float, "MAX_POOLS": cli.nonneg_int,
         "SKELETON": cli.one_of("fixed", "searched")})
     cli.add_run_flags(parser, QUICK)
+    parser.add_argument("--evaluate", nargs="+", default=[], metavar="MODEL_PT",
+                        help="evaluate these checkpoints (model.pt) on the test set, then exit")
     return parser
 
 

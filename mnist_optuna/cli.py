@@ -1,5 +1,5 @@
-"""Command-line plumbing: a flag for every UPPER_CASE constant of a script, presets, one-line errors, logging
-and the stop signals. No domain logic lives here."""
+"""Command-line plumbing: a flag for every UPPER_CASE constant of a script's settings blocks (those of its search
+block define a study), presets, one-line errors, logging and the stop signals. No domain logic lives here."""
 import argparse
 import contextlib
 import errno
@@ -86,6 +86,12 @@ def json_value(text):
         raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
 
 
+class Settings(argparse.Namespace):
+    """The parsed flags. `search_keys` (a class attribute, so it is not among the flags vars() lists) names those
+    that define a study: the constants of the script's search block."""
+    search_keys = ()
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: what is wrong and where to look, exit code 2."""
 
@@ -93,7 +99,12 @@ class Parser(argparse.ArgumentParser):
         # no abbreviations: one script's flag must not pass for a prefix of the other script's flag
         super().__init__(description=doc.split("\n\n")[0], epilog=None, allow_abbrev=False,
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        self.ranges = []
+        self.ranges, self.search_keys = [], []
+
+    def parse_args(self, args=None, namespace=None):
+        if namespace is None:
+            namespace = type("Settings", (Settings,), {"search_keys": tuple(self.search_keys)})()
+        return super().parse_args(args, namespace)
 
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
@@ -117,25 +128,36 @@ class Parser(argparse.ArgumentParser):
         return args
 
 
+SETTINGS_BLOCK = re.compile(r"^# =+ (search|run|end)\b")  # a script's line that opens (or ends) a settings block
+
+
 def constants(path):
-    """(name, trailing comment) of each UPPER_CASE assignment at the top level of a script, in source order."""
-    found = []
+    """(name, trailing comment, block) of each UPPER_CASE assignment at the top level of a script inside its
+    settings blocks, in source order. A line `# ==== search ...` opens the block of the settings that define a
+    study, `# ==== run ...` the block of those a rerun may change, `# ==== end ...` closes them; a constant outside
+    the blocks (a preset, a table) is no flag."""
+    found, block = [], None
     for line in Path(path).read_text().splitlines():
+        marker = SETTINGS_BLOCK.match(line)
+        if marker:
+            block = None if marker.group(1) == "end" else marker.group(1)
+            continue
         match = re.match(r"^([A-Z][A-Z0-9_]*)\s*=.*?(?:#\s*(.*))?$", line)
-        if match:
-            found.append((match.group(1), (match.group(2) or "").strip()))
+        if match and block:
+            found.append((match.group(1), (match.group(2) or "").strip(), block))
     return found
 
 
-def add_constant_flags(parser, namespace, path, kinds, skip=("QUICK",)):
-    """One flag per UPPER_CASE constant of the script at `path`: --lower-case-name, the constant as default, its
-    comment as help. `kinds` gives a constant its validator, or (validator, nargs); the type of the default is
-    the fallback. Lists take one or more values (none when their default is empty), tuples a fixed number
-    (LOW HIGH [STEP], LOW <= HIGH checked), booleans are switches (--no-x when the default is True)."""
-    for name, comment in constants(path):
-        if name in skip:
-            continue
+def add_constant_flags(parser, namespace, path, kinds):
+    """One flag per constant of the settings blocks of the script at `path` (constants): --lower-case-name, the
+    constant as default, its comment as help; those of the search block are the parser's search_keys. `kinds`
+    gives a constant its validator, or (validator, nargs); the type of the default is the fallback. Lists take
+    one or more values (none when their default is empty), tuples a fixed number (LOW HIGH [STEP], LOW <= HIGH
+    checked), booleans are switches (--no-x when the default is True)."""
+    for name, comment, block in constants(path):
         default, dest = namespace[name], name.lower()
+        if block == "search":
+            parser.search_keys.append(dest)
         flag = "--" + dest.replace("_", "-")
         kind, nargs = kinds.get(name), None
         if isinstance(kind, tuple):

@@ -276,6 +276,8 @@ def open_study(name, storage, sampler, pruner, search=None, resume_anyway=False,
     before = study.user_attrs.get("search")
     if before is None:  # a study from before settings were recorded: what its trials agree on stands in
         before = settings_of_trials(study, search)
+    if before is not None:
+        before = {key: value for key, value in before.items() if key not in RETIRED_SETTINGS}
     for old_name, new_name in (renamed or {}).items():
         if before is not None and old_name in before and new_name not in before:
             before = {**before, new_name: before[old_name]}
@@ -343,24 +345,20 @@ def settings_of_trials(study, search):
         return None
     recipes = [t.user_attrs["train"] for t in trials]
     told = {key: recipes[0][key] for key in recipes[0]
-            if key in search and key not in NOT_SEARCH and all(r.get(key) == recipes[0][key] for r in recipes)}
+            if key in search and all(r.get(key) == recipes[0][key] for r in recipes)}
     if "backbone" in search and isinstance(trials[0].user_attrs.get("model"), dict):
         told["backbone"] = trials[0].user_attrs["model"].get("conv")
     return {**search, **json.loads(json.dumps(told))}
 
 
-# settings that say how and where to run, or what to do after the search: a rerun may change them (precision is
-# like the device: how the arithmetic runs; each trial records its own in its training recipe)
-NOT_SEARCH = {"storage", "data_dir", "out_dir", "device", "precision", "deterministic", "compile", "quick", "no_final",
-              "retrain_only", "no_plots", "verbose", "quiet", "evaluate", "resume_anyway", "n_trials", "seeds",
-              "promote", "final_epochs", "final_subset", "final_seeds", "ensemble", "backbone", "pick_mmac",
-              "mlflow", "artifacts", "promote_epochs", "final_ema", "tta", "no_onnx"}
+# settings that studies once recorded but that no longer define a search: a record's value of one is not compared
+RETIRED_SETTINGS = {"renamed"}  # the head grid's table of renamed settings, once (wrongly) a flag
 # settings added after studies existed, with the behaviour a study that does not record them was searched with
 ADDED_SETTINGS = {"objectives": ["accuracy"], "skeleton": "fixed", "conv_depth": (2, 6), "max_pools": 3,
                   "training_data": CANONICAL_FINGERPRINT}
 
 
 def search_settings(args, **resolved):
-    """The settings that define a study's trials: every flag but NOT_SEARCH's, and what --backbone resolved to
-    (its network, not its path)."""
-    return {**{key: value for key, value in vars(args).items() if key not in NOT_SEARCH}, **resolved}
+    """The settings that define a study's trials: the flags of the script's search block (cli.Settings), and what
+    --backbone resolved to (its network, not its path)."""
+    return {**{key: getattr(args, key) for key in args.search_keys}, **resolved}
