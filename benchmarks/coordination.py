@@ -17,16 +17,14 @@ which says nothing about its growth, so the simulation stops when the last trial
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mnist_optuna import studies, workers  # noqa: E402
-from mnist_optuna.storages import make_storage  # noqa: E402
+from mnist_optuna import studies, workers
+from mnist_optuna.storages import make_storage
 
 BAND = 100
 

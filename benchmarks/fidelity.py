@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,15 +33,13 @@ import numpy as np
 import optuna
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from data import load_search_data, promotion_training_set, resolve_data_dir  # noqa: E402
-from errors import UserError  # noqa: E402
-from mnist_optuna import cli, studies  # noqa: E402
-from mnist_optuna.final import load_test, spearman  # noqa: E402
-from mnist_optuna.rundir import write_json  # noqa: E402
-from mnist_optuna.scores import scores_of_logits  # noqa: E402
-from mnist_optuna.training import (  # noqa: E402
+from data import load_search_data, promotion_training_set, resolve_data_dir
+from errors import UserError
+from mnist_optuna import cli, studies
+from mnist_optuna.final import load_test, spearman
+from mnist_optuna.rundir import write_json
+from mnist_optuna.scores import scores_of_logits
+from mnist_optuna.training import (
     derive_seed,
     predict_logits,
     resolve_device,
@@ -50,7 +47,9 @@ from mnist_optuna.training import (  # noqa: E402
     seed_everything,
     train,
 )
-from models import build_model, describe, mmac  # noqa: E402
+from models import build_model, describe, mmac
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FINAL = "final"
 # a fidelity: (name, images: "subset" (TRAIN_SUBSET, as a trial trains) | "all" (the 50,000 outside validation),

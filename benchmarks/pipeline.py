@@ -10,16 +10,13 @@ and with the reference model, the data-only ratio of each round, and `ratio: N.N
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import batches, ensure_files, load_search_data, resolve_data_dir  # noqa: E402
-from mnist_optuna.training import TrainConfig, make_optimizer, resolve_device  # noqa: E402
-from models import build_model  # noqa: E402
+from data import batches, ensure_files, load_search_data, resolve_data_dir
+from mnist_optuna.training import TrainConfig, make_optimizer, resolve_device
+from models import build_model
 
 # a plain BN CNN in the spirit of DESIGN.md's reference (32-64 channels, one FC layer)
 REFERENCE = {"conv": [{"channels": 32, "kernel": 3, "pool": True}, {"channels": 64, "kernel": 3, "pool": True}],

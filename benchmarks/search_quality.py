@@ -25,22 +25,21 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from data import resolve_data_dir  # noqa: E402
-from errors import UserError  # noqa: E402
-from fidelity import FINAL, common_parser, cpu_model, one_training, prepare, recipes  # noqa: E402
-from mnist_optuna import cli, studies  # noqa: E402
-from mnist_optuna.final import FinalConfig, promote, top_distinct  # noqa: E402
-from mnist_optuna.rundir import write_json  # noqa: E402
-from mnist_optuna.storages import make_storage  # noqa: E402
-from mnist_optuna.training import derive_seed  # noqa: E402
-from models import describe, mmac  # noqa: E402
-from throughput import NETWORKS  # noqa: E402
+from data import resolve_data_dir
+from errors import UserError
+from fidelity import FINAL, common_parser, cpu_model, one_training, prepare, recipes
+from mnist_optuna import cli, studies
+from mnist_optuna.final import FinalConfig, promote, top_distinct
+from mnist_optuna.rundir import write_json
+from mnist_optuna.storages import make_storage
+from mnist_optuna.training import derive_seed
+from models import describe, mmac
+from throughput import NETWORKS
 
-import optuna  # noqa: E402
-import torch  # noqa: E402
+import optuna
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def search_choice(script, space, pair, folder, data, quick):

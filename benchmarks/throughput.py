@@ -14,15 +14,12 @@ against fp32 (`bf16/fp32 training ratio`), where the CPU or GPU computes bf16 na
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from mnist_optuna.training import (  # noqa: E402
+from mnist_optuna.training import (
     TrainConfig,
     accuracy_on,
     autocast,
@@ -30,7 +27,9 @@ from mnist_optuna.training import (  # noqa: E402
     native_bf16,
     resolve_device,
 )
-from models import build_model, count_macs  # noqa: E402
+from models import build_model, count_macs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def block(channels, kernel=3, pool=False):

@@ -17,17 +17,14 @@ run finishes; a rerun with the same file skips the runs it holds.
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from data import load_search_data, resolve_data_dir  # noqa: E402
-from mnist_optuna.final import load_test  # noqa: E402
-from mnist_optuna.training import (  # noqa: E402
+from data import load_search_data, resolve_data_dir
+from mnist_optuna.final import load_test
+from mnist_optuna.training import (
     TrainConfig,
     accuracy_on,
     native_bf16,
@@ -35,12 +32,13 @@ from mnist_optuna.training import (  # noqa: E402
     seed_everything,
     train,
 )
-from models import build_model, count_macs  # noqa: E402
+from models import build_model, count_macs
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from throughput import NETWORKS  # noqa: E402
+from throughput import NETWORKS
 
-# the recipe of the final training before issue 19, and the new default of MNIST-optuna.py's final training
+ROOT = Path(__file__).resolve().parent.parent
+
+# the final training's recipe before the moving average of weights, and the new default of MNIST-optuna.py's final training
 OLD = dict(epochs=12, batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=5e-4, label_smoothing=0.1,
            schedule="onecycle", ema=0.0)
 NEW = dict(OLD, epochs=8, ema=0.5)

@@ -82,7 +82,6 @@ def timed_worker(stats_path, argv):
     optuna.storages.get_storage = lambda storage: with_timing(opened(storage))
     atexit.register(lambda: Path(stats_path).write_text(json.dumps(per_trial)))
     sys.argv = [str(ROOT / "MNIST-optuna.py"), *argv]
-    sys.path.insert(0, str(ROOT))
     runpy.run_path(str(ROOT / "MNIST-optuna.py"), run_name="__main__")
 
 
@@ -192,7 +191,6 @@ def check_study(storage, prefix, n, trials_per_worker):
     import optuna
     from optuna.trial import TrialState
 
-    sys.path.insert(0, str(ROOT))
     from mnist_optuna.reporting import trained
     from mnist_optuna.storages import make_storage
     from mnist_optuna.workers import lost_numbers

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
+from mnist_optuna.training import load_checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from errors import UserError  # noqa: E402  (the project's modules, beside the scripts)
-from mnist_optuna.training import load_checkpoint  # noqa: E402
 
 
 def threads(count):

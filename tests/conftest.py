@@ -10,7 +10,6 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
 
 # a tiny search: seconds per trial on 2 cores, still real MNIST; no model.onnx (5 s of each final stage: the --quick

@@ -70,7 +70,6 @@ def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(capsys, 
     from mnist_optuna.final import spearman
     from mnist_optuna.scores import unpack_correct
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import fidelity as fidelity_benchmark
     import search_quality as quality_benchmark
 
