@@ -12,7 +12,6 @@ the convolutions or not), which set data.EVAL_BATCH. Last, the hand recipe's tra
 against fp32 (`bf16/fp32 training ratio`), where the CPU or GPU computes bf16 natively.
 """
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -32,23 +31,21 @@ from models import build_model, count_macs
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def block(channels, kernel=3, pool=False):
-    return {"channels": channels, "kernel": kernel, "pool": pool, "slope": 0.01, "batch_norm": True}
-
-
-def shipped(path):
-    """The network of a shipped best_params.json, or None when it is not there."""
-    path = ROOT / path
-    return json.loads(path.read_text())["model"] if path.is_file() else None
+def block(channels, kernel=3, pool=False, slope=0.01):
+    return {"channels": channels, "kernel": kernel, "pool": pool, "slope": slope, "batch_norm": True}
 
 
 NETWORKS = {
     # the hand recipe of DESIGN.md (32-32 / pool / 64-64 / pool / 128), inside MNIST-optuna.py's default space
     "hand recipe": {"conv": [block(32), block(32, pool=True), block(64), block(64, pool=True), block(128)],
                     "fc": [], "dropout": 0.0},
-    # the shipped networks of results/
-    "stage2 (shipped)": shipped("results/stage2/best_params.json"),
-    "stage1-wide": shipped("results/stage1-wide/best_params.json"),
+    # two networks the first two-stage pipeline found (results/README.md): 16-32 filters, and 32-64 ("wide")
+    "searched 10.8 MMAC": {"conv": [block(32, slope=0.02656), block(32, pool=True, slope=0.002209),
+                                    block(16, kernel=5, slope=0.0173), block(24, pool=True, slope=0.001346)],
+                           "fc": [128], "dropout": 0.1236},
+    "searched wide 28.3 MMAC": {"conv": [block(48, slope=0.01117), block(48, pool=True, slope=0.1119),
+                                         block(32, kernel=5, slope=0.02174), block(64, pool=True, slope=0.003568)],
+                                "fc": [192], "dropout": 0.1922},
     # MNIST-optuna-adv.py's default backbone with a 512-wide head
     "adv backbone + FC 512": {"conv": [block(16, pool=True), block(32, pool=True)], "fc": [512], "dropout": 0.2},
 }

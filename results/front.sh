@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's measured front: a searched-skeleton, accuracy-vs-MMAC search (one seed, 2-epoch trials on 10,000
+# The measured accuracy-vs-compute front: a searched-skeleton, accuracy-vs-MMAC search (one seed, 2-epoch trials on 10,000
 # images), then front networks at several budgets retrained like a final model (12 epochs on all 60,000 training
 # images, chosen on validation by --pick-mmac) and tested once each. Steps already done are skipped.
 #   nohup bash results/front.sh > results/front-points.log 2>&1 &

@@ -6,7 +6,8 @@
 #   OMP_NUM_THREADS=1 bash results/pipeline.sh verify              # retrain single-0.pt again, compare bit for bit
 # A step whose shipped files exist is skipped. A step that was stopped resumes when run again: the
 # search from its journal, the promotion from promotion.json, each final retrain from its checkpoint.
-# (Issue #4's steps - stage1, stage2, augment, augsearch, wide, wide2 - are in git history, commit d10f27b.)
+# (The first two-stage pipeline's steps - stage1, stage2, augment, augsearch, wide, wide2 - are in git history,
+# commit d10f27b.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MNIST_DATA_DIR="${MNIST_DATA_DIR:-../shared/data}"
@@ -35,13 +36,13 @@ for step in $STEPS; do
       cp results/single/model.pt "$SHIPPED/single-0.pt"
       cp results/single/seed-1.pt "$SHIPPED/single-1.pt"
       cp results/single/seed-2.pt "$SHIPPED/single-2.pt" ;;
-    single20)  # issue 20's next try after the 12-epoch singles missed 99.66 % on test: the 2 best networks of the
+    single20)  # the next step after the 12-epoch singles missed 99.66 % on test: the 2 best networks of the
                # search promoted for 20 epochs on the 50,000 training images, the one chosen on validation retrained
                # for 20 epochs on 60,000 images with 3 seeds, no augmentation. Rule fixed before any of its numbers:
                # its singles replace the shipped 12-epoch ones only if its chosen network's promoted validation
                # accuracy beats the 12-epoch choice's (results/single/promotion.json); the test numbers are reported
                # either way and choose nothing. Skipped once the shipped singles are its own (their recorded command).
-               # 5 seeds since the fifth session (written before seeds 3 and 4 were trained): 3 seeds gave 99.65 ± 0.03 %
+               # 5 seeds since 2026-12-03 (written before seeds 3 and 4 were trained): 3 seeds gave 99.65 ± 0.03 %
                # against the 99.66 % target, which 3 seeds of that spread cannot tell apart; all 5 ship and the mean
                # over all 5 is the result, whatever it is; no further seeds are added after these.
       if shipped single-0.pt single-1.pt single-2.pt single-3.pt single-4.pt && python -c '

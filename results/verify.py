@@ -6,7 +6,7 @@ The command runs again as recorded (the same choice from the same journal, the s
 changes that leave the training alone: a scratch --out-dir holding a copy of the step's config.json and
 promotion.json (the promotion's validation scores are reused, not retrained), a copy of the journal as --storage
 (the study is not touched), and only as many seed repeats as the checkpoint's own. The torch thread count is set
-to the checkpoint's (recorded since the fifth session; set OMP_NUM_THREADS yourself for older ones): a CPU's
+to the checkpoint's (recorded since 2026-12-03; set OMP_NUM_THREADS yourself for older ones): a CPU's
 reductions split differently over threads. For a seed repeat k, the step's own checkpoints of repeats 0..k-1 are
 reused where they exist, so only repeat k trains. Exit 0 when every tensor of the state_dict is identical.
 """

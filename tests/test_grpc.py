@@ -1,4 +1,4 @@
-"""Issue 24: Optuna's gRPC storage proxy between workers and one storage (`python -m mnist_optuna proxy`)."""
+"""Optuna's gRPC storage proxy between workers and one storage (`python -m mnist_optuna proxy`)."""
 import socket
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Issue 13: what a hostile user tried. No rerun answers another question, no study is lost, no traceback."""
+"""What a hostile user tried. No rerun answers another question, no study is lost, no traceback."""
 import json
 import signal
 

@@ -1,4 +1,4 @@
-"""Issue 21: the second hostile pass. Each failure, tried again as it was found: a correct answer, or one line
+"""A hostile user, further. Each failure, tried again as it was found: a correct answer, or one line
 and exit 2 that says what to do, with nothing lost."""
 import errno
 import json

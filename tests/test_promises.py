@@ -1,4 +1,4 @@
-"""Issue 13: tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, grid seed, ensembles,
+"""Tests that fail when a promise breaks (L1, augmentation, out-of-memory, ONNX, grid seed, ensembles,
 a stop before training); Ctrl-C and SIGTERM end to end: tests/test_distributed.py."""
 from types import SimpleNamespace
 

@@ -1,6 +1,6 @@
-"""Issue 22: each promise of the README checked by what the code does, not by what the run prints about it.
-Each test names its promise; breaking the promise at its one place fails the test (the note of issue 22 says
-which break each was tried with)."""
+"""Each promise of the README checked by what the code does, not by what the run prints about it.
+Each test names its promise; breaking the promise at its one place fails the test (each was tried with such a
+break)."""
 import json
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Issue 11: the compute budget, the choice at the final fidelity, and --evaluate of several checkpoints."""
+"""The compute budget, the choice at the final fidelity, and --evaluate of several checkpoints."""
 import json
 import re
 
@@ -119,7 +119,7 @@ def test_the_promoted_choice_is_the_retrained_model_and_evaluate_averages_the_en
     # the ensemble's members follow the promoted ranking
     second = load_checkpoint(out / "ensemble-1.pt")[1]["meta"]
     assert (second["study"], second["trial"]) == (rows[1]["study"], rows[1]["trial"])
-    # each retrained network with its own study's seed (issue 21: not the search best's), and the summary's "best"
+    # each retrained network with its own study's seed (not the search best's), and the summary's "best"
     # is the chosen network
     seed = int(chosen["study"].removeprefix("mnist-cnn-seed"))
     assert meta["study_seed"] == best["study_seed"] == summary["best"]["seed"] == seed

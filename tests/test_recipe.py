@@ -1,4 +1,4 @@
-"""Issue 19's recipe: the precision choice, bf16 training, the moving average of the weights, shift TTA."""
+"""The final recipe: the precision choice, bf16 training, the moving average of the weights, shift TTA."""
 import csv
 import json
 

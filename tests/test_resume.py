@@ -1,4 +1,4 @@
-"""Issue 13: a resumed, retried or concurrent run answers exactly what an uninterrupted one answers."""
+"""A resumed, retried or concurrent run answers exactly what an uninterrupted one answers."""
 
 import time
 

@@ -53,7 +53,7 @@ def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_d
     content[8:] = labels.tobytes()
     labels_path.chmod(0o644)
     labels_path.write_bytes(bytes(content))
-    # and the test images noise (issue 22): the search's inputs must not be normalised with their statistics
+    # and the test images noise: the search's inputs must not be normalised with their statistics
     images_path = shuffled / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     pixels = bytearray(images_path.read_bytes())
     pixels[16:] = np.random.default_rng(1).integers(0, 256, len(pixels) - 16, dtype=np.uint8).tobytes()
