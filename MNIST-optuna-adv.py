@@ -10,15 +10,15 @@ layers a network does not have. Rerunning with the same storage and study name r
 """
 import itertools
 import logging
-import time
 
 import numpy as np
 import optuna
 
 from mnist_optuna import cli, final, studies, workers
 from mnist_optuna.backbone import read_backbone
+from mnist_optuna.devices import PRECISIONS
+from mnist_optuna.outcome import Outcome
 from mnist_optuna.reporting import network_text
-from mnist_optuna.training import PRECISIONS
 from models import build_model, normalise_config
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,6 @@ OUT_DIR = None                # None: a new timestamped folder under runs/
 MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): trials, final model as runs
 ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
 # ==== end of the settings: what follows are no flags ==========================
-
-# settings renamed since studies were made with them: a study that recorded the old name resumes under the new one
-RENAMED = {"dropout": "head_dropout"}
 
 QUICK = dict(FC_DEPTHS=[1, 2], FC_WIDTHS=[[32, 64], [32, 64]], TRAIN_SUBSET=4000, VAL_SIZE=1000, EPOCHS=1,
              BATCH_SIZE=64, MEDIAN_STARTUP_TRIALS=2, FINAL_EPOCHS=1, FINAL_SUBSET=6000)
@@ -160,14 +157,13 @@ def main(argv=None):
         return head is not None
     def suggest(trial):  # (the network, its training) of one trial
         return suggest_head(trial, args, backbone, heads), train_cfg
-    started = time.perf_counter()
+    outcome = Outcome(run, head_text, label="grid seed", key_name="grid_seed", keyed_lines=False,
+                      extra={"grid_size": len(heads)})
     objective = studies.run_objective(run, suggest, args.seed, reports_per_epoch=args.reports_per_epoch)
     n_trials = 0 if args.retrain_only else len(heads) if args.n_trials is None else args.n_trials
-    interrupted = studies.search(study, objective, n_trials, run.run_id, "", head_text, feed=feed, bar="grid",
-                                 callbacks=run.tracker and [run.tracker.trial_callback()])
+    studies.search(outcome, args.seed, study, objective, n_trials, feed=feed)
     # rank on validation, retrain the best head on train+validation, test it once
-    return final.finish(args, run, [("seed", args.seed, study)], started, interrupted, head_text,
-                        extra={"grid_size": len(heads)}, key_name="grid_seed")
+    return final.finish(args, outcome)
 
 
 def grid_study(args, run, backbone, heads):
@@ -176,7 +172,7 @@ def grid_study(args, run, backbone, heads):
     pruner = studies.make_pruner("median", args.epochs, args.median_startup_trials, args.median_warmup_steps,
                                  args.median_interval_steps)
     sampler = optuna.samplers.RandomSampler(seed=args.seed)  # only ever sees queued, fixed heads
-    study = studies.study_for(run, args.study_name, sampler, pruner, args, renamed=RENAMED, backbone=backbone)
+    study = studies.study_for(run, args.study_name, sampler, pruner, args, backbone=backbone)
     print(f"grid size: {len(heads)}")
     if args.retrain_only:
         print("--retrain-only: no new trials")

@@ -14,15 +14,16 @@ retrained on train+validation and the test set is read once, at the very end.
 """
 import dataclasses
 import logging
-import time
 
 import optuna
 
-from mnist_optuna import cli, final, studies
+from mnist_optuna import cli, evaluation, final, studies
 from mnist_optuna.backbone import read_backbone
+from mnist_optuna.devices import PRECISIONS
+from mnist_optuna.outcome import Outcome
 from mnist_optuna.reporting import network_text, training_text
 from mnist_optuna.samplers import PositionSeeded
-from mnist_optuna.training import PRECISIONS, TrainConfig, minutes, training_seconds
+from mnist_optuna.training import TrainConfig, minutes, training_seconds
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def main(argv=None):
     cli.setup_logging(args.verbose, args.quiet)
     validate(args)
     if args.evaluate:
-        return final.evaluate_command(args.evaluate, args.data_dir, args.device, args.artifacts)
+        return evaluation.evaluate_command(args.evaluate, args.data_dir, args.device, args.artifacts)
     # stage 1 searches the network; stage 2 (--stage optim) the training of the network of --backbone
     network, recipe = read_backbone(args.backbone, args.artifacts) if args.stage == "optim" else (None, None)
     run = studies.open_run(args, args.split_seed, experiment=args.study_prefix)
@@ -211,21 +212,17 @@ def main(argv=None):
             return network, suggest_training(trial, args, run.precision)
         return suggest_model(trial, args), studies.train_config(args, run.precision)
     # one seeded TPE study per seed, each trial scored on the validation split
-    started, searched, interrupted = time.perf_counter(), [], False
     describe_trial, max_mmac = (training_text, None) if network else (network_text, args.max_mmac)
+    outcome = Outcome(run, describe_trial, objectives=tuple(args.objectives), pick_mmac=args.pick_mmac,
+                      max_mmac=max_mmac, extra={"max_mmac": max_mmac}, meta={"stage": args.stage})
     n_trials = 0 if args.retrain_only else args.n_trials
-    callbacks = run.tracker and [run.tracker.trial_callback(args.objectives)]
     for seed in args.seeds:
         study = seed_study(args, run, seed, network, recipe)
-        searched.append(("seed", seed, study))
         objective = studies.run_objective(run, suggest, seed, max_mmac=max_mmac, objectives=args.objectives)
-        interrupted = studies.search(study, objective, n_trials, run.run_id, f"seed {seed}  ", describe_trial,
-                                     callbacks=callbacks)
-        if interrupted:
+        if studies.search(outcome, seed, study, objective, n_trials):
             break
     # rank on validation (a budget lowered since the search applies too), retrain the chosen one, test it once
-    return final.finish(args, run, searched, started, interrupted, describe_trial, args.objectives, args.pick_mmac,
-                        max_mmac, extra={"max_mmac": max_mmac}, meta={"stage": args.stage})
+    return final.finish(args, outcome)
 
 
 def trial_epochs(args, network):

@@ -6,7 +6,7 @@ trial grows with the number of trials in the study.
 
 A stand-in objective replaces training: `--workers` trials are open at once (as many workers would hold them,
 RUNNING in the storage), and their reports interleave. Each trial is claimed like a real one (studies.claim)
-and checked for a twin before it "trains" and at each report (studies.twin_of); after each trial the lost-trial
+and checked for a twin before it "trains" and at each report (twins.twin_of); after each trial the lost-trial
 requeue and the --n-trials count run (workers.requeue_lost_trials, workers.remaining_trials), all against the
 real storage. Printed: the median time of each call per band of 100 trials in the study (and of the report's time, how
 much Optuna took to list the study's trials), and the ratio of the time per report at the end to the time at the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 
-from mnist_optuna import studies, workers
+from mnist_optuna import studies, twins, workers
 from mnist_optuna.storages import make_storage
 
 BAND = 100
@@ -63,7 +63,7 @@ def simulate(storage, n_trials, n_workers, reports, seed=0):
             studies.claim(trial, run_id)
             trial.suggest_int("width", 1, 10**6)  # distinct networks: no trial has a twin
             trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-            assert timed("start", lambda: studies.twin_of(trial)) is None  # run_trial's check before training
+            assert timed("start", lambda: twins.twin_of(trial)) is None  # run_trial's check before training
             open_trials.append([trial, 0])
             started += 1
         if started == n_trials:  # the last trial started; those still open are left (see the docstring)
@@ -71,7 +71,7 @@ def simulate(storage, n_trials, n_workers, reports, seed=0):
         slot = open_trials[rng.randrange(len(open_trials))]  # some worker reports next
         trial, step = slot
         step += 1
-        twin = timed("report", lambda: studies.twin_of(trial))
+        twin = timed("report", lambda: twins.twin_of(trial))
         assert twin is None
         trial.report(rng.random(), step)
         slot[1] = step

@@ -36,17 +36,12 @@ import torch
 from data import load_search_data, promotion_training_set, resolve_data_dir
 from errors import UserError
 from mnist_optuna import cli, studies
-from mnist_optuna.final import load_test, spearman
+from mnist_optuna.devices import resolve_device, resolve_precision
+from mnist_optuna.promotion import spearman
+from mnist_optuna.evaluation import load_test
 from mnist_optuna.rundir import write_json
 from mnist_optuna.scores import scores_of_logits
-from mnist_optuna.training import (
-    derive_seed,
-    predict_logits,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-    train,
-)
+from mnist_optuna.training import derive_seed, predict_logits, seed_everything, train
 from models import build_model, describe, mmac
 
 ROOT = Path(__file__).resolve().parent.parent

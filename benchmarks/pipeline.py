@@ -15,7 +15,8 @@ import time
 import torch
 
 from data import batches, ensure_files, load_search_data, resolve_data_dir
-from mnist_optuna.training import TrainConfig, make_optimizer, resolve_device
+from mnist_optuna.devices import resolve_device
+from mnist_optuna.training import TrainConfig, make_optimizer
 from models import build_model
 
 # a plain BN CNN in the spirit of DESIGN.md's reference (32-64 channels, one FC layer)

@@ -25,19 +25,21 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
+import torch
+from fidelity import FINAL, common_parser, cpu_model, one_training, prepare, recipes
+from throughput import NETWORKS
+
 from data import resolve_data_dir
 from errors import UserError
-from fidelity import FINAL, common_parser, cpu_model, one_training, prepare, recipes
 from mnist_optuna import cli, studies
-from mnist_optuna.final import FinalConfig, promote, top_distinct
+from mnist_optuna.outcome import Outcome
+from mnist_optuna.promotion import promote, top_distinct
+from mnist_optuna.final import FinalConfig
 from mnist_optuna.rundir import write_json
 from mnist_optuna.storages import make_storage
 from mnist_optuna.training import derive_seed
 from models import describe, mmac
-from throughput import NETWORKS
-
-import optuna
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,9 +58,8 @@ def search_choice(script, space, pair, folder, data, quick):
         raise UserError(f"the search for seeds {pair} failed: {done.stderr.strip().splitlines()[-1:]}")
     search_seconds = json.loads((folder / "summary.json").read_text())["search_seconds"]
     storage = make_storage(None, folder, must_exist=True)
-    searched = [("seed", seed, optuna.load_study(study_name=f"{space.study_prefix}-seed{seed}", storage=storage))
-                for seed in pair]
-    ranked, _ = studies.rank(searched, ["accuracy"], None, space.max_mmac)
+    searched = [(seed, optuna.load_study(study_name=f"{space.study_prefix}-seed{seed}", storage=storage)) for seed in pair]
+    ranked, _ = studies.rank(Outcome(None, str, max_mmac=space.max_mmac, studies=searched))
     ranking = [trial for _, trial in ranked]
     clock = time.perf_counter()
     if space.promote > 1:

@@ -18,14 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mnist_optuna.training import (
-    TrainConfig,
-    accuracy_on,
-    autocast,
-    make_optimizer,
-    native_bf16,
-    resolve_device,
-)
+from mnist_optuna.devices import native_bf16, resolve_device
+from mnist_optuna.training import TrainConfig, accuracy_on, autocast, make_optimizer
 from models import build_model, count_macs
 
 ROOT = Path(__file__).resolve().parent.parent

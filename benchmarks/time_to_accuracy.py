@@ -21,20 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from throughput import NETWORKS
 
 from data import load_search_data, resolve_data_dir
-from mnist_optuna.final import load_test
-from mnist_optuna.training import (
-    TrainConfig,
-    accuracy_on,
-    native_bf16,
-    resolve_device,
-    seed_everything,
-    train,
-)
+from mnist_optuna.devices import native_bf16, resolve_device
+from mnist_optuna.evaluation import load_test
+from mnist_optuna.training import TrainConfig, accuracy_on, seed_everything, train
 from models import build_model, count_macs
-
-from throughput import NETWORKS
 
 ROOT = Path(__file__).resolve().parent.parent
 

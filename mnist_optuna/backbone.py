@@ -3,10 +3,10 @@ model.pt checkpoint, a local path or an artifact id in the --artifacts store."""
 import json
 from pathlib import Path
 
-from errors import UserError
-from mnist_optuna.tracking import local_file, open_artifact_store
-from mnist_optuna.training import load_checkpoint
 from data import NUM_CLASSES
+from errors import UserError
+from mnist_optuna.checkpoints import load_checkpoint
+from mnist_optuna.tracking import local_file, open_artifact_store
 from models import build_model, normalise_config
 
 

@@ -106,12 +106,20 @@ def state_counts(trials):
     return counts
 
 
+def mmac_of(trial):
+    return trial.user_attrs.get("mmac", float("inf"))
+
+
+def by_rank(trials):
+    """The one order of "best": by validation accuracy, of equals the cheaper network first, then the earlier
+    (the order given: stable)."""
+    return sorted(trials, key=lambda t: (-trial_accuracy(t), mmac_of(t)))
+
+
 def best_or_none(study):
-    """The study's most accurate complete trial (of equals, the cheaper network, then the earlier trial)."""
-    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not completed:
-        return None
-    return min(completed, key=lambda t: (-trial_accuracy(t), t.user_attrs.get("mmac", float("inf"))))
+    """The study's best complete trial (by_rank), or None."""
+    ranked = by_rank(t for t in study.trials if t.state == TrialState.COMPLETE)
+    return ranked[0] if ranked else None
 
 
 def params_lines(params, indent="    "):
@@ -125,23 +133,19 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def trials_table(studies):
-    """Optuna's trials_dataframe for each (label, study) with the label column first, as one table."""
+def write_trials_csv(path, column, studies):
+    """Optuna's trials_dataframe of each (key, study), the key in a first column of that name, as one table."""
     import pandas as pd
 
     frames = []
-    for label, value, study in studies:
+    for key, study in studies:
         frame = study.trials_dataframe()
         if "user_attrs_validation" in frame.columns:  # its NLL is a column; which images it got right is not
             frame["user_attrs_val_nll"] = frame.pop("user_attrs_validation").map(
                 lambda record: record.get("nll") if isinstance(record, dict) else None)
-        frame.insert(0, label, value)
+        frame.insert(0, column, key)
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def write_trials_csv(path, studies):
-    write_atomic(path, trials_table(studies).to_csv(index=False))
+    write_atomic(path, (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()).to_csv(index=False))
 
 
 def best_params_payload(trial, **extra):
@@ -167,14 +171,16 @@ def progress(total, description, unit="trial"):
     return tqdm(total=total, desc=description, unit=unit, leave=False, disable=not show, file=sys.stdout)
 
 
-def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, objectives=("accuracy",), pick_mmac=None,
-              extra=None):
-    """Print the summary block of the (label, key, study) searches and write trials.csv (best_params.json is the
-    final stage's, final.finish); return (the chosen trial, the summary dict). `ranked`: (key, trial) pairs best
-    first (studies.rank), whose first is the chosen network; `front`: the Pareto front of a multi-objective run, listed in full."""
+def summarise(outcome, ranked, front=None):
+    """Print the summary block of the outcome's searches and write trials.csv (best_params.json is the final
+    stage's, final.finish); return (the chosen trial, the summary dict). `ranked`: (key, trial) pairs best first
+    (studies.rank), whose first is the chosen network; `front`: the Pareto front of a multi-objective run, listed in
+    full."""
+    label, describe_trial, objectives = outcome.label, outcome.describe_trial, outcome.objectives
+    pick_mmac, extra, out_dir = outcome.pick_mmac, outcome.extra, outcome.run.out_dir
     print("\n==== summary ====")
     per_study, all_trials = {}, []
-    for label, key, study in studies:
+    for key, study in outcome.studies:
         trial = best_or_none(study)
         all_trials += study.trials
         if trial is None:
@@ -210,6 +216,7 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
         print(f"no {'front network' if front is not None else 'complete trial'} within "
               f"{mmac_limits({'pick_mmac': pick_mmac, **(extra or {})})}; "
               "rerun with --retrain-only and a larger limit")
+    wall = outcome.seconds()
     print(f"search wall time: {wall:.1f} s")
     summary = {"seeds": per_study, "counts": counts, "per_seed_best_mean": mean, "per_seed_best_std": std,
                "best": None if best is None else {"seed": best_key, "trial": best.number,
@@ -220,7 +227,7 @@ def summarise(studies, out_dir, wall, describe_trial, ranked, front=None, object
     if front is not None:
         summary["front"] = [{label: key, "trial": t.number, "values": dict(zip(objectives, t.values)),
                              "params": t.params, "network": describe_trial(t)} for key, t in front]
-    write_trials_csv(out_dir / "trials.csv", studies)
+    write_trials_csv(out_dir / "trials.csv", label.replace(" ", "_"), outcome.studies)
     return best, summary
 
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,34 +17,32 @@ from optuna.trial import TrialState
 
 from data import load_search_data, resolve_data_dir
 from errors import UserError
+from mnist_optuna.checkpoints import EpochCheckpoint
 from mnist_optuna.cli import interrupted_by_user
-from mnist_optuna.reporting import print_trial_lines, progress, trial_accuracy
-from mnist_optuna.rundir import finish_publish, hold_run_folder, start_run
-from mnist_optuna.storages import (
-    metric_names,
-    open_run_folder,
-    open_study,
-    search_settings,
+from mnist_optuna.devices import describe_device, resolve_device, resolve_precision
+from mnist_optuna.reporting import (
+    by_rank,
+    mmac_of,
+    print_trial_lines,
+    progress,
 )
+from mnist_optuna.rundir import finish_publish, hold_run_folder, start_run
+from mnist_optuna.settings import search_settings
+from mnist_optuna.storages import metric_names, open_run_folder, open_study
 from mnist_optuna.tracking import Tracker, open_artifact_store
 from mnist_optuna.training import (
     Divergence,
-    EpochCheckpoint,
     TrainConfig,
     derive_seed,
-    describe_device,
     last_scores,
-    resolve_device,
-    resolve_precision,
     seed_everything,
     train,
 )
+from mnist_optuna.twins import TwinFound, twin_of, yield_to_twin
 from mnist_optuna.workers import (
     INTERRUPTED,
-    NOT_TRAINED,
-    LiveTrial,
     OVER_BUDGET,
-    TWIN,
+    LiveTrial,
     remaining_trials,
     requeue_lost_trials,
     say_searching,
@@ -79,25 +76,28 @@ def waiting_trials(study):
     return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
-def search(study, objective, n_trials, run_id, label, describe_trial, feed=None, max_rounds=None, bar=None,
-           callbacks=None):
-    """Run trials until this run folder has its n_trials counted ones; True when the user stopped the run.
+def search(outcome, key, study, objective, n_trials, feed=None):
+    """Run trials of `study` (the outcome's study of `key`, added to it here) until this run folder has its n_trials
+    counted ones; True when the user stopped the run (the outcome is then interrupted).
 
     Trials that trained nothing (over the compute budget, a repeat of another trial's configuration) do not
     count, so another round asks again; the sampler has seen them and proposes them less and less. `feed`
     queues the next trial when none waits (the adv grid, one point at a time) and says False when nothing is
     left. Lost trials are queued again before each round and after each trial.
     """
-    rounds = max_rounds or 20 + 2 * n_trials
+    outcome.add(key, study)
+    run_id, label, tracker = outcome.run.run_id, outcome.trial_label(key), outcome.run.tracker
+    rounds = 20 + 2 * n_trials
     wait_for_claims(study)
     todo = remaining_trials(study, n_trials, run_id)
     if todo:  # the other workers wait for this one before their final stage (workers.wait_for_others)
         say_searching(study, run_id, True)
-    callbacks = [print_trial_lines(label, describe_trial), *(callbacks or []), lambda s, _: requeue_lost_trials(s),
-                 *([lambda s, _: say_searching(s, run_id, True)] if todo else [])]
+    callbacks = [print_trial_lines(label, outcome.describe_trial),
+                 *([tracker.trial_callback(outcome.objectives)] if tracker else []),
+                 lambda s, _: requeue_lost_trials(s), *([lambda s, _: say_searching(s, run_id, True)] if todo else [])]
     live = LiveTrial(objective)
     try:
-        with progress(todo, bar or label.strip() or "trials") as bar:
+        with progress(todo, label.strip() or f"{outcome.label} {key}") as bar:
             for _ in range(rounds):
                 requeue_lost_trials(study)
                 left = remaining_trials(study, n_trials, run_id)
@@ -115,6 +115,7 @@ def search(study, objective, n_trials, run_id, label, describe_trial, feed=None,
     except (KeyboardInterrupt, Exception) as error:  # Ctrl-C, possibly surfacing as a library's error
         if not interrupted_by_user(error):
             raise
+        outcome.interrupted = True
         return True
     finally:
         if todo:
@@ -144,106 +145,6 @@ def trial_seed(study_seed, params):
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     return derive_seed(study_seed, int(digest[:8], 16))
 
-
-_SETTLED = weakref.WeakKeyDictionary()  # Trial -> the parameters with which its twin check became final
-_MISSING = object()
-
-
-def twin_of(trial):
-    """The earliest other trial of the study with the same parameters that was trained or is training.
-
-    Called before a trial trains and at every report, so a report must not cost more as the study grows. A call
-    reads the study's trials: the finished ones from this process's index (FinishedIndex; finished trials never
-    change), the open ones anew. The answer can still change only while some open trial may turn into a twin: an
-    earlier one whose parameters are not all suggested yet or that is queued, or a later twin that may finish
-    before its next report sees this one. Once there is none it is final, and later reports read nothing (a later
-    trial that becomes a twin after that sees this one at its next report and yields: the one created first
-    trains).
-    """
-    if not isinstance(trial, optuna.trial.Trial):  # a FixedTrial has no study to compare with
-        return None
-    # a trial is known by number and start time together: an RDB can give two concurrent trials one number
-    own, params = (trial.number, trial.datetime_start), trial.params
-    key = _params_key(params)
-    if _SETTLED.get(trial) == key:
-        return None
-    index = FinishedIndex.of(trial.study)
-    unfinished = index.update(trial.study.get_trials(deepcopy=False))
-    may_turn = False
-    for other in [*index.by_params.get(key, ()), *unfinished]:
-        if (other.number, other.datetime_start) == own or str(other.user_attrs.get("reason") or "").startswith(
-                NOT_TRAINED):
-            continue
-        earlier, same = _created_before(other, own), other.params == params
-        if same and other.state in TWIN_STATES and (earlier or other.state != TrialState.RUNNING):
-            return other  # of two running twins, the one created first trains
-        if not other.state.is_finished() and (earlier or same) and all(
-                params.get(name, _MISSING) == value for name, value in other.params.items()):
-            # still open with parameters short of or equal to ours: an earlier one may yet become our twin, a later
-            # twin may finish before it sees us (at its last report)
-            may_turn = True
-    if not may_turn:
-        _SETTLED[trial] = key
-    return None
-
-
-def _created_before(other, own):
-    """Whether trial `other` was created before the trial known as `own` (number, start); a queued trial has no
-    start yet, its number decides."""
-    if other.number != own[0] or other.datetime_start is None or own[1] is None:
-        return other.number < own[0]
-    return other.datetime_start < own[1]
-
-
-TWIN_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-
-
-def _params_key(params):
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-class FinishedIndex:
-    """This process's index of a study's finished trials by parameters. A finished trial never changes, so each
-    update looks only at the trials that were unfinished at the last one and at those added since (the list of a
-    study's trials only grows, in the order they were created)."""
-    _studies = weakref.WeakKeyDictionary()  # by Study object: gone with it
-
-    def __init__(self):
-        self.by_params, self.length, self.open = {}, 0, []
-
-    @classmethod
-    def of(cls, study):
-        return cls._studies.setdefault(study, cls())
-
-    def update(self, trials):
-        """Index the trials that finished since the last update; return those not finished yet."""
-        still_open = []
-        for position in [*self.open, *range(self.length, len(trials))]:
-            trial = trials[position]
-            if trial.state.is_finished():
-                self.by_params.setdefault(_params_key(trial.params), []).append(trial)
-            else:
-                still_open.append(position)
-        self.open, self.length = still_open, len(trials)
-        return [trials[position] for position in still_open]
-
-
-class TwinFound(Exception):
-    """A trial's configuration turned out, while it trained, to be trained by an earlier trial too."""
-
-    def __init__(self, twin):
-        super().__init__(f"trial {twin.number} trains the same configuration")
-        self.twin = twin
-
-
-def yield_to_twin(trial, twin, several):
-    """Leave the configuration to its twin: take the twin's accuracy when it has one, else prune."""
-    trial.set_user_attr("reason", f"{TWIN} {twin.number}; not trained again")
-    if twin.state == TrialState.COMPLETE and not several:
-        if twin.user_attrs.get("validation"):
-            trial.set_user_attr("validation", twin.user_attrs["validation"])
-        return trial_accuracy(twin)
-    raise optuna.TrialPruned(f"the configuration of trial {twin.number}, which was pruned or is training")
 
 
 def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoch=1, max_mmac=None,
@@ -392,14 +293,12 @@ def open_run(args, split_seed, record=None, experiment=None):
     return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision, folder_lock)
 
 
-def study_for(run, name, sampler, pruner, args, renamed=None, **resolved):
+def study_for(run, name, sampler, pruner, args, **resolved):
     """The study `name` in the run's storage. It must have been searched with this run's settings (what
-    --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one.
-    `renamed`: {old setting name: new name} of the script's settings renamed since studies recorded them."""
+    --backbone resolved to included) unless --resume-anyway; --retrain-only only loads an existing one."""
     resolved = {**resolved, "training_data": run.data.fingerprint}
     return open_study(name, run.storage, sampler, pruner, search_settings(args, **resolved), args.resume_anyway,
-                      must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)),
-                      renamed=renamed)
+                      must_exist=args.retrain_only, objectives=getattr(args, "objectives", ("accuracy",)))
 
 
 def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None, objectives=("accuracy",)):
@@ -423,40 +322,36 @@ def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None, 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def merged_study(searched, objectives):
-    """The finished trials of a run's studies ((label, key, study) each) in one in-memory study with the same
-    objectives, and those trials as a list: the merged study's trial k is list item k. Its best_trials is
-    the run's Pareto front across seeds (for one study, that study's own best_trials), and Optuna's plots
-    draw it."""
-    trials = [t for _, _, study in searched for t in study.get_trials(deepcopy=False, states=FINISHED)]
+def merged_study(studies, objectives):
+    """The finished trials of a run's studies in one in-memory study with the same objectives, and those trials as
+    a list: the merged study's trial k is list item k. Its best_trials is the run's Pareto front across seeds (for
+    one study, that study's own best_trials), and Optuna's plots draw it."""
+    trials = [t for study in studies for t in study.get_trials(deepcopy=False, states=FINISHED)]
     merged = optuna.create_study(directions=[DIRECTIONS[name] for name in objectives])
     merged.set_metric_names(metric_names(objectives))
     merged.add_trials(trials)
     return merged, trials
 
 
-def rank(searched, objectives, pick_mmac=None, max_mmac=None):
+def rank(outcome):
     """(the candidates for the final model, best first, as (key, trial); the Pareto front as (key, trial)
     sorted by MMAC, or None for one objective). One objective: every complete trial by validation accuracy.
-    Several: the front's networks by validation accuracy. Either way only networks within `pick_mmac` and
-    `max_mmac` MMAC when they are given (a budget lowered since a trial ran rules it out as well); ties go to the
-    cheaper network. Chosen on validation alone."""
-    merged, trials = merged_study(searched, objectives)
-    key_of = {study.study_name: key for _, key, study in searched}
+    Several: the front's networks by validation accuracy. Either way only networks within the outcome's
+    `pick_mmac` and `max_mmac` MMAC when they are given (a budget lowered since a trial ran rules it out as well);
+    ties go to the cheaper network (reporting.by_rank). Chosen on validation alone."""
+    objectives = outcome.objectives
+    merged, trials = merged_study([study for _, study in outcome.studies], objectives)
+    key_of = {study.study_name: key for key, study in outcome.studies}
     keyed = [(key_of.get(t.user_attrs.get("study")), t) for t in trials]
-    complete = [pair for pair in keyed if pair[1].state == TrialState.COMPLETE]
+    candidates = [pair for pair in keyed if pair[1].state == TrialState.COMPLETE]
     front = None
     if len(objectives) > 1:
         front = sorted((keyed[t.number] for t in merged.best_trials), key=lambda pair: mmac_of(pair[1]))
-        complete = front
-    limit = min((value for value in (pick_mmac, max_mmac) if value is not None), default=float("inf"))
-    within = [pair for pair in complete if mmac_of(pair[1]) <= limit]
-    # stable: among equals the earlier study and trial stays first, as the single-objective summary always did
-    return sorted(within, key=lambda pair: (-trial_accuracy(pair[1]), mmac_of(pair[1]))), front
-
-
-def mmac_of(trial):
-    return trial.user_attrs.get("mmac", float("inf"))
+        candidates = front
+    limit = min((value for value in (outcome.pick_mmac, outcome.max_mmac) if value is not None), default=float("inf"))
+    within = [(key, trial) for key, trial in candidates if mmac_of(trial) <= limit]
+    key_of_trial = {id(trial): key for key, trial in within}
+    return [(key_of_trial[id(trial)], trial) for trial in by_rank(trial for _, trial in within)], front
 
 
 class SmallestChoice:

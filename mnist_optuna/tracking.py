@@ -199,9 +199,11 @@ def local_file(text, store, what):
     return str(target.rename(target.with_name(text + suffix)))
 
 
-def publish(tracker, store, storage, trial, summary, model, out_dir, files):
-    """The final model where the team looks: an MLflow run and/or the chosen trial's artifacts. Returns what was
-    published ({"mlflow_run": id, "artifacts": {name: id}}); a failure is a warning, the run folder has it all."""
+def publish(run, trial, summary, model, files):
+    """The final model where the team looks: an MLflow run (the run's tracker) and/or the chosen trial's artifacts
+    (its artifact store). Returns what was published ({"mlflow_run": id, "artifacts": {name: id}}); a failure is a
+    warning, the run folder has it all."""
+    tracker, store, storage, out_dir = run.tracker, run.artifacts, run.storage, run.out_dir
     published = {}
     if tracker is not None:
         run_id = tracker.guard("final model", lambda: tracker.log_final(trial.user_attrs.get("study"), trial,

@@ -1,14 +1,7 @@
-"""The one train/evaluate loop: optimizers, L1/L2, LR schedules, precision (bf16 autocast), the moving average of the
-weights, shift TTA, seeding, device choice, time estimates, checkpoints."""
-import contextlib
-import copy
-import hashlib
-import io
-import json
+"""The one train/evaluate loop: optimizers, L1/L2, LR schedules, bf16 autocast, the moving average of the weights,
+shift TTA, seeding, time estimates, and the retrain of a network from scratch to its checkpoint."""
 import logging
 import math
-import os
-import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -20,7 +13,12 @@ from torch import nn
 
 from data import CANONICAL_FINGERPRINT, EVAL_BATCH, batches, random_affine
 from errors import UserError
-from mnist_optuna.rundir import write_atomic
+from mnist_optuna.checkpoints import (
+    EpochCheckpoint,
+    finished_checkpoint,
+    save_checkpoint,
+)
+from mnist_optuna.devices import PRECISIONS
 from mnist_optuna.scores import scores_of_logits
 from models import INPUT_SHAPE, build_model, normalise_config
 
@@ -28,10 +26,6 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16")
-# CPU flags of native bf16 arithmetic (Zen 4, Sapphire Rapids and later); without them bf16 is emulated, slower than fp32
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass
@@ -89,76 +83,6 @@ def derive_seed(*parts):
     """A well-mixed 31-bit seed from integers (for example a study seed and a trial number)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
-
-def resolve_device(name, deterministic=True):
-    """torch.device for auto|cpu|cuda|mps, with deterministic kernels unless the user opts out."""
-    if name not in DEVICES:
-        raise UserError(f"--device {name!r} is unknown; choose one of {', '.join(DEVICES)}")
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps asked for, but MPS is not available; use --device cpu or auto")
-    if name == "cuda":
-        # cuBLAS needs this set before its first use to be deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cuda.matmul.allow_tf32 = not deterministic
-        torch.backends.cudnn.allow_tf32 = not deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    return torch.device(name)
-
-
-def cpu_flags():
-    """The CPU's feature flags as Linux reports them (an empty set elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def native_bf16(device):
-    """(True/False, why): whether `device` computes bf16 natively, so that bf16 autocast is faster than fp32."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return True, f"{torch.cuda.get_device_name(device)} computes bf16 natively"
-        return False, f"{torch.cuda.get_device_name(device)} has no native bf16"
-    if device.type == "cpu":
-        found = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
-        if found:
-            return True, f"the CPU has {' and '.join(found)}"
-        return False, f"the CPU lacks {' and '.join(BF16_CPU_FLAGS)}, so bf16 would be emulated and slower"
-    return False, f"bf16 autocast is not used on {device.type}"
-
-
-def resolve_precision(name, device):
-    """(fp32 | bf16, why) for --precision auto | fp32 | bf16 on `device`."""
-    if name not in PRECISIONS:
-        raise UserError(f"--precision {name!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    native, why = native_bf16(device)
-    if name == "auto":
-        return ("bf16" if native else "fp32"), f"auto: {why}"
-    if name == "bf16" and device.type == "mps":
-        raise UserError("--precision bf16 is not supported on mps; use --precision fp32 or auto")
-    return name, "asked for" + ("" if name == "fp32" or native else f" ({why})")
-
-
-def describe_device(device):
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return device.type
 
 
 def l1_penalty(model):
@@ -244,51 +168,6 @@ def fit_batchnorm(model, x, images=BN_IMAGES):
     head = x[:images]
     torch.optim.swa_utils.update_bn([xb for xb, _ in batches(head, head, EVAL_BATCH, drop_last=False)], model)
 
-
-class EpochCheckpoint:
-    """Where a training keeps, at the end of each epoch, everything its continuation needs (weights, optimizer,
-    schedule, the moving average with its BatchNorm statistics, the random states of the batch order, augmentation
-    and dropout, the history so far), written whole or not at all, so a stopped training resumes from its last
-    finished epoch instead of its first step. `identity` (JSON-able: network, recipe, seed, images, data) says what
-    is trained: a file of another training is never continued. `name` names the training in the line that says it
-    resumes. train() removes the file when the training ends."""
-
-    def __init__(self, path, identity, name="training", on_resume=None):
-        self.path, self.name = Path(path), name
-        self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
-        self.resumed_epochs, self.resumed_seconds = 0, 0.0
-        self.on_resume = on_resume  # on_resume([(step, val_accuracy), ...]): the reports made before the stop
-
-    def load(self):
-        """The state saved after the last finished epoch of this very training, or None."""
-        if not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            same = isinstance(state, dict) and state.get("identity") == self.identity
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
-            same = False
-        if not same:
-            log.info(f"{self.name}: {self.path.name} is not a checkpoint of this training; starting from its first "
-                     "epoch")
-            return None
-        return state
-
-    @classmethod
-    def keyed(cls, folder, kind, identity, name, on_resume=None):
-        """The checkpoint in `folder` of a training known by its identity alone (a promotion, a search trial): its
-        file is named by a digest of the identity, so the rerun of the same training finds it."""
-        text = json.dumps(identity, sort_keys=True, default=str)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return cls(Path(folder) / f".{kind}-{digest}.epoch", identity, name, on_resume)
-
-    def save(self, state):
-        buffer = io.BytesIO()
-        torch.save({**state, "identity": self.identity}, buffer)
-        write_atomic(self.path, buffer.getvalue())
-
-    def remove(self):
-        self.path.unlink(missing_ok=True)
 
 
 def last_scores(history):
@@ -472,62 +351,6 @@ def minutes(seconds):
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def save_checkpoint(path, model, train_cfg, meta):
-    """config + state_dict + metadata, serialised in memory and written with write_atomic (so a full disk is an
-    OSError like any other write, not an error inside torch's writer)."""
-    payload = {"config": model.config, "train": train_cfg.to_dict(),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, payload) from a checkpoint written by save_checkpoint."""
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-        problem = payload_problem(payload)
-        if problem is None:
-            model = build_model(payload["config"])
-            model.load_state_dict(payload["state_dict"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError, EOFError,
-            pickle.UnpicklingError) as error:
-        problem = type(error).__name__
-    if problem is not None:
-        raise UserError(f"{path} is not a checkpoint of this project ({problem}); "
-                        "pass a model.pt written by MNIST-optuna.py or MNIST-optuna-adv.py")
-    return model.to(device), payload
-
-
-def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def payload_problem(payload):
-    """What makes a loaded checkpoint payload unusable (its parts' types and values, checked before anything reads
-    them), or None. A file can be tampered with or come from elsewhere: each case is one line, not a traceback."""
-    if not isinstance(payload, dict):
-        return f"it holds a {type(payload).__name__}, not a checkpoint's record"
-    config, meta = payload.get("config"), payload.get("meta", {})
-    if not isinstance(config, dict) or not isinstance(payload.get("state_dict"), dict):
-        return "its network or weights are missing"
-    classes = config.get("num_classes", 10)
-    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
-        return f"num_classes {classes!r} is not a number of classes >= 2"
-    if not isinstance(meta, dict):
-        return f"its meta is a {type(meta).__name__}, not a record"
-    for key in ("mean", "std"):
-        if key in meta and not _number(meta[key]):
-            return f"its normalisation {key} {meta[key]!r} is not a number"
-    if "std" in meta and not meta["std"] > 0:
-        return f"its normalisation std {meta['std']!r} is not positive"
-    for key in ("command", "source", "training_data"):
-        if key in meta and not isinstance(meta[key], str):
-            return f"its recorded {key} is not text"
-    if "train" in payload and not isinstance(payload["train"], dict):
-        return "its training recipe is not a record"
-    return None
-
 
 def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta, on_epoch=None, background=0.0,
                      tta=False):
@@ -539,8 +362,9 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     evaluated instead of trained again.
     Returns (model, history, test_accuracy, train_seconds).
     """
-    earlier = finished_checkpoint(checkpoint, model_config, train_cfg, seed, len(y), x.device,
-                                  meta.get("training_data", CANONICAL_FINGERPRINT))
+    identity = {"model": normalise_config(model_config), "train": train_cfg.to_dict(), "seed": seed,
+                "train_images": len(y), "training_data": meta.get("training_data", CANONICAL_FINGERPRINT)}
+    earlier = finished_checkpoint(checkpoint, identity, x.device)
     if earlier is not None:
         model, meta = earlier
         return model, meta["history"], accuracy_on(model, *test, tta=tta, background=background), meta["train_seconds"]
@@ -548,9 +372,8 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     model = build_model(model_config).to(x.device)
     started = time.perf_counter()
     # epoch by epoch beside the checkpoint (a dot file: never published with it), so a stop costs an epoch at most
-    progress = EpochCheckpoint(Path(checkpoint).with_name(f".{Path(checkpoint).name}.epoch"), {
-        "model": normalise_config(model_config), "train": train_cfg.to_dict(), "seed": seed, "train_images": len(y),
-        "training_data": meta.get("training_data", CANONICAL_FINGERPRINT)}, Path(checkpoint).name)
+    progress = EpochCheckpoint(Path(checkpoint).with_name(f".{Path(checkpoint).name}.epoch"), identity,
+                               Path(checkpoint).name)
     history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch, background=background, checkpoint=progress)
     train_seconds = time.perf_counter() - started + progress.resumed_seconds
     test_accuracy = accuracy_on(model, *test, tta=tta, background=background)
@@ -562,48 +385,3 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     return model, history, test_accuracy, train_seconds
 
 
-def finished_checkpoint(path, model_config, train_cfg, seed, train_images, device, training_data=CANONICAL_FINGERPRINT):
-    """(model, meta) of the checkpoint at `path` when it holds exactly this training, else None. A checkpoint from
-    before fingerprints were recorded was trained on canonical MNIST."""
-    if not Path(path).is_file():
-        return None
-    try:
-        model, payload = load_checkpoint(path, device)
-    except UserError:
-        return None
-    meta = payload.get("meta", {})
-    same = (payload.get("train") == train_cfg.to_dict() and model.config == normalise_config(model_config)
-            and meta.get("seed") == seed and meta.get("train_images") == train_images and "history" in meta
-            and meta.get("training_data", CANONICAL_FINGERPRINT) == training_data)
-    return (model, meta) if same else None
-
-
-def export_onnx(model, path):
-    """Save the model as ONNX (opset of torch's exporter) with a dynamic batch axis; return the path."""
-    cpu_model = copy.deepcopy(model).cpu().float().eval()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.export.tmp")
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    try:
-        # the exporter narrates its passes on stdout; the run's own output stays readable without them
-        with contextlib.redirect_stdout(io.StringIO()):
-            torch.onnx.export(cpu_model, (torch.zeros(2, *INPUT_SHAPE),), str(tmp), input_names=["image"],
-                              output_names=["logits"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
-                              external_data=False, verbose=False)
-        write_atomic(path, tmp.read_bytes())
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def onnx_parity(model, path, images):
-    """(max |logit difference|, fraction of equal predicted labels) of ONNX Runtime against PyTorch on CPU."""
-    import onnxruntime
-
-    cpu_model = copy.deepcopy(model).cpu().float().eval()
-    images = images.detach().cpu().float().contiguous()
-    with torch.no_grad():
-        expected = cpu_model(images).numpy()
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"image": images.numpy()})[0]
-    return float(np.abs(got - expected).max()), float((got.argmax(1) == expected.argmax(1)).mean())

@@ -216,9 +216,8 @@ def searching_others(study, run_id, patience_seconds):
     return others
 
 
-def wait_for_others(searched, run_id=None, poll_seconds=1):
-    """Wait until no other worker is training a trial of these studies ((label, key, study) each) or still adding
-    trials to them, so that every worker that reaches the end sees the same trials, makes the same choice and one
+def wait_for_others(outcome, poll_seconds=1):
+    """Wait until no other worker is training a trial of the outcome's studies or still adding trials to them, so that every worker that reaches the end sees the same trials, makes the same choice and one
     of them runs the final stage (a worker between two of its trials trains nothing, yet its next trial may change
     the choice). A trial whose worker died is failed and queued again (RDB: no heartbeat; journal: its process on
     this host is gone) and stops the wait, as does a searching worker whose process is gone and that has not come
@@ -228,7 +227,7 @@ def wait_for_others(searched, run_id=None, poll_seconds=1):
     told = False
     while True:
         running, searching = [], []
-        for _, _, study in searched:
+        for _, study in outcome.studies:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # RDB heartbeats; does nothing for a journal
@@ -242,7 +241,7 @@ def wait_for_others(searched, run_id=None, poll_seconds=1):
                         and silent_for((study.study_name, "running", t.number), t.user_attrs.get("worker"),
                                        t.datetime_start.timestamp() if t.datetime_start else None)
                         < patience.total_seconds()]
-            searching += searching_others(study, run_id, patience.total_seconds())
+            searching += searching_others(study, outcome.run.run_id, patience.total_seconds())
         if not running and not searching:
             return
         if not told:

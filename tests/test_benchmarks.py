@@ -67,7 +67,7 @@ def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(capsys, 
     import pytest
 
     from errors import UserError
-    from mnist_optuna.final import spearman
+    from mnist_optuna.promotion import spearman
     from mnist_optuna.scores import unpack_correct
 
     import fidelity as fidelity_benchmark

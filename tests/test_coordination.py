@@ -8,12 +8,19 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mnist_optuna import studies, workers
+from mnist_optuna import studies, twins, workers
+from mnist_optuna.outcome import Outcome
+
+
+def outcome_of_run(run_id, *searched):
+    """An outcome of a search by the run folder `run_id`, of these studies (keys 0, 1, ...), with no tracker."""
+    return Outcome(SimpleNamespace(run_id=run_id, tracker=None), lambda trial: "net", studies=list(enumerate(searched)))
 
 
 def queued(study, width):
@@ -32,16 +39,16 @@ def test_the_twin_check_finds_finished_and_running_twins_as_the_study_grows():
     for width in range(2, 40):               # finished trials behind it, indexed as they finish
         study.tell(queued(study, width), 0.5)
     later = queued(study, 1)
-    assert studies.twin_of(later).number == first.number  # the earlier running trial trains it
-    assert studies.twin_of(first) is None                 # and does not yield to the later one
+    assert twins.twin_of(later).number == first.number  # the earlier running trial trains it
+    assert twins.twin_of(first) is None                 # and does not yield to the later one
     late = queued(study, 30)                 # a twin among the trials finished behind the running one
-    assert studies.twin_of(late).params == {"width": 30}
+    assert twins.twin_of(late).params == {"width": 30}
     study.tell(first, 0.9)                   # finishes after it was seen unfinished
-    assert studies.twin_of(later).number == first.number
-    assert studies.twin_of(later).state == TrialState.COMPLETE
-    assert studies.twin_of(queued(study, 77)) is None
+    assert twins.twin_of(later).number == first.number
+    assert twins.twin_of(later).state == TrialState.COMPLETE
+    assert twins.twin_of(queued(study, 77)) is None
     again = optuna.load_study(study_name=study.study_name, storage=storage)  # another process's view: indexed anew
-    assert studies.twin_of(queued(again, 30)).params == {"width": 30}
+    assert twins.twin_of(queued(again, 30)).params == {"width": 30}
 
 
 def test_a_report_reads_the_study_only_while_an_open_trial_may_still_turn_into_a_twin(monkeypatch):
@@ -54,18 +61,18 @@ def test_a_report_reads_the_study_only_while_an_open_trial_may_still_turn_into_a
     study.enqueue_trial({"width": 5})
     starting = study.ask()                   # created first, its parameters not suggested yet
     mine = queued(study, 42)
-    assert studies.twin_of(mine) is None and studies.twin_of(mine) is None
+    assert twins.twin_of(mine) is None and twins.twin_of(mine) is None
     assert len(reads) == 2                   # each report looks again while the earlier trial may turn
     starting.suggest_int("width", 1, 100)    # it turns out another network
-    assert studies.twin_of(mine) is None
+    assert twins.twin_of(mine) is None
     reads.clear()
     for _ in range(5):
-        assert studies.twin_of(mine) is None
+        assert twins.twin_of(mine) is None
     assert reads == []                       # from here on a report reads nothing, however large the study
     later = queued(study, 42)                # a twin created later yields to ours at its first check
-    assert studies.twin_of(later).number == mine.number
+    assert twins.twin_of(later).number == mine.number
     reads.clear()
-    assert studies.twin_of(mine) is None and reads == []
+    assert twins.twin_of(mine) is None and reads == []
 
 
 def test_an_earlier_trial_that_turns_into_a_twin_while_ours_trains_is_found_at_the_next_report():
@@ -73,9 +80,9 @@ def test_an_earlier_trial_that_turns_into_a_twin_while_ours_trains_is_found_at_t
     study.enqueue_trial({"width": 42})
     earlier = study.ask()                    # queued and started, its parameters not suggested yet
     mine = queued(study, 42)
-    assert studies.twin_of(mine) is None
+    assert twins.twin_of(mine) is None
     earlier.suggest_int("width", 1, 100)
-    assert studies.twin_of(mine).number == earlier.number
+    assert twins.twin_of(mine).number == earlier.number
 
 
 def test_a_later_twin_that_finishes_before_it_sees_ours_is_still_found():
@@ -83,9 +90,9 @@ def test_a_later_twin_that_finishes_before_it_sees_ours_is_still_found():
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
     mine = queued(study, 42)
     later = queued(study, 42)
-    assert studies.twin_of(mine) is None     # the later one is not ours to yield to while it runs
+    assert twins.twin_of(mine) is None     # the later one is not ours to yield to while it runs
     study.tell(later, 0.9)
-    assert studies.twin_of(mine).number == later.number
+    assert twins.twin_of(mine).number == later.number
 
 
 def test_a_twin_that_trained_nothing_is_not_a_twin():
@@ -93,7 +100,7 @@ def test_a_twin_that_trained_nothing_is_not_a_twin():
     skipped = queued(study, 5)
     skipped.set_user_attr("reason", "over budget: 1.0 MMAC > 0.5")
     study.tell(skipped, state=TrialState.PRUNED)
-    assert studies.twin_of(queued(study, 5)) is None
+    assert twins.twin_of(queued(study, 5)) is None
 
 
 @pytest.mark.parametrize("when", ["report", "tell"])
@@ -115,7 +122,7 @@ def test_a_worker_whose_trial_another_judged_lost_says_so_and_goes_on(when, capl
                 trial.report(0.5, 1)
         return 0.5
 
-    assert studies.search(study, objective, 3, "my-run", "", lambda t: "net") is False
+    assert studies.search(outcome_of_run("my-run"), 0, study, objective, 3) is False
     assert "trial 0 was judged lost by another worker while this one still trained it" in caplog.text
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
@@ -131,14 +138,14 @@ def test_an_error_of_the_objective_itself_still_ends_the_search():
         raise ValueError("a bug")
 
     with pytest.raises(ValueError, match="a bug"):
-        studies.search(study, objective, 2, "my-run", "", lambda t: "net")
+        studies.search(outcome_of_run("my-run"), 0, study, objective, 2)
 
 
 def test_a_worker_waits_for_another_that_still_adds_trials_or_may_be_restarted():
     # between two of its trials a worker trains nothing, yet its next trial may change the choice: the load test
     # (benchmarks/workers.py) saw final stages start while other workers still had trials to add
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
-    searched = [("seed", 0, study)]
+    searched = outcome_of_run("my-run", study)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         def say(active, pid=other.pid, run="other-run"):
@@ -147,7 +154,7 @@ def test_a_worker_waits_for_another_that_still_adds_trials_or_may_be_restarted()
         say(True)
         say(True, os.getpid(), "my-run")  # this worker's own flag is never waited for
         done = threading.Event()
-        waiter = threading.Thread(target=lambda: (workers.wait_for_others(searched, "my-run", 0.1), done.set()))
+        waiter = threading.Thread(target=lambda: (workers.wait_for_others(searched, 0.1), done.set()))
         waiter.start()
         assert not done.wait(1.5), "the final stage went ahead while another worker was still searching"
         say(False)  # that worker's search ended
@@ -157,7 +164,7 @@ def test_a_worker_waits_for_another_that_still_adds_trials_or_may_be_restarted()
         other.kill()
         other.wait()
         done.clear()
-        waiter = threading.Thread(target=lambda: (workers.wait_for_others(searched, "my-run", 0.1), done.set()))
+        waiter = threading.Thread(target=lambda: (workers.wait_for_others(searched, 0.1), done.set()))
         waiter.start()
         assert not done.wait(1.5), "a worker killed a moment ago was not given the time to be started again"
         study.set_user_attr(workers.SEARCHING + "other-run", {"worker": f"{socket.gethostname()}:{other.pid}",

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, ROOT, TINY, TINY_CNN, run_in_process
-from mnist_optuna.training import EpochCheckpoint, TrainConfig, seed_everything, train
+from mnist_optuna.checkpoints import EpochCheckpoint
+from mnist_optuna.training import TrainConfig, seed_everything, train
 from models import build_model
 
 CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True, "slope": 0.01, "batch_norm": True}], "fc": [16],

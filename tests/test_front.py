@@ -10,6 +10,7 @@ import torch
 from conftest import TINY, load_script, run_script
 from errors import UserError
 from mnist_optuna import studies
+from mnist_optuna.outcome import Outcome
 from mnist_optuna.storages import JOURNAL_NAME, open_study
 
 pytestmark = pytest.mark.timeout(600)
@@ -54,21 +55,22 @@ def study_of(points, objectives):
 def test_pick_mmac_takes_the_most_accurate_front_network_within_the_budget():
     points = [(0.90, 1.0), (0.95, 4.0), (0.93, 6.0), (0.96, 4.5), (0.97, 10.0), (0.97, 12.0)]
     study = study_of(points, ["accuracy", "mmac"])
-    searched = [("seed", 0, study)]
+
+    def outcome(study, objectives, pick=None):
+        return Outcome(None, str, objectives=objectives, pick_mmac=pick, studies=[(0, study)])
 
     def chosen(pick):
-        ranked, _ = studies.rank(searched, ["accuracy", "mmac"], pick)
+        ranked, _ = studies.rank(outcome(study, ["accuracy", "mmac"], pick))
         return ranked[0][1].number if ranked else None
 
-    _, front = studies.rank(searched, ["accuracy", "mmac"])
+    _, front = studies.rank(outcome(study, ["accuracy", "mmac"]))
     assert {t.number for _, t in front} == {t.number for t in study.best_trials} == {0, 1, 3, 4}
     assert [t.number for _, t in front] == [0, 1, 3, 4]  # cheapest first
     assert chosen(None) == 4
     assert chosen(5) == 3 and chosen(4.4) == 1 and chosen(1) == 0
     assert chosen(0.5) is None
     # one objective: every complete trial within the budget competes, not only a front
-    single = [("seed", 0, study_of(points, ["accuracy"]))]
-    ranked, none = studies.rank(single, ["accuracy"], 7)
+    ranked, none = studies.rank(outcome(study_of(points, ["accuracy"]), ["accuracy"], 7))
     assert none is None and [t.number for _, t in ranked] == [3, 1, 2, 0]
 
 

@@ -300,7 +300,7 @@ def test_stage_two_into_the_stage_one_folder_is_refused_and_changes_nothing(tmp_
 
 
 def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_everything(capsys, tmp_path, monkeypatch):
-    from mnist_optuna import training
+    from mnist_optuna import checkpoints
 
     out = tmp_path / "run"
     assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
@@ -308,7 +308,7 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_everything(capsys, 
 
     def full(path, content):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    monkeypatch.setattr(training, "write_atomic", full)
+    monkeypatch.setattr(checkpoints, "write_atomic", full)
     result = run_in_process(capsys, "MNIST-optuna.py", *SEARCH, "--promote", "0", "--retrain-only",
                             "--final-epochs", "2", "--out-dir", out)
     line = assert_one_line_error(result)
@@ -360,13 +360,13 @@ def test_mlflow_takes_a_study_name_with_an_apostrophe_and_a_lost_store_is_one_wa
 
 
 def test_an_ensemble_of_checkpoints_of_different_tasks_is_one_line(capsys, tmp_path):
-    from mnist_optuna import training
+    from mnist_optuna import checkpoints, training
 
     paths = []
     for classes in (10, 7):
         config = models.normalise_config({"conv": [{"channels": 4, "kernel": 3, "pool": True}], "fc": [],
                                           "num_classes": classes})
         paths.append(tmp_path / f"c{classes}.pt")
-        training.save_checkpoint(paths[-1], models.build_model(config), training.TrainConfig(), {})
+        checkpoints.save_checkpoint(paths[-1], models.build_model(config), training.TrainConfig(), {})
     result = run_in_process(capsys, "MNIST-optuna.py", "--evaluate", *paths)
     assert "one set of classes" in assert_one_line_error(result)

@@ -115,7 +115,8 @@ def test_a_tampered_checkpoint_is_one_line_for_evaluate_and_verify(capsys, tmp_p
     import torch
 
     from conftest import ROOT
-    from mnist_optuna.training import TrainConfig, save_checkpoint
+    from mnist_optuna.checkpoints import save_checkpoint
+    from mnist_optuna.training import TrainConfig
     from models import build_model
 
     good = tmp_path / "good.pt"
@@ -257,7 +258,8 @@ def test_conv_blocks_given_as_one_json_list_say_how_to_pass_them(capsys, tmp_pat
 
 
 def test_a_backbone_of_another_number_of_classes_is_refused(capsys, tmp_path):
-    from mnist_optuna.training import TrainConfig, save_checkpoint
+    from mnist_optuna.checkpoints import save_checkpoint
+    from mnist_optuna.training import TrainConfig
     from models import build_model
 
     twelve = tmp_path / "twelve.pt"

@@ -38,8 +38,8 @@ def test_onnx_model_matches_pytorch(quick_adv_run, data_dir):
     import onnxruntime
     import torch
 
-    from mnist_optuna.final import load_test
-    from mnist_optuna.training import load_checkpoint
+    from mnist_optuna.evaluation import load_test
+    from mnist_optuna.checkpoints import load_checkpoint
 
     out, _ = quick_adv_run
     model, payload = load_checkpoint(out / "model.pt")

@@ -10,8 +10,8 @@ from torch import nn
 
 from conftest import QUICK_MAIN, load_script
 from data import load_search_data
-from mnist_optuna import studies, training, workers
-from mnist_optuna.final import load_test
+from mnist_optuna import checkpoints, studies, training, workers
+from mnist_optuna.evaluation import load_test
 from mnist_optuna.training import TrainConfig, train
 from models import build_model
 
@@ -100,7 +100,7 @@ def test_onnx_file_gives_the_logits_of_model_pt(quick_main_run, data_dir):
     import onnxruntime
 
     out, _ = quick_main_run
-    model, payload = training.load_checkpoint(out / "model.pt")
+    model, payload = checkpoints.load_checkpoint(out / "model.pt")
     images, _ = load_test(data_dir, torch.device("cpu"), payload["meta"]["mean"], payload["meta"]["std"])
     images = images[:500].contiguous()
     model.eval()

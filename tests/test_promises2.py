@@ -12,7 +12,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from conftest import QUICK_MAIN, TINY, TINY_CNN, load_script, run_script
 from data import final_training_set, load_search_data
 from errors import UserError
-from mnist_optuna import final, storages, training
+from mnist_optuna import checkpoints, evaluation, final, storages, training
+from mnist_optuna.outcome import Outcome
+from mnist_optuna.settings import search_settings
 from mnist_optuna.training import TrainConfig, train
 from models import build_model
 
@@ -135,7 +137,7 @@ def test_promise_a_study_refuses_a_rerun_that_changes_its_data_or_recipe(tmp_pat
 
     def settings(*flags):
         args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
-        return storages.search_settings(args, network=None, training_data="x")
+        return search_settings(args, network=None, training_data="x")
 
     storage = optuna.storages.InMemoryStorage()
     storages.open_study("s", storage, None, None, settings())
@@ -158,8 +160,8 @@ def test_promise_the_ensemble_is_the_averaged_softmax_of_its_members(tmp_path, d
     paths = [out / "model.pt", out / "ensemble-1.pt", out / "ensemble-2.pt"]
     probabilities, accuracies = 0, []
     for path in paths:
-        model, payload = training.load_checkpoint(path)
-        test_x, test_y = final.load_test(data_dir, torch.device("cpu"), payload["meta"]["mean"],
+        model, payload = checkpoints.load_checkpoint(path)
+        test_x, test_y = evaluation.load_test(data_dir, torch.device("cpu"), payload["meta"]["mean"],
                                          payload["meta"]["std"])
         logits = training.predict_logits(model, test_x)
         accuracies.append((logits.argmax(1) == test_y).float().mean().item())
@@ -170,9 +172,9 @@ def test_promise_the_ensemble_is_the_averaged_softmax_of_its_members(tmp_path, d
     assert [m["test_accuracy"] for m in summary["ensemble"]["members"]] == pytest.approx(accuracies, abs=1e-9)
     # every final training (the model, its seed repeat, each member) on the --final-subset of train+validation
     for path in [*paths, out / "seed-1.pt"]:
-        assert training.load_checkpoint(path)[1]["meta"]["train_images"] == 1500, path
+        assert checkpoints.load_checkpoint(path)[1]["meta"]["train_images"] == 1500, path
     # and the members are distinct configurations (network and recipe)
-    members = [training.load_checkpoint(path)[1] for path in paths]
+    members = [checkpoints.load_checkpoint(path)[1] for path in paths]
     assert len({json.dumps([m["config"], m["train"]], sort_keys=True) for m in members}) == 3
 
 
@@ -183,7 +185,7 @@ def test_promise_the_run_records_what_ran(quick_main_run):
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == script.LR and config["seeds"] == script.QUICK.get("SEEDS", script.SEEDS)
     assert config["precision"] in ("fp32", "bf16") and "--quick" in config["command"]
-    model, payload = training.load_checkpoint(out / "model.pt")
+    model, payload = checkpoints.load_checkpoint(out / "model.pt")
     best = json.loads((out / "best_params.json").read_text())
     meta = payload["meta"]
     assert payload["config"] == best["model"] and payload["train"]["lr"] == script.LR
@@ -210,12 +212,12 @@ def test_promise_the_promoted_choice_is_the_network_retrained(tmp_path, data_dir
     ranked = [(0, frozen(starved, 0.99, 1)), (1, frozen(cnn, 0.50, 2))]
     cfg = final.FinalConfig(promote=2, epochs=1, promote_epochs=2, subset=4000)
     with final.StagedFiles(tmp_path) as staged:
-        summary, model, _, best = final.retrain_chosen(cfg, run, ranked, {"best": {"seed": 0}}, {}, staged)
+        summary, model, _, best = final.retrain_chosen(cfg, Outcome(run, str), ranked, {"best": {"seed": 0}}, staged)
         staged.publish()
     assert best is ranked[1][1] and model.config == normalise_config(cnn)
     assert json.loads((tmp_path / "best_params.json").read_text())["model"] == cnn
     assert summary["best"]["seed"] == 1 and summary["search_best"] == {"seed": 0}
-    assert training.load_checkpoint(tmp_path / "model.pt")[1]["meta"]["study_seed"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "model.pt")[1]["meta"]["study_seed"] == 1
 
 
 def test_promise_a_final_stage_leaves_no_model_file_of_the_stage_before(tmp_path):
@@ -238,17 +240,24 @@ def test_promise_a_grid_study_recorded_under_the_old_dropout_name_resumes_under_
 
     def settings(*flags):
         args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
-        return storages.search_settings(args, backbone=[], training_data="x")
+        return search_settings(args, backbone=[], training_data="x")
 
     storage = optuna.storages.InMemoryStorage()
     study = storages.open_study("grid", storage, None, None, settings())
     old = dict(study.user_attrs["search"])
     old["dropout"] = old.pop("head_dropout")
     study.set_user_attr("search", old)
-    storages.open_study("grid", storage, None, None, settings(), renamed=script.RENAMED)
+    storages.open_study("grid", storage, None, None, settings())
     assert "head_dropout" in study.user_attrs["search"] and "dropout" not in study.user_attrs["search"]
     study.set_user_attr("search", old)
     with pytest.raises(UserError, match="--head-dropout 0.2, this run asks for 0.3"):
-        storages.open_study("grid", storage, None, None, settings("--head-dropout", "0.3"), renamed=script.RENAMED)
-    with pytest.raises(UserError, match="--dropout 0.2, this run asks for"):  # without the script's rename: a change
-        storages.open_study("grid", storage, None, None, settings())
+        storages.open_study("grid", storage, None, None, settings("--head-dropout", "0.3"))
+    # the other script's DROPOUT is a range of its own: its studies' "dropout" is never read as --head-dropout
+    main = load_script("MNIST-optuna.py")
+    args = main.build_parser().parse_with_preset(["--quick"], "--quick", main.QUICK)
+    study = storages.open_study("cnn", storage, None, None, search_settings(args, network=None, training_data="x"))
+    storages.open_study("cnn", storage, None, None, search_settings(args, network=None, training_data="x"))
+    assert study.user_attrs["search"]["dropout"] == [0.0, 0.5] and "head_dropout" not in study.user_attrs["search"]
+    args.dropout = (0.0, 0.3)
+    with pytest.raises(UserError, match="--dropout 0.0 0.5, this run asks for 0.0 0.3"):
+        storages.open_study("cnn", storage, None, None, search_settings(args, network=None, training_data="x"))

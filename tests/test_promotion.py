@@ -8,9 +8,10 @@ import torch
 
 from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
 from data import load_search_data, promotion_training_set
-from mnist_optuna import final
-from mnist_optuna.final import load_test
-from mnist_optuna.training import accuracy_on, load_checkpoint, predict_logits, seed_everything, train
+from mnist_optuna import final, promotion
+from mnist_optuna.evaluation import load_test
+from mnist_optuna.checkpoints import load_checkpoint
+from mnist_optuna.training import accuracy_on, predict_logits, seed_everything, train
 from models import build_model
 
 BUDGET = ["--kernel-sizes", "3", "5", "--max-mmac", "0.2"]
@@ -74,7 +75,7 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     data = load_search_data(DATA_DIR, torch.device("cpu"), val_size=1000, train_subset=1000)
     args = final.FinalConfig(epochs=2, subset=4000)
     candidates = [frozen(starved, 0.99, 1), frozen(cnn, 0.50, 2)]
-    promoted = final.promote(candidates, data, args, tmp_path)
+    promoted = promotion.promote(candidates, data, args, tmp_path)
     assert promoted["ranking"][0] is candidates[1]
     rows = promoted["record"]["rows"]
     assert rows[0]["promoted_val"] > rows[1]["promoted_val"] and promoted["record"]["spearman"] == -1.0
@@ -84,7 +85,7 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     x, y = promotion_training_set(data, 4000)
     seed_everything(2)
     model = build_model(cnn)
-    train(model, x, y, final.final_config(candidates[1], args), 2)
+    train(model, x, y, promotion.final_config(candidates[1], args), 2)
     assert accuracy_on(model, data.val_x, data.val_y) == pytest.approx(rows[0]["promoted_val"], abs=1e-9)
 
     # a rerun in the same folder takes the scores from promotion.json instead of training again
@@ -92,7 +93,7 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     for entry in cached.values():
         entry["val_accuracy"] = 1.0 - entry["val_accuracy"]  # a marker only a cached read can return
     (tmp_path / "promotion.json").write_text(json.dumps(cached))
-    again = final.promote(candidates, data, args, tmp_path)
+    again = promotion.promote(candidates, data, args, tmp_path)
     assert again["ranking"][0] is candidates[0]
 
 

@@ -8,7 +8,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import QUICK_MAIN, run_script
 from data import load_search_data
-from mnist_optuna import final, training
+from mnist_optuna import checkpoints, devices, final, promotion, training
 from mnist_optuna.training import TrainConfig, UserError, train
 from models import build_model
 
@@ -25,18 +25,18 @@ def small(data_dir):
 @pytest.mark.parametrize("flags, expected", [(set(), "fp32"), ({"avx512f", "avx2"}, "fp32"),
                                              ({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16")])
 def test_auto_chooses_bf16_only_where_the_cpu_has_it(monkeypatch, flags, expected):
-    monkeypatch.setattr(training, "cpu_flags", lambda: set(flags))
-    precision, why = training.resolve_precision("auto", CPU)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: set(flags))
+    precision, why = devices.resolve_precision("auto", CPU)
     assert precision == expected
     assert why.startswith("auto: ") and ("avx512_bf16" in why or "amx_bf16" in why)
     # an explicit choice is kept whatever the CPU has
-    assert training.resolve_precision("fp32", CPU)[0] == "fp32"
-    assert training.resolve_precision("bf16", CPU)[0] == "bf16"
+    assert devices.resolve_precision("fp32", CPU)[0] == "fp32"
+    assert devices.resolve_precision("bf16", CPU)[0] == "bf16"
 
 
 def test_an_unknown_precision_is_refused():
     with pytest.raises(UserError, match="choose one of auto, fp32, bf16"):
-        training.resolve_precision("fp16", CPU)
+        devices.resolve_precision("fp16", CPU)
     with pytest.raises(UserError, match="precision"):
         TrainConfig(precision="auto")  # a recipe holds what auto resolved to
 
@@ -55,7 +55,7 @@ def test_bf16_trains_in_bf16_and_its_checkpoint_scores_what_it_recorded(small, t
     payload = torch.load(tmp_path / "bf16.pt", weights_only=True)
     assert payload["meta"]["precision"] == "bf16" and payload["train"]["precision"] == "bf16"
     # --evaluate scores a bf16 checkpoint in fp32, as its run scored it: the accuracy it recorded
-    loaded, _ = training.load_checkpoint(tmp_path / "bf16.pt")
+    loaded, _ = checkpoints.load_checkpoint(tmp_path / "bf16.pt")
     assert training.accuracy_on(loaded, small.val_x, small.val_y) == payload["meta"]["test_accuracy"]
 
 
@@ -85,7 +85,7 @@ def test_the_moving_average_of_the_weights_is_what_is_saved(small, tmp_path):
                                                    (small.val_x, small.val_y), tmp_path / "ema.pt", {})
     finally:
         handle.remove()
-    saved, _ = training.load_checkpoint(tmp_path / "ema.pt")
+    saved, _ = checkpoints.load_checkpoint(tmp_path / "ema.pt")
     for index, (name, weight) in enumerate(saved.named_parameters()):
         assert torch.allclose(weight, beside.average[index], atol=1e-6), name  # the average is saved ...
         if name.endswith("weight") and weight.dim() > 1:
@@ -180,6 +180,6 @@ def test_the_run_records_its_precision_in_its_trials_and_checkpoint(quick_main_r
 def test_final_recipe_takes_the_runs_precision_and_average():
     trial = type("T", (), {"user_attrs": {"train": TrainConfig(epochs=3, precision="fp32").to_dict()}})()
     cfg = final.FinalConfig(epochs=7, promote_epochs=2, ema=0.5, precision="bf16")
-    recipe = final.final_config(trial, cfg)
+    recipe = promotion.final_config(trial, cfg)
     assert (recipe.epochs, recipe.precision, recipe.ema) == (7, "bf16", 0.5)
-    assert final.final_config(trial, cfg, cfg.promote_epochs).epochs == 2
+    assert promotion.final_config(trial, cfg, cfg.promote_epochs).epochs == 2

@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
-from mnist_optuna.final import WITHIN_NOISE_RULE, choose_within_noise
+from mnist_optuna.promotion import WITHIN_NOISE_RULE, choose_within_noise
 from mnist_optuna.scores import compare, mcnemar, pack_correct, standard_error, unpack_correct
 
 

@@ -9,6 +9,7 @@ from conftest import ROOT, load_script
 from data import CANONICAL_FINGERPRINT
 from errors import UserError
 from mnist_optuna import storages
+from mnist_optuna.settings import search_settings
 
 
 def script_copy(tmp_path, name, after, line, tail=""):
@@ -34,7 +35,7 @@ def test_a_constant_added_to_the_search_block_defines_the_study_with_no_other_ed
 
     def settings(*flags):
         args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
-        return storages.search_settings(args, network=None, training_data="x")
+        return search_settings(args, network=None, training_data="x")
 
     assert settings()["new_knob"] == 7
     storage = optuna.storages.InMemoryStorage()
@@ -50,7 +51,7 @@ def test_a_run_constant_is_a_flag_outside_the_identity_and_a_constant_past_the_b
                          tail="\nTABLE_OF_THINGS = 1  # past the blocks\n")
     parser = script.build_parser()
     args = parser.parse_with_preset(["--run-knob", "4"], "--quick", script.QUICK)
-    assert args.run_knob == 4 and "run_knob" not in storages.search_settings(args)
+    assert args.run_knob == 4 and "run_knob" not in search_settings(args)
     with pytest.raises(SystemExit) as exited:
         parser.parse_args(["--table-of-things", "1"])
     assert exited.value.code == 2
@@ -83,7 +84,7 @@ def test_the_committed_studies_resume_with_their_own_settings_and_refuse_a_chang
         for key, value in changed.items():
             setattr(args, key, value)
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(copy)))
-        search = storages.search_settings(args, network=network, training_data=CANONICAL_FINGERPRINT)
+        search = search_settings(args, network=network, training_data=CANONICAL_FINGERPRINT)
         return storages.open_study(study_name, storage, None, None, search, objectives=args.objectives)
 
     open_it()  # resumes

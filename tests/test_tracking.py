@@ -16,9 +16,10 @@ from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_script
 from errors import UserError
 from mnist_optuna import tracking, workers
 from mnist_optuna.backbone import read_backbone
-from mnist_optuna.final import load_test
+from mnist_optuna.evaluation import load_test
 from mnist_optuna.storages import make_storage
-from mnist_optuna.training import load_checkpoint, predict_logits
+from mnist_optuna.checkpoints import load_checkpoint
+from mnist_optuna.training import predict_logits
 from test_distributed import POSTGRES, finish, start
 
 pytestmark = pytest.mark.timeout(600)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from data import load_search_data
-from mnist_optuna import studies, training
+from mnist_optuna import checkpoints, devices, studies, training
 from mnist_optuna.studies import run_trial
 from mnist_optuna.training import Divergence, TrainConfig, l1_penalty, train
 from mnist_optuna.workers import TWIN
@@ -80,29 +80,29 @@ def test_divergence_prunes_the_trial_with_its_reason(small):
 
 def test_checkpoint_round_trip(tmp_path, small):
     model = build_model(CONFIG)
-    training.save_checkpoint(tmp_path / "m.pt", model, TrainConfig(), {"seed": 1})
-    loaded, payload = training.load_checkpoint(tmp_path / "m.pt")
+    checkpoints.save_checkpoint(tmp_path / "m.pt", model, TrainConfig(), {"seed": 1})
+    loaded, payload = checkpoints.load_checkpoint(tmp_path / "m.pt")
     assert payload["meta"]["seed"] == 1 and payload["config"]["fc"] == [16]
     model.eval(), loaded.eval()
     assert torch.equal(model(small.val_x[:8]), loaded(small.val_x[:8]))
 
 
 def test_device_choice():
-    assert training.resolve_device("cpu").type == "cpu"
+    assert devices.resolve_device("cpu").type == "cpu"
     best = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert training.resolve_device("auto").type == best  # auto takes the accelerator there is
+    assert devices.resolve_device("auto").type == best  # auto takes the accelerator there is
 
 
 def test_auto_takes_a_cuda_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    assert training.resolve_device("auto").type == "cuda"
+    assert devices.resolve_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(training.UserError, match="no CUDA GPU"):
-        training.resolve_device("cuda")
+        devices.resolve_device("cuda")
     with pytest.raises(training.UserError, match="choose one of"):
-        training.resolve_device("nonsense")
+        devices.resolve_device("nonsense")
 
 
 def test_of_two_trials_that_start_one_configuration_together_only_the_earlier_trains(small, monkeypatch):

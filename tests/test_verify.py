@@ -48,7 +48,8 @@ def test_verify_refuses_what_it_cannot_replay_in_one_line(tmp_path):
 
 
 def test_verify_runs_this_projects_script_never_the_one_a_checkpoint_names(tmp_path):
-    from mnist_optuna.training import TrainConfig, save_checkpoint
+    from mnist_optuna.checkpoints import save_checkpoint
+    from mnist_optuna.training import TrainConfig
     from models import build_model
 
     evil = tmp_path / "elsewhere" / "MNIST-optuna.py"
