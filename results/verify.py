@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from mnist_optuna.training import load_checkpoint
+from mnist_optuna.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
