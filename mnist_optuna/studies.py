@@ -97,7 +97,7 @@ def search(outcome, key, study, objective, n_trials, feed=None):
                  lambda s, _: requeue_lost_trials(s), *([lambda s, _: say_searching(s, run_id, True)] if todo else [])]
     live = LiveTrial(objective)
     try:
-        with progress(todo, label.strip() or f"{outcome.label} {key}") as bar:
+        with progress(todo, f"{outcome.label} {key} trials") as bar:
             for _ in range(rounds):
                 requeue_lost_trials(study)
                 left = remaining_trials(study, n_trials, run_id)

@@ -101,6 +101,14 @@ def run_in_process(capsys, script, *args):
     return subprocess.CompletedProcess([script, *command], exited.value.code, out, err)
 
 
+@pytest.fixture
+def run_here(capsys):
+    """run_in_process bound to the test's capsys: a whole run in this process, as run_script would run it, without
+    the seconds a new Python spends importing torch (for runs that need no process of their own: no signal, no
+    environment, no kill)."""
+    return lambda script, *args: run_in_process(capsys, script, *args)
+
+
 def assert_one_line_error(result):
     assert result.returncode == 2, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -11,7 +11,6 @@ from conftest import (
     assert_one_line_error,
     load_script,
     run_in_process,
-    run_script,
 )
 
 adv = load_script("MNIST-optuna-adv.py")
@@ -48,11 +47,11 @@ def test_quick_run_end_to_end(quick_adv_run):
     assert len(heads) == 6 and heads.is_unique
 
 
-def test_same_seed_same_order_and_values(tmp_path):
+def test_same_seed_same_order_and_values(run_here, tmp_path):
     args = [*TINY_ADV, "--fc-depths", "1", "2", "--fc-widths", "8,16", "8", "--no-final"]
     frames = []
     for name in ("a", "b"):
-        result = run_script("MNIST-optuna-adv.py", *args, "--seed", "3", "--out-dir", tmp_path / name)
+        result = run_here("MNIST-optuna-adv.py", *args, "--seed", "3", "--out-dir", tmp_path / name)
         assert result.returncode == 0, result.stderr
         frames.append(pd.read_csv(tmp_path / name / "trials.csv")[["number", "params_fc", "state", "value_val_accuracy"]])
     pd.testing.assert_frame_equal(*frames)
@@ -62,13 +61,13 @@ def test_same_seed_same_order_and_values(tmp_path):
     assert adv.grid_order(heads, 3) != adv.grid_order(heads, 4)
 
 
-def test_median_pruner_prunes_a_crippled_network(tmp_path):
+def test_median_pruner_prunes_a_crippled_network(run_here, tmp_path):
     heads = adv.head_grid([1], [[1, 32, 64, 128]])
     # a grid seed that does not put the width-1 network among the trials the pruner waits for
     seed = next(s for s in range(100) if adv.grid_order(heads, s)[-1] == "1")
     out = tmp_path / "prune"
     # two reports per epoch: the pruner may stop a trial at the first, never after the last
-    result = run_script("MNIST-optuna-adv.py", *TINY_ADV, "--fc-depths", "1", "--fc-widths", "1,32,64,128",
+    result = run_here("MNIST-optuna-adv.py", *TINY_ADV, "--fc-depths", "1", "--fc-widths", "1,32,64,128",
                         "--median-startup-trials", "1", "--reports-per-epoch", "2", "--seed", seed, "--no-final",
                         "--out-dir", out)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, load_script, run_script
+from conftest import TINY, load_script
 from errors import UserError
 from mnist_optuna import studies
 from mnist_optuna.outcome import Outcome
@@ -81,9 +81,9 @@ def printed_front(output):
     return [int(number) for _, number in rows], [float(mmac) for mmac, _ in rows]
 
 
-def test_the_front_is_optunas_and_pick_mmac_retrains_within_budget(tmp_path):
+def test_the_front_is_optunas_and_pick_mmac_retrains_within_budget(run_here, tmp_path):
     out = tmp_path / "front"
-    result = run_script("MNIST-optuna.py", *FRONT, "--out-dir", out)
+    result = run_here("MNIST-optuna.py", *FRONT, "--out-dir", out)
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="mnist-cnn-seed1", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / JOURNAL_NAME))))
@@ -99,7 +99,7 @@ def test_the_front_is_optunas_and_pick_mmac_retrains_within_budget(tmp_path):
     # the budget of the second-cheapest front network: it is the most accurate one within it
     front = sorted(study.best_trials, key=lambda t: t.values[1])
     budget = front[1].user_attrs["mmac"]
-    again = run_script("MNIST-optuna.py", *FRONT, "--retrain-only", "--pick-mmac", budget, "--out-dir", out,
+    again = run_here("MNIST-optuna.py", *FRONT, "--retrain-only", "--pick-mmac", budget, "--out-dir", out,
                        "--no-plots")
     assert again.returncode == 0, again.stderr
     assert f"within {budget:g} MMAC" in again.stdout and "test accuracy:" in again.stdout

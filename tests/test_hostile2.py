@@ -174,12 +174,12 @@ def own_mnist(tmp_path, data_dir):
     return tmp_path / "mnist", raw / "train-labels-idx1-ubyte"
 
 
-def test_other_training_data_in_a_finished_folder_is_never_answered_with_the_old_results(tmp_path, data_dir):
+def test_other_training_data_in_a_finished_folder_is_never_answered_with_the_old_results(run_here, tmp_path, data_dir):
     mnist, labels = own_mnist(tmp_path, data_dir)
     out = tmp_path / "run"
     command = ["MNIST-optuna.py", *SEARCH, "--promote", "2", "--promote-epochs", "1", "--data-dir", mnist,
                "--out-dir", out]
-    first = run_script(*command)
+    first = run_here(*command)
     assert first.returncode == 0, first.stderr
     trials, scores = study_trials(out / "study.journal"), json.loads((out / "promotion.json").read_text())
     old = torch.load(out / "model.pt", weights_only=True)["meta"]
@@ -187,41 +187,41 @@ def test_other_training_data_in_a_finished_folder_is_never_answered_with_the_old
     content[8:] = bytes((label + 1) % 10 for label in content[8:])
     labels.write_bytes(bytes(content))
 
-    again = run_script(*command)
+    again = run_here(*command)
     lines = again.stderr.strip().splitlines()  # the warning that these are not canonical MNIST files, the error
     assert again.returncode == 2 and len(lines) == 2 and "Traceback" not in again.stderr
     assert "training files" in lines[-1] and "--resume-anyway" in lines[-1]
     assert len(study_trials(out / "study.journal")) == len(trials)  # nothing lost, nothing added
     # with consent the study goes on, but nothing trained on the old files is taken for the new ones
-    anyway = run_script(*command, "--resume-anyway")
+    anyway = run_here(*command, "--resume-anyway")
     assert anyway.returncode == 0, anyway.stderr
     assert len(json.loads((out / "promotion.json").read_text())) == 2 * len(scores)  # scored again
     new = torch.load(out / "model.pt", weights_only=True)["meta"]
     assert new["training_data"] != old["training_data"] and new["train_seconds"] != old["train_seconds"]
 
 
-def test_a_study_without_a_settings_record_takes_only_the_settings_its_trials_were_trained_with(tmp_path):
+def test_a_study_without_a_settings_record_takes_only_the_settings_its_trials_were_trained_with(run_here, tmp_path):
     out = tmp_path / "run"
-    assert run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out).returncode == 0
+    assert run_here("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out).returncode == 0
     storage = journal_storage(out / "study.journal")
     optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).set_user_attr("search", None)  # as before
 
-    mistaken = run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--epochs", "2", "--out-dir", out)
+    mistaken = run_here("MNIST-optuna.py", *SEARCH, "--no-final", "--epochs", "2", "--out-dir", out)
     assert "--epochs 1" in assert_one_line_error(mistaken)
     assert optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).user_attrs["search"] is None
-    own = run_script("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out)  # its own command is not refused
+    own = run_here("MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out)  # its own command is not refused
     assert own.returncode == 0, own.stderr
     assert optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).user_attrs["search"]["epochs"] == 1
 
 
-def test_resume_anyway_with_another_backbone_is_refused_once_heads_were_trained(tmp_path):
+def test_resume_anyway_with_another_backbone_is_refused_once_heads_were_trained(run_here, tmp_path):
     out = tmp_path / "run"
     grid = ["--fc-depths", "1", "--fc-widths", "8,16", "--no-plots", "--out-dir", out]
-    assert run_script("MNIST-optuna-adv.py", *TINY_ADV, *grid).returncode == 0
+    assert run_here("MNIST-optuna-adv.py", *TINY_ADV, *grid).returncode == 0
     model = (out / "model.pt").read_bytes()
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"model": {"conv": [{"channels": 6, "kernel": 3, "pool": True}], "fc": []}}))
-    result = run_script("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", other, *grid, "--resume-anyway")
+    result = run_here("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", other, *grid, "--resume-anyway")
     line = assert_one_line_error(result)
     assert "--backbone" in line and "not even --resume-anyway" in line
     assert (out / "model.pt").read_bytes() == model
@@ -244,9 +244,9 @@ def folder_files(out):
     return {path.name: path.read_bytes() for path in out.iterdir() if path.is_file() and path.suffix != ".journal"}
 
 
-def test_a_final_stage_stopped_anywhere_leaves_the_previous_files_all_of_one_network(tmp_path):
+def test_a_final_stage_stopped_anywhere_leaves_the_previous_files_all_of_one_network(run_here, tmp_path):
     out = tmp_path / "run"
-    assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--final-seeds", "2", "--out-dir", out).returncode == 0
+    assert run_here("MNIST-optuna.py", *SEARCH, "--promote", "0", "--final-seeds", "2", "--out-dir", out).returncode == 0
     before = folder_files(out)
     # a new choice (the cheapest network within --pick-mmac) stopped after its test accuracy, during the ONNX export
     # (exported here, unlike the other tiny runs: without it the files may be published before the stop lands)
@@ -259,7 +259,7 @@ def test_a_final_stage_stopped_anywhere_leaves_the_previous_files_all_of_one_net
     assert {name: after[name] for name in before if name != "config.json"} == \
         {name: before[name] for name in before if name != "config.json"}
     # the rerun finishes it: every file of the new stage together, the old seed repeat gone with its stage
-    again = run_script(*["MNIST-optuna.py", *args])
+    again = run_here(*["MNIST-optuna.py", *args])
     assert again.returncode == 0, again.stderr
     model = torch.load(out / "model.pt", weights_only=True)
     chosen = json.loads((out / "best_params.json").read_text())
@@ -271,6 +271,7 @@ def test_a_final_stage_stopped_anywhere_leaves_the_previous_files_all_of_one_net
 
 def test_a_lowered_budget_applies_to_the_answer(tmp_path):
     out = tmp_path / "it's a run"  # a name the printed reproduce line must quote for a shell
+    # a process of its own: its printed command line is read
     first = run_script("MNIST-optuna.py", *SEARCH, "--n-trials", "3", "--promote", "0", "--out-dir", out)
     assert first.returncode == 0, first.stderr
     words = shlex.split(next(line for line in first.stdout.splitlines() if line.startswith("reproduce: "))[11:])
@@ -289,21 +290,21 @@ def test_a_lowered_budget_applies_to_the_answer(tmp_path):
         assert torch.load(out / "model.pt", weights_only=True)["config"] == chosen
 
 
-def test_stage_two_into_the_stage_one_folder_is_refused_and_changes_nothing(tmp_path):
+def test_stage_two_into_the_stage_one_folder_is_refused_and_changes_nothing(run_here, tmp_path):
     out = tmp_path / "run"
-    assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
+    assert run_here("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
     before = folder_files(out)
-    result = run_script("MNIST-optuna.py", *TINY, "--seeds", "0", "--n-trials", "1", "--stage", "optim",
+    result = run_here("MNIST-optuna.py", *TINY, "--seeds", "0", "--n-trials", "1", "--stage", "optim",
                         "--backbone", out / "best_params.json", "--out-dir", out)
     assert "--stage model" in assert_one_line_error(result)
     assert folder_files(out) == before
 
 
-def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_everything(capsys, tmp_path, monkeypatch):
+def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_everything(run_here, capsys, tmp_path, monkeypatch):
     from mnist_optuna import checkpoints
 
     out = tmp_path / "run"
-    assert run_script("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
+    assert run_here("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
     before = folder_files(out)
 
     def full(path, content):

@@ -90,10 +90,10 @@ def test_progress_bars_only_on_a_terminal(tmp_path):
             "--data-dir", DATA_DIR]
     code, screen = run_in_terminal([*args, "--out-dir", tmp_path / "tty"])
     assert code == 0, screen
-    assert "grid:" in screen and "final epochs:" in screen
+    assert "grid seed 0 trials:" in screen and "final epochs:" in screen
     piped = run_script("MNIST-optuna-adv.py", *args, "--out-dir", tmp_path / "pipe")
     assert piped.returncode == 0
-    assert "grid:" not in piped.stdout and "final epochs:" not in piped.stdout and "\r" not in piped.stdout
+    assert "grid seed 0 trials:" not in piped.stdout and "final epochs:" not in piped.stdout and "\r" not in piped.stdout
 
 
 def free_port():

@@ -6,7 +6,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
+from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_in_process
 from data import load_search_data, promotion_training_set
 from mnist_optuna import final, promotion
 from mnist_optuna.evaluation import load_test
@@ -22,9 +22,9 @@ def journal_trials(out_dir, name="mnist-cnn-seed0"):
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
-def test_a_network_over_budget_is_never_trained(tmp_path):
+def test_a_network_over_budget_is_never_trained(run_here, tmp_path):
     out = tmp_path / "budget"
-    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, *BUDGET, "--seeds", "0", "--n-trials", "4",
+    result = run_here("MNIST-optuna.py", *TINY, *TINY_CNN, *BUDGET, "--seeds", "0", "--n-trials", "4",
                         "--n-startup-trials", "2", "--no-final", "--no-plots", "--out-dir", out)
     assert result.returncode == 0, result.stderr
     trials = journal_trials(out)
@@ -97,9 +97,9 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     assert again["ranking"][0] is candidates[0]
 
 
-def test_the_promoted_choice_is_the_retrained_model_and_evaluate_averages_the_ensemble(tmp_path):
+def test_the_promoted_choice_is_the_retrained_model_and_evaluate_averages_the_ensemble(run_here, tmp_path):
     out = tmp_path / "run"
-    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "1", "--n-trials", "2",
+    result = run_here("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "1", "--n-trials", "2",
                         "--promote", "3", "--ensemble", "2", "--no-plots", "--out-dir", out)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -129,7 +129,7 @@ def test_the_promoted_choice_is_the_retrained_model_and_evaluate_averages_the_en
 
     # --evaluate with several checkpoints: each one's test accuracy, then that of their averaged softmax
     paths = [out / "model.pt", out / "ensemble-1.pt"]
-    evaluated = run_script("MNIST-optuna.py", "--evaluate", *paths)
+    evaluated = run_here("MNIST-optuna.py", "--evaluate", *paths)
     assert evaluated.returncode == 0, evaluated.stderr
 
     probabilities, accuracies = 0, []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import QUICK_MAIN, run_script
+from conftest import QUICK_MAIN
 from data import load_search_data
 from mnist_optuna import checkpoints, devices, final, promotion, training
 from mnist_optuna.training import TrainConfig, UserError, train
@@ -142,9 +142,9 @@ def trial_values(path):
 
 
 @QUICK_MAIN
-def test_tta_is_labelled_and_never_changes_the_search(quick_main_run, tmp_path):
+def test_tta_is_labelled_and_never_changes_the_search(run_here, quick_main_run, tmp_path):
     out, plain_output = quick_main_run
-    result = run_script("MNIST-optuna.py", "--quick", "--tta", "--out-dir", tmp_path / "tta", "--no-plots",
+    result = run_here("MNIST-optuna.py", "--quick", "--tta", "--out-dir", tmp_path / "tta", "--no-plots",
                         "--no-onnx")
     assert result.returncode == 0, result.stderr
     # the search's values are the plain validation accuracies, TTA or not
@@ -155,7 +155,7 @@ def test_tta_is_labelled_and_never_changes_the_search(quick_main_run, tmp_path):
     assert "(shift TTA)" not in plain_output
     summary = json.loads((tmp_path / "tta" / "summary.json").read_text())
     assert summary["tta"] is True and summary["promotion"]["tta"] is True
-    evaluated = run_script("MNIST-optuna.py", "--evaluate", tmp_path / "tta" / "model.pt")
+    evaluated = run_here("MNIST-optuna.py", "--evaluate", tmp_path / "tta" / "model.pt")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"test accuracy: {100 * summary['test_accuracy']:.2f} % (shift TTA)" in evaluated.stdout
 

@@ -91,3 +91,19 @@ def test_the_committed_studies_resume_with_their_own_settings_and_refuse_a_chang
     if network is None:  # a stage-2 study from before settings were recorded can tell none from its trials
         with pytest.raises(UserError, match="--lr"):
             open_it(lr=args.lr * 2)
+
+
+def test_the_grid_study_refuses_a_rerun_with_another_grid_grid_seed_or_head():
+    script = load_script("MNIST-optuna-adv.py")
+
+    def settings(*flags):
+        args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
+        return search_settings(args, backbone=[], training_data="x")
+
+    storage = optuna.storages.InMemoryStorage()
+    storages.open_study("grid", storage, None, None, settings())
+    for flags in (["--fc-depths", "1"], ["--fc-widths", "32,64", "16"], ["--seed", "1"], ["--head-dropout", "0.3"],
+                  ["--conv-blocks", '[{"channels": 8, "kernel": 3, "pool": true}]']):
+        with pytest.raises(UserError, match=flags[0]):
+            storages.open_study("grid", storage, None, None, settings(*flags))
+    storages.open_study("grid", storage, None, None, settings("--final-epochs", "3", "--ensemble", "2"))

@@ -54,9 +54,9 @@ def test_augmentation_is_seeded_and_identity_without_motion():
     assert torch.allclose(still, x, atol=1e-5)
 
 
-def test_stage_two_ensemble_augment_and_evaluate(tmp_path):
+def test_stage_two_ensemble_augment_and_evaluate(run_here, tmp_path):
     out = tmp_path / "optim"
-    result = run_script("MNIST-optuna.py", *TINY, "--stage", "optim", "--seeds", "0", "--n-trials", "3",
+    result = run_here("MNIST-optuna.py", *TINY, "--stage", "optim", "--seeds", "0", "--n-trials", "3",
                         "--backbone", ROOT / "tests" / "tiny_backbone.json", "--optim-epochs", "1", "2",
                         "--ensemble", "2", "--augment", "--no-plots", "--out-dir", out)
     assert result.returncode == 0, result.stderr
@@ -68,7 +68,7 @@ def test_stage_two_ensemble_augment_and_evaluate(tmp_path):
     assert len(summary["ensemble"]["members"]) == 2 and (out / "ensemble-1.pt").is_file()
     assert re.search(r"ensemble of 2 \(averaged softmax\): test accuracy: \d+\.\d\d %", result.stdout)
 
-    evaluated = run_script("MNIST-optuna.py", "--evaluate", out / "model.pt")
+    evaluated = run_here("MNIST-optuna.py", "--evaluate", out / "model.pt")
     assert evaluated.returncode == 0, evaluated.stderr
     line = evaluated.stdout.strip().splitlines()[-1]
     assert f"test accuracy: {100 * summary['test_accuracy']:.2f} % (with augmentation)" in line
@@ -93,11 +93,11 @@ def backbone_with_recipe(tmp_path, **changes):
     return path
 
 
-def test_stage_two_tries_the_backbone_recipe_first_once_and_repeats_the_final_seeds(tmp_path):
+def test_stage_two_tries_the_backbone_recipe_first_once_and_repeats_the_final_seeds(run_here, tmp_path):
     out, backbone = tmp_path / "optim", backbone_with_recipe(tmp_path)
     command = [*TINY, "--stage", "optim", "--seeds", "0", "--backbone", backbone, "--optim-epochs", "1", "2",
                "--no-plots", "--out-dir", out]
-    result = run_script("MNIST-optuna.py", *command, "--n-trials", "2", "--final-seeds", "3")
+    result = run_here("MNIST-optuna.py", *command, "--n-trials", "2", "--final-seeds", "3")
     assert result.returncode == 0, result.stderr
     study = journal_study(out, "mnist-cnn-optim-seed0")
     # trial 0 trained exactly the backbone's recipe (what the trial recorded, not only what was asked)
@@ -119,7 +119,7 @@ def test_stage_two_tries_the_backbone_recipe_first_once_and_repeats_the_final_se
         assert checkpoint["meta"]["test_accuracy"] == runs[repeat]["test_accuracy"]
 
     # resuming with more trials adds trials but never the recipe a second time
-    again = run_script("MNIST-optuna.py", *command, "--n-trials", "3", "--no-final")
+    again = run_here("MNIST-optuna.py", *command, "--n-trials", "3", "--no-final")
     assert again.returncode == 0, again.stderr
     # (the resumed TPE start-up draws repeat the first run's: those repeats are not trained and do not count)
     done = [t for t in journal_study(out, "mnist-cnn-optim-seed0").trials if trained(t)]
