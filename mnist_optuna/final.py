@@ -24,7 +24,7 @@ from mnist_optuna.checkpoints import (
 from mnist_optuna.cli import stop_code, stop_signals_blocked
 from mnist_optuna.devices import describe_device
 from mnist_optuna.evaluation import labelled, load_test
-from mnist_optuna.promotion import final_config, promote, repeat_seed, top_distinct
+from mnist_optuna.promotion import final_recipe, promote, repeat_seed, top_distinct
 from mnist_optuna.reporting import (
     best_params_payload,
     mean_std,
@@ -275,7 +275,7 @@ def retrain_chosen(cfg, outcome, ranked, summary, staged):
     test = load_test(run.data_dir, run.device, data.mean, data.std)
 
     def retrain(trial, name, repeat=0):
-        recipe = final_config(trial, cfg)
+        recipe = final_recipe(trial, cfg)
         info = {**meta, "val_accuracy": trial_accuracy(trial), "trial": trial.number, "repeat": repeat,
                 "study": trial.user_attrs.get("study"), key_name: key(trial)}
         with progress(cfg.epochs, "final epochs", "epoch") as bar:
@@ -286,7 +286,7 @@ def retrain_chosen(cfg, outcome, ranked, summary, staged):
     x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
     others = top_distinct(ranking, cfg.ensemble)[1:]  # the ensemble's members after the chosen network
     repeats = cfg.seeds + len(others)
-    estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg), run.device, len(y)) * times
+    estimate = sum(training_seconds(trial.user_attrs["model"], final_recipe(trial, cfg), run.device, len(y)) * times
                    for trial, times in [(best, cfg.seeds)] + [(trial, 1) for trial in others])
     log.info(f"\nretraining on {len(y)} train+validation images for {cfg.epochs} epochs{label} "
              f"on {describe_device(run.device)}, {cfg.precision}"

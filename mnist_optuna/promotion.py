@@ -49,7 +49,7 @@ def top_distinct(ranking, k):
     return members
 
 
-def final_config(trial, cfg, epochs=None):
+def final_recipe(trial, cfg, epochs=None):
     """The trial's training recipe as the final model trains: --final-epochs (or `epochs`), --final-ema,
     --augment, the run's precision."""
     return TrainConfig.from_dict({**trial.user_attrs["train"], "epochs": epochs or cfg.epochs, "augment": cfg.augment,
@@ -76,14 +76,14 @@ def promote(candidates, data, cfg, out_dir):
         done = {}
     x, y = promotion_training_set(data, cfg.subset)  # the same images for every candidate
     epochs = cfg.promote_epochs or cfg.epochs
-    estimate = sum(training_seconds(trial.user_attrs["model"], final_config(trial, cfg, epochs), data.val_x.device,
+    estimate = sum(training_seconds(trial.user_attrs["model"], final_recipe(trial, cfg, epochs), data.val_x.device,
                                     len(y), len(data.val_y) * epochs) for trial in candidates)
     log.info(f"\npromotion: the {len(candidates)} best distinct trials retrained like the final model "
              f"({epochs} epochs on {len(y)} training images{' with augmentation' if cfg.augment else ''})"
              f", scored on validation{' with shift TTA' if cfg.tta else ''}: about {minutes(estimate)}")
     rows = []
     for search_rank, trial in enumerate(candidates, start=1):
-        recipe, seed = final_config(trial, cfg, epochs), repeat_seed(trial, 0)
+        recipe, seed = final_recipe(trial, cfg, epochs), repeat_seed(trial, 0)
         # scores from before the data's fingerprint was part of the key were of canonical MNIST: their keys stand
         other_data = [] if data.fingerprint == CANONICAL_FINGERPRINT else [data.fingerprint]
         key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else [])

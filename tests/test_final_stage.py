@@ -81,7 +81,7 @@ def test_promotion_scores_the_moving_average_trains_its_own_epochs_and_reuses_a_
     assert len(score["val_curve"]) == 1
     # the same training by hand: the averaged weights (BatchNorm refitted) against the last ones
     x, y = promotion_training_set(small, 1000)
-    recipe = promotion.final_config(candidate, cfg, 1)
+    recipe = promotion.final_recipe(candidate, cfg, 1)
     training.seed_everything(7)
     model = build_model(NET)
     history = training.train(model, x, y, recipe, 7, val=(small.val_x, small.val_y), also_last=True)

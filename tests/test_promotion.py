@@ -85,7 +85,7 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     x, y = promotion_training_set(data, 4000)
     seed_everything(2)
     model = build_model(cnn)
-    train(model, x, y, promotion.final_config(candidates[1], args), 2)
+    train(model, x, y, promotion.final_recipe(candidates[1], args), 2)
     assert accuracy_on(model, data.val_x, data.val_y) == pytest.approx(rows[0]["promoted_val"], abs=1e-9)
 
     # a rerun in the same folder takes the scores from promotion.json instead of training again

@@ -180,6 +180,6 @@ def test_the_run_records_its_precision_in_its_trials_and_checkpoint(quick_main_r
 def test_final_recipe_takes_the_runs_precision_and_average():
     trial = type("T", (), {"user_attrs": {"train": TrainConfig(epochs=3, precision="fp32").to_dict()}})()
     cfg = final.FinalConfig(epochs=7, promote_epochs=2, ema=0.5, precision="bf16")
-    recipe = promotion.final_config(trial, cfg)
+    recipe = promotion.final_recipe(trial, cfg)
     assert (recipe.epochs, recipe.precision, recipe.ema) == (7, "bf16", 0.5)
-    assert promotion.final_config(trial, cfg, cfg.promote_epochs).epochs == 2
+    assert promotion.final_recipe(trial, cfg, cfg.promote_epochs).epochs == 2
