@@ -1,10 +1,15 @@
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import optuna
 import pytest
+
+from mnist_optuna.storages import make_storage
 
 # one torch thread per test process and per script it starts: pytest runs two workers on two cores
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -115,3 +120,77 @@ def assert_one_line_error(result):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     return lines[0]
+
+
+POSTGRES = os.environ.get("MNIST_OPTUNA_POSTGRES")
+
+
+GRID = ["--fc-depths", "1", "2", "--fc-widths", "8,16,32", "8,16"]  # 3 + 6 = 9 networks
+GRID_HEADS = ["8", "16", "32", "8-8", "8-16", "16-8", "16-16", "32-8", "32-16"]  # its networks (head_grid)
+
+
+def postgres_or_skip():
+    if POSTGRES:
+        return POSTGRES
+    if os.environ.get("CI"):
+        pytest.fail("CI must provide PostgreSQL: .ci/run sets MNIST_OPTUNA_POSTGRES")
+    pytest.skip("no PostgreSQL here: set MNIST_OPTUNA_POSTGRES=postgresql://… (CI starts one in .ci/run)")
+
+
+def start(script, *args):
+    command = [sys.executable, str(ROOT / script), *map(str, args), "--data-dir", str(DATA_DIR)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(worker, timeout=600):
+    output, _ = worker.communicate(timeout=timeout)
+    return worker.returncode, output
+
+
+def wait_for_trial_lines(worker, count):
+    seen = []
+    for line in worker.stdout:
+        seen.append(line)
+        if sum(text.lstrip().startswith(("trial", "seed")) and "trial" in text for text in seen) >= count:
+            return "".join(seen)
+    raise AssertionError("the worker ended before it finished enough trials:\n" + "".join(seen))
+
+
+def kill_inside_a_trial(worker, journal, name, after, signal_number=signal.SIGKILL):
+    """Send the signal (SIGKILL: no warning) while the worker trains the trial after its first `after` lines."""
+    wait_for_trial_lines(worker, after)
+    for _ in range(400):
+        study = optuna.load_study(study_name=name, storage=make_storage(str(journal), None))
+        if any(t.state.name == "RUNNING" and "model" in t.user_attrs for t in study.trials):
+            break
+        time.sleep(0.05)
+    worker.send_signal(signal_number)
+    worker.wait(timeout=60)
+
+
+SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots"]
+
+
+def journal_storage(path):
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def study_trials(journal, name="mnist-cnn-seed0"):
+    return optuna.load_study(study_name=name, storage=journal_storage(journal)).trials
+
+
+def stop_after(out, line_start, *args):
+    """Start the script, send Ctrl-C as soon as it prints a line starting with `line_start`; (exit code, output)."""
+    worker = start("MNIST-optuna.py", *args)
+    for line in worker.stdout:
+        if line.startswith(line_start):
+            worker.send_signal(signal.SIGINT)
+            break
+    return finish(worker)
+
+
+def frozen(model, value, seed):
+    train = {"epochs": 1, "batch_size": 50, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4, "l1": 0.0,
+             "schedule": "onecycle", "label_smoothing": 0.0, "augment": False, "compile": False}
+    return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=value,
+                                     user_attrs={"model": model, "train": train, "seed": seed, "study": "s"})

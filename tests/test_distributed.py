@@ -1,32 +1,32 @@
 """Optuna's own distributed mode: several workers on one storage, killed workers, Ctrl-C, resume."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import optuna
 import pytest
 
-from conftest import DATA_DIR, ROOT, TINY, TINY_ADV, TINY_CNN, load_script
+from conftest import (
+    GRID,
+    GRID_HEADS,
+    TINY,
+    TINY_ADV,
+    TINY_CNN,
+    finish,
+    kill_inside_a_trial,
+    load_script,
+    postgres_or_skip,
+    start,
+    wait_for_trial_lines,
+)
 from mnist_optuna.reporting import trained
 from mnist_optuna.storages import make_storage
 from mnist_optuna.studies import trial_seed
 
 adv = load_script("MNIST-optuna-adv.py")
-POSTGRES = os.environ.get("MNIST_OPTUNA_POSTGRES")
-GRID = ["--fc-depths", "1", "2", "--fc-widths", "8,16,32", "8,16"]  # 3 + 6 = 9 networks
-GRID_HEADS = adv.head_grid([1, 2], [[8, 16, 32], [8, 16]])
 
-
-def postgres_or_skip():
-    if POSTGRES:
-        return POSTGRES
-    if os.environ.get("CI"):
-        pytest.fail("CI must provide PostgreSQL: .ci/run sets MNIST_OPTUNA_POSTGRES")
-    pytest.skip("no PostgreSQL here: set MNIST_OPTUNA_POSTGRES=postgresql://… (CI starts one in .ci/run)")
 
 
 @pytest.fixture(params=["journal", "postgresql"])
@@ -35,15 +35,6 @@ def storage(request, tmp_path):
         return str(tmp_path / "shared.journal")
     return postgres_or_skip()
 
-
-def start(script, *args):
-    command = [sys.executable, str(ROOT / script), *map(str, args), "--data-dir", str(DATA_DIR)]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(worker, timeout=600):
-    output, _ = worker.communicate(timeout=timeout)
-    return worker.returncode, output
 
 
 def load(storage, name):
@@ -79,26 +70,6 @@ def test_two_tpe_workers_add_up(tmp_path):
         assert code == 0, output
     assert sum(s in ("COMPLETE", "PRUNED") for s in states(load(storage, f"{prefix}-seed0"))) == 2 + 3
 
-
-def wait_for_trial_lines(worker, count):
-    seen = []
-    for line in worker.stdout:
-        seen.append(line)
-        if sum(text.lstrip().startswith(("trial", "seed")) and "trial" in text for text in seen) >= count:
-            return "".join(seen)
-    raise AssertionError("the worker ended before it finished enough trials:\n" + "".join(seen))
-
-
-def kill_inside_a_trial(worker, journal, name, after, signal_number=signal.SIGKILL):
-    """Send the signal (SIGKILL: no warning) while the worker trains the trial after its first `after` lines."""
-    wait_for_trial_lines(worker, after)
-    for _ in range(400):
-        study = optuna.load_study(study_name=name, storage=make_storage(str(journal), None))
-        if any(t.state.name == "RUNNING" and "model" in t.user_attrs for t in study.trials):
-            break
-        time.sleep(0.05)
-    worker.send_signal(signal_number)
-    worker.wait(timeout=60)
 
 
 def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):

@@ -7,9 +7,8 @@ import time
 import optuna
 import pytest
 
-from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process
+from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, finish, run_in_process, start
 from mnist_optuna.reporting import trained
-from test_distributed import finish, start
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -5,11 +5,9 @@ import signal
 import optuna
 import pytest
 
-from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, run_in_process
-from test_distributed import finish, start
+from conftest import SEARCH, TINY, TINY_ADV, TINY_CNN, assert_one_line_error, finish, run_in_process, start
 
 pytestmark = pytest.mark.timeout(600)
-SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots"]
 
 
 def study_trials(journal, name="mnist-cnn-seed0"):

@@ -14,21 +14,23 @@ import pytest
 import torch
 
 import models
-from conftest import TINY, TINY_ADV, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
+from conftest import (
+    SEARCH,
+    TINY,
+    TINY_ADV,
+    assert_one_line_error,
+    journal_storage,
+    load_script,
+    run_in_process,
+    run_script,
+    stop_after,
+    study_trials,
+)
 from errors import UserError
 from mnist_optuna import cli, storages
-from test_distributed import finish, start
 
 pytestmark = pytest.mark.timeout(600)
-SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots"]
 
-
-def journal_storage(path):
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-
-
-def study_trials(journal, name="mnist-cnn-seed0"):
-    return optuna.load_study(study_name=name, storage=journal_storage(journal)).trials
 
 
 def test_a_record_torn_in_the_middle_by_a_full_disk_loses_only_that_record(tmp_path):
@@ -229,15 +231,6 @@ def test_resume_anyway_with_another_backbone_is_refused_once_heads_were_trained(
 
 FINAL = ["--final-epochs", "1", "--final-subset", "1000"]
 
-
-def stop_after(out, line_start, *args):
-    """Start the script, send Ctrl-C as soon as it prints a line starting with `line_start`; (exit code, output)."""
-    worker = start("MNIST-optuna.py", *args)
-    for line in worker.stdout:
-        if line.startswith(line_start):
-            worker.send_signal(signal.SIGINT)
-            break
-    return finish(worker)
 
 
 def folder_files(out):

@@ -1,7 +1,7 @@
 """Input that would silently mean something else, found by a hostile pass: refused in one line before any work."""
 import pytest
 
-from conftest import TINY, TINY_CNN, assert_one_line_error, run_in_process
+from conftest import SEARCH, TINY, TINY_CNN, assert_one_line_error, run_in_process, stop_after, study_trials
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -35,7 +35,6 @@ def test_a_stopped_final_stage_leaves_nothing_that_the_next_stage_publishes(tmp_
     import torch
 
     from conftest import run_script
-    from test_hostile2 import SEARCH, stop_after
 
     out = tmp_path / "run"
     first = [*SEARCH, "--promote", "0", "--out-dir", out]
@@ -223,7 +222,6 @@ def test_bytes_appended_after_a_journals_last_record_are_dropped_with_a_backup_n
 def test_a_journal_with_bytes_appended_resumes_its_study(capsys, tmp_path):
     import os
 
-    from test_hostile2 import SEARCH, study_trials
 
     out = tmp_path / "run"
     assert run_in_process(capsys, "MNIST-optuna.py", *SEARCH, "--no-final", "--out-dir", out).returncode == 0

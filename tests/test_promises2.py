@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import QUICK_MAIN, TINY, TINY_CNN, load_script, run_script
+from conftest import QUICK_MAIN, TINY, TINY_CNN, frozen, load_script, run_script
 from data import final_training_set, load_search_data
 from errors import UserError
 from mnist_optuna import checkpoints, evaluation, final, storages, training
@@ -199,7 +199,6 @@ def test_promise_the_run_records_what_ran(quick_main_run):
 def test_promise_the_promoted_choice_is_the_network_retrained(tmp_path, data_dir):
     # the search ranked a 9-feature network first and a real CNN second; the promotion must reorder them, and
     # the final model, best_params.json and summary.json must then all be the CNN
-    from test_promotion import frozen
 
     from mnist_optuna import studies
     from models import normalise_config

@@ -6,7 +6,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_in_process
+from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, frozen, run_in_process
 from data import load_search_data, promotion_training_set
 from mnist_optuna import final, promotion
 from mnist_optuna.evaluation import load_test
@@ -48,12 +48,6 @@ def test_a_budget_below_the_smallest_network_is_refused(capsys, tmp_path):
                             "--out-dir", tmp_path / "x")
     assert "--max-mmac" in assert_one_line_error(result)
 
-
-def frozen(model, value, seed):
-    train = {"epochs": 1, "batch_size": 50, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4, "l1": 0.0,
-             "schedule": "onecycle", "label_smoothing": 0.0, "augment": False, "compile": False}
-    return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=value,
-                                     user_attrs={"model": model, "train": train, "seed": seed, "study": "s"})
 
 
 def test_promotion_trains_on_every_image_outside_validation():

@@ -5,9 +5,8 @@ import time
 import optuna
 import pytest
 
-from conftest import TINY, TINY_ADV, TINY_CNN
+from conftest import GRID, GRID_HEADS, TINY, TINY_ADV, TINY_CNN, finish, kill_inside_a_trial, start
 from mnist_optuna.storages import make_storage
-from test_distributed import GRID, GRID_HEADS, finish, kill_inside_a_trial, start
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, run_script
+from conftest import DATA_DIR, POSTGRES, TINY, TINY_CNN, assert_one_line_error, finish, run_script, start
 from errors import UserError
 from mnist_optuna import tracking, workers
 from mnist_optuna.backbone import read_backbone
@@ -20,7 +20,6 @@ from mnist_optuna.evaluation import load_test
 from mnist_optuna.storages import make_storage
 from mnist_optuna.checkpoints import load_checkpoint
 from mnist_optuna.training import predict_logits
-from test_distributed import POSTGRES, finish, start
 
 pytestmark = pytest.mark.timeout(600)
 SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "0"]
