@@ -194,3 +194,14 @@ def frozen(model, value, seed):
              "schedule": "onecycle", "label_smoothing": 0.0, "augment": False, "compile": False}
     return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=value,
                                      user_attrs={"model": model, "train": train, "seed": seed, "study": "s"})
+
+
+def model_test_accuracy(out):
+    """The test accuracy of a run's model.pt, recomputed here from the file and the test set."""
+    from mnist_optuna.checkpoints import load_checkpoint
+    from mnist_optuna.evaluation import load_test
+    from mnist_optuna.training import accuracy_on
+
+    model, payload = load_checkpoint(out / "model.pt")
+    meta = payload["meta"]
+    return accuracy_on(model, *load_test(DATA_DIR, "cpu", meta["mean"], meta["std"])), meta

@@ -10,6 +10,7 @@ from conftest import (
     TINY_ADV,
     assert_one_line_error,
     load_script,
+    model_test_accuracy,
     run_in_process,
 )
 
@@ -45,6 +46,13 @@ def test_quick_run_end_to_end(quick_adv_run):
     assert re.search(r"best trial: val .* conv backbone \+ FC \d+", stdout)
     heads = finished(out)["params_fc"].astype(str)
     assert len(heads) == 6 and heads.is_unique
+    # the printed and recorded test accuracy is what model.pt, the best head, scores on the test set
+    summary = json.loads((out / "summary.json").read_text())
+    accuracy, meta = model_test_accuracy(out)
+    assert accuracy == summary["test_accuracy"] == meta["test_accuracy"]
+    assert f"test accuracy: {100 * accuracy:.2f} %" in stdout
+    best = finished(out).sort_values("value_val_accuracy", ascending=False, kind="stable").iloc[0]
+    assert meta["trial"] == summary["best"]["trial"] and summary["best"]["value"] == best["value_val_accuracy"]
 
 
 def test_same_seed_same_order_and_values(run_here, tmp_path):

@@ -5,7 +5,7 @@ import signal
 import optuna
 import pytest
 
-from conftest import SEARCH, TINY, TINY_ADV, TINY_CNN, assert_one_line_error, finish, run_in_process, start
+from conftest import SEARCH, TINY_ADV, assert_one_line_error, finish, run_in_process, start
 
 pytestmark = pytest.mark.timeout(600)
 

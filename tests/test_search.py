@@ -12,6 +12,7 @@ from conftest import (
     TINY_CNN,
     assert_one_line_error,
     load_script,
+    model_test_accuracy,
     run_in_process,
     run_script,
 )
@@ -29,13 +30,22 @@ def trials(out_dir):
 
 @QUICK_MAIN
 def test_quick_run_end_to_end(quick_main_run):
-    out, _ = quick_main_run
+    out, stdout = quick_main_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
-    assert 0.5 < summary["test_accuracy"] <= 1
+    frame = trials(out)
+    assert len(frame) == 4 and set(frame["seed"]) == {0, 1}
+    # the search's best is the most accurate complete trial of trials.csv; the promotion then chose model.pt's network
+    complete = frame[frame["state"] == "COMPLETE"]
+    assert summary["search_best"]["value"] == complete["value_val_accuracy"].max()
     best = json.loads((out / "best_params.json").read_text())
-    assert {"params", "model", "train", "seed", "value"} <= best.keys()
-    assert len(trials(out)) == 4 and set(trials(out)["seed"]) == {0, 1}
+    chosen = complete[(complete["seed"] == best["study_seed"]) & (complete["number"] == best["trial"])]
+    assert chosen["value_val_accuracy"].tolist() == [best["value"]]
+    # the printed and recorded test accuracy is what model.pt, the chosen trial's network, scores on the test set
+    accuracy, meta = model_test_accuracy(out)
+    assert accuracy == summary["test_accuracy"] == meta["test_accuracy"]
+    assert f"test accuracy: {100 * accuracy:.2f} %" in stdout
+    assert (meta["study_seed"], meta["trial"]) == (best["study_seed"], best["trial"])
 
 
 @pytest.mark.parametrize("search", [[], ["--objectives", "accuracy", "mmac"]], ids=["accuracy", "front"])
