@@ -8,7 +8,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
+from data import load_search_data
 from mnist_optuna.storages import make_storage
 
 # one torch thread per test process and per script it starts: pytest runs two workers on two cores
@@ -205,3 +207,17 @@ def model_test_accuracy(out):
     model, payload = load_checkpoint(out / "model.pt")
     meta = payload["meta"]
     return accuracy_on(model, *load_test(DATA_DIR, "cpu", meta["mean"], meta["std"])), meta
+
+
+# a network of a few thousand weights: seconds to train on a few hundred images
+TINY_NET = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
+            "fc": [16], "dropout": 0.0}
+
+
+def folder_files(out):
+    return {path.name: path.read_bytes() for path in out.iterdir() if path.is_file() and path.suffix != ".journal"}
+
+
+@pytest.fixture(scope="module")
+def small(data_dir):
+    return load_search_data(data_dir, torch.device("cpu"), val_size=500, train_subset=1000, split_seed=0)

@@ -12,7 +12,9 @@ from conftest import (
     load_script,
     model_test_accuracy,
     run_in_process,
+    study_trials,
 )
+
 
 adv = load_script("MNIST-optuna-adv.py")
 FINISHED = ("COMPLETE", "PRUNED")
@@ -99,3 +101,27 @@ def test_backbone_from_a_stage_one_run(tmp_path):
     (tmp_path / "best_params.json").write_text(json.dumps(best))
     conv = adv.backbone_of(adv.build_parser().parse_args(["--backbone", str(tmp_path / "best_params.json")]))
     assert conv == best["model"]["conv"]
+
+
+def test_a_backbone_that_does_not_fit_is_refused_before_any_trial_and_the_fixed_grid_trains_every_point(run_here, tmp_path):
+    out = tmp_path / "run"
+    grid = ["--fc-depths", "1", "--fc-widths", "8,16,32", "--no-final", "--no-plots", "--out-dir", out]
+    bad = tmp_path / "bad.json"  # five pools do not fit a 28x28 image: refused in one line, before any trial
+    bad.write_text(json.dumps({"model": {"conv": [{"channels": 4, "kernel": 3, "pool": True}] * 5, "fc": []}}))
+    first = run_here("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", bad, *grid)
+    assert "too many pooling layers" in assert_one_line_error(first)
+    assert not (out / "study.journal").exists()  # no failed trial left behind
+    fixed = run_here("MNIST-optuna-adv.py", *TINY_ADV, *grid, "--resume-anyway")
+    assert fixed.returncode == 0, fixed.stderr
+    done = [t.params["fc"] for t in study_trials(out / "study.journal", "mnist-fc-grid")
+            if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(done) == ["16", "32", "8"]  # every point, the one that failed included
+
+
+def test_the_grid_order_follows_the_seed():
+    adv = load_script("MNIST-optuna-adv.py")
+    heads = adv.head_grid([1, 2], [[8, 16, 32], [8, 16]])
+    orders = {seed: adv.grid_order(heads, seed) for seed in range(4)}
+    assert all(sorted(order) == sorted(heads) for order in orders.values())
+    assert len({tuple(order) for order in orders.values()}) == 4
+    assert adv.grid_order(heads, 2) == orders[2]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-from conftest import assert_one_line_error, run_script
+from conftest import TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,53 @@ def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
     assert data.resolve_data_dir("x") == data.Path("x")
     monkeypatch.delenv("MNIST_DATA_DIR")
     assert data.resolve_data_dir(None) == data.Path("data")
+
+
+def copied_data(data_dir, folder):
+    import shutil
+
+    raw = folder / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        shutil.copy(path, raw / path.name)
+        (raw / path.name).chmod(0o644)
+    return raw
+
+
+def test_a_test_label_out_of_range_is_refused_before_the_search(capsys, tmp_path, data_dir):
+    raw = copied_data(data_dir, tmp_path / "data")
+    labels = raw / "t10k-labels-idx1-ubyte"
+    content = bytearray(labels.read_bytes())
+    content[8 + 1234] = 12
+    labels.write_bytes(bytes(content))
+    result = run_in_process(capsys, "MNIST-optuna.py", *TINY, *TINY_CNN, "--data-dir", tmp_path / "data",
+                            "--out-dir", tmp_path / "o")
+    assert "t10k-labels-idx1-ubyte holds labels outside 0..9" in assert_one_line_error(result)
+    assert not (tmp_path / "o").exists()  # refused before any folder, trial or training
+
+
+def test_training_images_of_one_value_are_refused_in_one_line(capsys, tmp_path, data_dir):
+    raw = copied_data(data_dir, tmp_path / "data")
+    images = raw / "train-images-idx3-ubyte"
+    content = bytearray(images.read_bytes())
+    content[16:] = bytes(len(content) - 16)
+    images.write_bytes(bytes(content))
+    result = run_in_process(capsys, "MNIST-optuna.py", *TINY, *TINY_CNN, "--data-dir", tmp_path / "data",
+                            "--out-dir", tmp_path / "o")
+    # a non-canonical file is warned about first; then the one error line
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the training images are all one value (0)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_compressed_mnist_files_are_named_with_the_command_that_unpacks_them(capsys, tmp_path, data_dir):
+    import gzip
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        (raw / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()[:1000], compresslevel=1))
+    result = run_in_process(capsys, "MNIST-optuna.py", *TINY, "--data-dir", tmp_path / "data",
+                            "--out-dir", tmp_path / "o")
+    line = assert_one_line_error(result)
+    assert "is still compressed" in line and "gunzip -k" in line and "train-images-idx3-ubyte.gz" in line

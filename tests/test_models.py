@@ -4,13 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import (
-    ConfigError,
-    build_model,
-    count_macs,
-    count_parameters,
-    dropout_feeds_batchnorm,
-)
+from conftest import TINY, assert_one_line_error, run_in_process
+from models import ConfigError, build_model, count_macs, count_parameters, dropout_feeds_batchnorm
 
 
 def block(channels, kernel=3, pool=False, batch_norm=True):
@@ -64,3 +59,25 @@ def test_parameter_count_and_macs_match_hand_computation():
 def test_bad_configs_are_rejected(config, message):
     with pytest.raises(ConfigError, match=message):
         build_model(config)
+
+
+def test_a_backbone_with_a_nan_slope_is_one_line_before_any_training(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"conv": [{"channels": 4, "kernel": 3, "slope": NaN, "pool": true}], "fc": []}}')
+    result = run_in_process(capsys, "MNIST-optuna-adv.py", "--quick", "--backbone", bad, "--out-dir", tmp_path / "o")
+    assert "slope" in assert_one_line_error(result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_backbone_of_another_number_of_classes_is_refused(capsys, tmp_path):
+    from mnist_optuna.checkpoints import save_checkpoint
+    from mnist_optuna.training import TrainConfig
+    from models import build_model
+
+    twelve = tmp_path / "twelve.pt"
+    save_checkpoint(twelve, build_model({"conv": [{"channels": 4, "kernel": 3, "pool": True}], "fc": [8],
+                                         "num_classes": 12}), TrainConfig(), {})
+    for script, flags in (("MNIST-optuna.py", ["--stage", "optim"]), ("MNIST-optuna-adv.py", [])):
+        result = run_in_process(capsys, script, *TINY, *flags, "--backbone", twelve, "--out-dir", tmp_path / "o")
+        assert "classifies 12 classes, MNIST has 10" in assert_one_line_error(result)
+    assert not (tmp_path / "o").exists()

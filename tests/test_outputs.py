@@ -13,9 +13,25 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from conftest import DATA_DIR, QUICK_ADV, ROOT, TINY_ADV, run_script
+from conftest import (
+    DATA_DIR,
+    QUICK_ADV,
+    QUICK_MAIN,
+    ROOT,
+    SEARCH,
+    TINY,
+    TINY_ADV,
+    TINY_CNN,
+    load_script,
+    run_in_process,
+    run_script,
+)
+from mnist_optuna import checkpoints
+from mnist_optuna.evaluation import load_test
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -125,3 +141,131 @@ def test_dashboard_lists_the_study(quick_adv_run):
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+
+def test_a_finished_run_leaves_no_temporary_files(run_here, tmp_path):
+    out = tmp_path / "run"
+    assert run_here("MNIST-optuna.py", *SEARCH, "--ensemble", "2", "--out-dir", out).returncode == 0
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    from mnist_optuna import rundir
+
+    path = tmp_path / "summary.json"
+    rundir.write_json(path, {"old": 1})
+
+    def crash(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rundir.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.write_json(path, {"new": 2})
+    assert json.loads(path.read_text()) == {"old": 1} and list(tmp_path.iterdir()) == [path]
+
+
+def test_the_same_command_twice_at_once_in_one_folder_runs_once(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import DATA_DIR, ROOT, run_script
+
+    out = tmp_path / "twice"
+    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2",
+               "--no-plots", "--out-dir", str(out), "--data-dir", str(DATA_DIR)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the second starts once the first holds the folder (its config.json is written right after the lock)
+    import time
+    deadline = time.monotonic() + 120
+    while not (out / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output, errors = first.communicate(timeout=300)
+    assert first.returncode == 0, errors
+    assert second.returncode == 2 and "another run is using --out-dir" in second.stderr, second.stderr
+    assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1
+    rows = (out / "trials.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 2  # --n-trials 2, trained once
+    # and once the first has ended, the same command in the folder resumes as always
+    assert run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots",
+                      "--out-dir", out).returncode == 0
+
+
+def test_a_publish_killed_half_way_is_finished_by_the_next_run_before_it_reads_the_folder(capsys, tmp_path):
+    import json
+
+    from mnist_optuna.rundir import PUBLISHING, STAGING
+
+    out = tmp_path / "run"
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots", "--promote", "0", "--out-dir", out]
+    assert run_in_process(capsys, "MNIST-optuna.py", *args, "--final-seeds", "2").returncode == 0
+    # a later stage (one seed) killed while its files moved: model.pt is already the new one, the rest is not
+    staging = out / STAGING
+    staging.mkdir()
+    for name, text in (("model.pt", b"new model"), ("summary.json", b'{"stage": "new"}'),
+                       ("best_params.json", b'{"stage": "new"}')):
+        (staging / name).write_bytes(text)
+    (staging / PUBLISHING).write_text(json.dumps({"names": ["best_params.json", "model.pt", "summary.json"],
+                                                  "previous": ["seed-1.pt"]}))
+    (staging / "model.pt").replace(out / "model.pt")  # the one move done before the kill
+    assert (out / "seed-1.pt").exists() and json.loads((out / "summary.json").read_text()).get("stage") != "new"
+    # the next run in the folder finishes the moves first, before it reads anything
+    again = run_in_process(capsys, "MNIST-optuna.py", *args, "--retrain-only", "--no-final")
+    assert again.returncode == 0, again.stderr
+    assert "the move is finished" in again.stdout + again.stderr
+    assert (out / "model.pt").read_bytes() == b"new model" and not (out / "seed-1.pt").exists()
+    assert not staging.exists()
+
+
+def test_finish_publish_completes_every_move_once(tmp_path):
+    import json
+
+    from mnist_optuna.rundir import PUBLISHING, STAGING, finish_publish
+
+    staging = tmp_path / STAGING
+    staging.mkdir()
+    (tmp_path / "summary.json").write_text("old")
+    (tmp_path / "ensemble-1.pt").write_text("old member")
+    (staging / "summary.json").write_text("new")
+    (staging / ".lock").write_text("")
+    (staging / PUBLISHING).write_text(json.dumps({"names": ["summary.json", "model.pt"],
+                                                  "previous": ["ensemble-1.pt"]}))
+    (tmp_path / "model.pt").write_text("new model")  # moved before the kill
+    assert finish_publish(tmp_path)
+    assert (tmp_path / "summary.json").read_text() == "new" and (tmp_path / "model.pt").read_text() == "new model"
+    assert not (tmp_path / "ensemble-1.pt").exists() and not staging.exists()
+    assert not finish_publish(tmp_path)  # nothing left to finish
+
+
+@QUICK_MAIN
+def test_onnx_file_gives_the_logits_of_model_pt(quick_main_run, data_dir):
+    import onnxruntime
+
+    out, _ = quick_main_run
+    model, payload = checkpoints.load_checkpoint(out / "model.pt")
+    images, _ = load_test(data_dir, torch.device("cpu"), payload["meta"]["mean"], payload["meta"]["std"])
+    images = images[:500].contiguous()
+    model.eval()
+    with torch.no_grad():
+        expected = model(images).numpy()
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": images.numpy()})[0]
+    assert got.shape == (500, 10) and np.abs(got - expected).max() < 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+@QUICK_MAIN
+def test_promise_the_run_records_what_ran(quick_main_run):
+    out, _ = quick_main_run
+    script = load_script("MNIST-optuna.py")
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == script.LR and config["seeds"] == script.QUICK.get("SEEDS", script.SEEDS)
+    assert config["precision"] in ("fp32", "bf16") and "--quick" in config["command"]
+    model, payload = checkpoints.load_checkpoint(out / "model.pt")
+    best = json.loads((out / "best_params.json").read_text())
+    meta = payload["meta"]
+    assert payload["config"] == best["model"] and payload["train"]["lr"] == script.LR
+    assert meta["seed"] == best["seed"] and meta["trial"] == best["trial"] and meta["study_seed"] == best["study_seed"]
+    assert meta["train_images"] == script.QUICK["FINAL_SUBSET"] and meta["source"] == config["source"]
+    assert meta["command"] == config["command"] and meta["precision"] == config["precision"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert meta["test_accuracy"] == summary["test_accuracy"] and len(meta["history"]) == script.QUICK["FINAL_EPOCHS"]

@@ -9,8 +9,8 @@ import torch
 from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, frozen, run_in_process
 from data import load_search_data, promotion_training_set
 from mnist_optuna import final, promotion
-from mnist_optuna.evaluation import load_test
 from mnist_optuna.checkpoints import load_checkpoint
+from mnist_optuna.evaluation import load_test
 from mnist_optuna.training import accuracy_on, predict_logits, seed_everything, train
 from models import build_model
 

@@ -6,20 +6,12 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import QUICK_MAIN
-from data import load_search_data
+from conftest import QUICK_MAIN, TINY_NET
 from mnist_optuna import checkpoints, devices, final, promotion, training
 from mnist_optuna.training import TrainConfig, UserError, train
 from models import build_model
 
-CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
-          "fc": [16], "dropout": 0.0}
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def small(data_dir):
-    return load_search_data(data_dir, CPU, val_size=500, train_subset=1000, split_seed=0)
 
 
 @pytest.mark.parametrize("flags, expected", [(set(), "fp32"), ({"avx512f", "avx2"}, "fp32"),
@@ -46,7 +38,7 @@ def test_bf16_trains_in_bf16_and_its_checkpoint_scores_what_it_recorded(small, t
     weights = {}
     for precision in ("fp32", "bf16"):
         recipe = TrainConfig(epochs=2, batch_size=50, precision=precision)
-        model, _, accuracy, _ = training.retrain_and_test(CONFIG, recipe, small.train_x, small.train_y, 3,
+        model, _, accuracy, _ = training.retrain_and_test(TINY_NET, recipe, small.train_x, small.train_y, 3,
                                                           (small.val_x, small.val_y), tmp_path / f"{precision}.pt",
                                                           {"mean": small.mean, "std": small.std})
         weights[precision] = model.state_dict()
@@ -81,7 +73,7 @@ def test_the_moving_average_of_the_weights_is_what_is_saved(small, tmp_path):
     beside = WeightAverage(decay=1 - 1 / min(0.5 * steps, 2 * steps / 5))
     handle = register_optimizer_step_post_hook(beside)
     try:
-        model, _, _, _ = training.retrain_and_test(CONFIG, recipe, small.train_x, small.train_y, 5,
+        model, _, _, _ = training.retrain_and_test(TINY_NET, recipe, small.train_x, small.train_y, 5,
                                                    (small.val_x, small.val_y), tmp_path / "ema.pt", {})
     finally:
         handle.remove()
@@ -99,7 +91,7 @@ def test_averaged_weights_get_batchnorm_statistics_of_their_own(small):
     # the running statistics training keeps belong to the last weights (and an average of them to no weights at
     # all: measured 60 % instead of 96 % validation accuracy after one short epoch): the average's are measured
     training.seed_everything(0)
-    model = build_model(CONFIG)
+    model = build_model(TINY_NET)
     train(model, small.train_x, small.train_y, TrainConfig(epochs=1, batch_size=50, ema=0.5), 0)
     with torch.no_grad():
         first = model.features[0](small.train_x[:training.BN_IMAGES])  # the conv before the first BatchNorm
@@ -121,7 +113,7 @@ def test_a_shift_moves_every_pixel_and_fills_with_background():
 
 def test_tta_averages_the_softmax_of_the_image_and_its_four_shifts(small):
     training.seed_everything(0)
-    model = build_model(CONFIG).eval()
+    model = build_model(TINY_NET).eval()
     x = small.val_x[:64]
     views = [x]
     for shift, dim in ((1, 2), (-1, 2), (1, 3), (-1, 3)):  # rolled, then the wrapped-round line made blank

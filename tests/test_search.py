@@ -3,19 +3,24 @@ import json
 import shutil
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
+import torch
 
 from conftest import (
     QUICK_MAIN,
     TINY,
     TINY_CNN,
+    TINY_NET,
     assert_one_line_error,
     load_script,
     model_test_accuracy,
     run_in_process,
     run_script,
 )
+from mnist_optuna import studies, training
+from mnist_optuna.training import TrainConfig
 
 COLUMNS = ["seed", "number", "state"]
 
@@ -155,3 +160,33 @@ def test_quick_run_shows_each_score_with_its_noise_and_tests_the_best_against_th
     # the studies name what they optimise, for Optuna's dashboard and CLI
     assert optuna.load_study(study_name="mnist-cnn-seed0", storage=storage).metric_names == ["val_accuracy"]
     assert "promotion" in summary and summary["promotion"]["rule"] and "chosen by the rule:" in output
+
+
+def test_an_out_of_memory_trial_fails_with_its_reason_and_the_study_goes_on(small):
+    calls = {"n": 0}
+
+    def objective(trial):
+        trial.suggest_int("width", 8, 8)
+        model_config = dict(TINY_NET)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first trial's first forward pass runs out of memory
+            original = training.train
+
+            def explode(*_):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            def train_oom(model, *args, **kwargs):
+                model.register_forward_pre_hook(explode)
+                return original(model, *args, **kwargs)
+            studies.train = train_oom
+            try:
+                return studies.run_trial(trial, model_config, TrainConfig(epochs=1, batch_size=100), small, 0)
+            finally:
+                studies.train = original
+        return studies.run_trial(trial, model_config, TrainConfig(epochs=1, batch_size=100), small, calls["n"])
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=2, catch=studies.CATCH)
+    first, second = study.trials
+    assert first.state.name == "FAIL" and first.user_attrs["reason"].startswith("out of memory")
+    assert second.state.name == "COMPLETE" and second.value > 0.1

@@ -6,7 +6,17 @@ import optuna
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
+from conftest import (
+    ROOT,
+    SEARCH,
+    TINY,
+    TINY_CNN,
+    assert_one_line_error,
+    folder_files,
+    load_script,
+    run_in_process,
+    run_script,
+)
 from data import random_affine
 from mnist_optuna.reporting import trained
 
@@ -151,3 +161,13 @@ def test_the_same_command_gives_the_same_weights_with_augmentation(tmp_path):
         states.append(torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_stage_two_into_the_stage_one_folder_is_refused_and_changes_nothing(run_here, tmp_path):
+    out = tmp_path / "run"
+    assert run_here("MNIST-optuna.py", *SEARCH, "--promote", "0", "--out-dir", out).returncode == 0
+    before = folder_files(out)
+    result = run_here("MNIST-optuna.py", *TINY, "--seeds", "0", "--n-trials", "1", "--stage", "optim",
+                        "--backbone", out / "best_params.json", "--out-dir", out)
+    assert "--stage model" in assert_one_line_error(result)
+    assert folder_files(out) == before

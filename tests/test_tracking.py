@@ -16,9 +16,9 @@ from conftest import DATA_DIR, POSTGRES, TINY, TINY_CNN, assert_one_line_error, 
 from errors import UserError
 from mnist_optuna import tracking, workers
 from mnist_optuna.backbone import read_backbone
+from mnist_optuna.checkpoints import load_checkpoint
 from mnist_optuna.evaluation import load_test
 from mnist_optuna.storages import make_storage
-from mnist_optuna.checkpoints import load_checkpoint
 from mnist_optuna.training import predict_logits
 
 pytestmark = pytest.mark.timeout(600)
@@ -153,3 +153,23 @@ def test_a_final_stage_waits_for_a_live_claim_and_takes_over_a_dead_one(tmp_path
     fourth = workers.FinalStageClaim(storage, "s", "other key", "run-d")
     assert fourth.acquire() is None and fourth.mine is not None
     fourth.release({})
+
+
+def test_mlflow_takes_a_study_name_with_an_apostrophe_and_a_lost_store_is_one_warning(tmp_path, capsys, caplog):
+    import shutil
+
+    from mnist_optuna import tracking
+
+    store = tmp_path / "ml"
+    store.mkdir()
+    tracker = tracking.Tracker(f"sqlite:///{store}/mlflow.db", "bob's")
+    study = optuna.create_study(study_name="bob's-seed0")
+    callback = tracker.trial_callback()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2, callbacks=[callback])
+    runs = tracker.client.search_runs([tracker.experiment])
+    assert len(runs) == 3 and sum(run.data.tags.get("mnist_optuna.role") == "study" for run in runs) == 1
+    shutil.rmtree(store)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3, callbacks=[callback])
+    output = capsys.readouterr()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "MLflow" in r.getMessage()]
+    assert len(warnings) == 1 and "Traceback" not in output.out + output.err + caplog.text

@@ -1,19 +1,16 @@
+import numpy as np
 import optuna
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from data import load_search_data
+from conftest import TINY_NET
 from mnist_optuna import checkpoints, devices, studies, training
 from mnist_optuna.studies import run_trial
 from mnist_optuna.training import Divergence, TrainConfig, l1_penalty, train
 from mnist_optuna.workers import TWIN
 from models import build_model
-
-
-@pytest.fixture(scope="module")
-def small(data_dir):
-    return load_search_data(data_dir, torch.device("cpu"), val_size=500, train_subset=1000, split_seed=0)
 
 
 CONFIG = {"conv": [{"channels": 4, "kernel": 3, "pool": True}, {"channels": 8, "kernel": 3, "pool": True}],
@@ -126,3 +123,115 @@ def test_of_two_trials_that_start_one_configuration_together_only_the_earlier_tr
     monkeypatch.setattr(studies, "train", real_train)
     assert run_trial(earlier, CONFIG, cfg, small, 0) > 0.1  # the later one does not hold the earlier one back
     assert "reason" not in earlier.user_attrs
+
+
+def learning_rates(small, schedule, epochs=2):
+    """The learning rate of every optimizer step of a training, as the optimizer saw it."""
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append(optimizer.param_groups[0]["lr"]))
+    try:
+        train(build_model(TINY_NET), small.train_x[:500], small.train_y[:500],
+              TrainConfig(epochs=epochs, batch_size=50, lr=1e-2, schedule=schedule, precision="fp32"), seed=0)
+    finally:
+        hook.remove()
+    return seen
+
+
+def sgd_step(small, **recipe):
+    torch.manual_seed(0)
+    model = build_model(TINY_NET)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, batch_size=100, optimizer="sgd", momentum=0.9, lr=0.1, schedule="none",
+                      precision="fp32", **recipe)
+    train(model, small.train_x[:100], small.train_y[:100], cfg, seed=0)
+    return before, dict(model.named_parameters())
+
+
+def one_step(small, **recipe):
+    """(weights before, weights after) of one SGD step on 100 images."""
+    torch.manual_seed(0)
+    model = build_model(TINY_NET)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, batch_size=100, optimizer="sgd", momentum=0.9, lr=0.1, weight_decay=0.0,
+                      schedule="none", **recipe)
+    train(model, small.train_x[:100], small.train_y[:100], cfg, seed=0)
+    return before, dict(model.named_parameters())
+
+
+def test_l1_moves_each_weight_by_its_sign_and_nothing_else(small):
+    # one Nesterov-SGD step from zero momentum moves w by -lr * (1 + momentum) * gradient; L1 adds
+    # l1 * sign(w) to the gradient of conv and linear weights and nothing to biases or BatchNorm
+    strength = 1e-3
+    before, plain = one_step(small)
+    _, with_l1 = one_step(small, l1=strength)
+    weights = {f"{name}.weight" for name, module in build_model(TINY_NET).named_modules()
+               if isinstance(module, (nn.Conv2d, nn.Linear))}
+    for name, start_value in before.items():
+        expected = -0.1 * 1.9 * strength * torch.sign(start_value) if name in weights else torch.zeros_like(start_value)
+        assert torch.allclose(with_l1[name].detach() - plain[name].detach(), expected, atol=1e-6), name
+
+
+def test_augmentation_changes_what_the_model_sees(small):
+    seen = {}
+    for augment in (False, True):
+        torch.manual_seed(0)
+        model = build_model(TINY_NET)
+        batches = []
+        model.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0].detach().clone())
+                                        if module.training else None)
+        cfg = TrainConfig(epochs=1, batch_size=100, augment=augment)
+        train(model, small.train_x[:300], small.train_y[:300], cfg, seed=3, background=small.background)
+        seen[augment] = (batches, {k: v.clone() for k, v in model.state_dict().items()})
+    plain, moved = seen[False][0], seen[True][0]
+    assert len(plain) == len(moved) == 3
+    assert all(not torch.allclose(a, b) for a, b in zip(plain, moved))
+    assert any(not torch.equal(seen[False][1][k], seen[True][1][k]) for k in seen[False][1])
+
+
+def test_promise_label_smoothing_is_the_smoothed_cross_entropy(small):
+    # a training of one batch reports the loss of that batch before its step: with smoothing 0.1 it must be
+    # (1 - 0.1) * NLL + 0.1 * the mean over classes of -log p, computed here by hand from the same weights
+    x, y = small.train_x[:100], small.train_y[:100]
+    torch.manual_seed(0)
+    model = build_model(TINY_NET)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train(model, x, y, TrainConfig(epochs=1, batch_size=100, label_smoothing=0.1, schedule="none",
+                                             precision="fp32"), seed=0)
+    model.load_state_dict(start)
+    model.train()
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(x).float(), 1)
+    nll = -log_p[torch.arange(len(y)), y].mean()
+    by_hand = 0.9 * nll + 0.1 * (-log_p.mean(1)).mean()
+    assert history[0]["train_loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+    assert abs(by_hand.item() - nll.item()) > 1e-3  # the smoothing makes a difference this test can see
+
+
+def test_promise_l2_is_the_optimizers_weight_decay(small):
+    # one Nesterov-SGD step from zero momentum moves w by -lr * (1 + momentum) * gradient, and weight decay adds
+    # decay * w to every parameter's gradient: the difference of the two steps is exactly that
+    decay = 1e-2
+    before, plain = sgd_step(small, weight_decay=0.0)
+    _, decayed = sgd_step(small, weight_decay=decay)
+    for name, start in before.items():
+        expected = -0.1 * 1.9 * decay * start
+        assert torch.allclose(decayed[name].detach() - plain[name].detach(), expected, atol=1e-6), name
+    for optimizer in ("adam", "adamw"):
+        assert training.make_optimizer(build_model(TINY_NET), TrainConfig(optimizer=optimizer, weight_decay=decay)) \
+            .param_groups[0]["weight_decay"] == decay
+
+
+def test_promise_the_schedule_sets_the_learning_rate_of_every_step(small):
+    onecycle, cosine, constant = (learning_rates(small, name) for name in ("onecycle", "cosine", "none"))
+    assert len(onecycle) == len(cosine) == len(constant) == 20
+    assert constant == [1e-2] * 20
+    # one-cycle: up from lr/25 to lr over the first quarter, then down to almost nothing
+    peak = int(np.argmax(onecycle))
+    assert onecycle[0] == pytest.approx(1e-2 / 25) and max(onecycle) == pytest.approx(1e-2, rel=0.05)
+    assert 3 <= peak <= 6 and onecycle[-1] < 1e-2 / 100
+    assert all(a <= b for a, b in zip(onecycle[:peak], onecycle[1:peak + 1]))
+    assert all(a >= b for a, b in zip(onecycle[peak:], onecycle[peak + 1:]))
+    # cosine: from lr down along half a cosine
+    steps = np.arange(20)
+    assert np.allclose(cosine, 1e-2 * (1 + np.cos(np.pi * steps / 20)) / 2, rtol=1e-6)

@@ -4,9 +4,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from conftest import ROOT, TINY, TINY_CNN, run_script
+from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
 
 SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--no-plots", "--promote", "2", "--final-seeds", "2"]
 
@@ -87,3 +88,45 @@ def test_a_replay_publishes_nowhere():
     replay = module.replay_command(words, "scratch", "scratch/s.journal", 1)
     assert replay == ["python", "MNIST-optuna.py", "--epochs", "3", "--out-dir", "scratch", "--storage",
                       "scratch/s.journal", "--final-seeds", "1"]
+
+
+def tampered(payload, path):
+    import torch
+
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda p: p["state_dict"]["head.0.weight"] if "head.0.weight" in p["state_dict"] else next(
+        iter(p["state_dict"].values())), "it holds a Tensor"),
+    (lambda p: {**p, "meta": []}, "its meta is a list"),
+    (lambda p: {**p, "meta": {**p["meta"], "std": 0.0}}, "its normalisation std 0.0 is not positive"),
+    (lambda p: {**p, "meta": {**p["meta"], "mean": "x"}}, "its normalisation mean 'x' is not a number"),
+    (lambda p: {**p, "config": {**p["config"], "num_classes": 0}}, "num_classes 0 is not a number of classes"),
+    (lambda p: {**p, "meta": {**p["meta"], "command": 7}}, "its recorded command is not text"),
+], ids=["bare-tensor", "meta-list", "std-0", "mean-text", "no-classes", "command-int"])
+def test_a_tampered_checkpoint_is_one_line_for_evaluate_and_verify(capsys, tmp_path, change, words):
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+    from mnist_optuna.checkpoints import save_checkpoint
+    from mnist_optuna.training import TrainConfig
+    from models import build_model
+
+    good = tmp_path / "good.pt"
+    model = build_model({"conv": [{"channels": 4, "kernel": 3, "pool": True, "slope": 0.01, "batch_norm": True}],
+                         "fc": [16], "dropout": 0.0})
+    save_checkpoint(good, model, TrainConfig(), {"mean": 0.13, "std": 0.31, "command": "python MNIST-optuna.py"})
+    bad = tampered(change(torch.load(good, weights_only=True)), tmp_path / "bad.pt")
+    result = run_in_process(capsys, "MNIST-optuna.py", "--evaluate", bad)
+    assert words in assert_one_line_error(result)
+    # the good one and the bad one as an ensemble: the same line, no traceback
+    result = run_in_process(capsys, "MNIST-optuna.py", "--evaluate", good, bad)
+    assert words in assert_one_line_error(result)
+    verify = subprocess.run([sys.executable, str(ROOT / "results" / "verify.py"), str(bad)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode != 0 and "Traceback" not in verify.stderr and words in verify.stderr + verify.stdout
