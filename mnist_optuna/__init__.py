@@ -15,6 +15,7 @@ only modules on the floors below its own (tests/test_layout.py checks it); the h
     training     the one train/evaluate loop: recipe, bf16 autocast, moving average, TTA, seeds, a retrain to its file
     checkpoints  a trained network's files: its checkpoint, the epoch checkpoint it resumes from, its ONNX export
     settings     a study's identity: the settings that define its trials, recorded and compared at each start
+    launch       N workers of a script on one machine: one per GPU or a share of the cores each, restarts, Ctrl-C
     rundir, cli  the run folder (config.json, atomic writes, source version); flags, logging, signals, exit codes
     scores       what a validation score can tell apart: standard errors, NLL, per-image correctness, McNemar's test
     devices      where the arithmetic runs: the device, deterministic kernels, bf16 where it is native

@@ -1,6 +1,7 @@
 """The project's own commands besides the two scripts:
 
     python -m mnist_optuna proxy STORAGE [--host HOST] [--port PORT]   # Optuna's gRPC storage proxy
+    python -m mnist_optuna workers N [--restarts R] -- COMMAND         # N workers of a script on this machine
 """
 import argparse
 import errno
@@ -11,10 +12,12 @@ from pathlib import Path
 import optuna
 
 from errors import UserError, first_line
+from mnist_optuna import launch
 from mnist_optuna.cli import Parser, run
 from mnist_optuna.storages import GRPC_PORT, make_storage, storage_kind
 
-USAGE = "usage: python -m mnist_optuna proxy STORAGE [--host HOST] [--port PORT]"
+USAGE = ("usage: python -m mnist_optuna proxy STORAGE [--host HOST] [--port PORT]\n"
+         "       python -m mnist_optuna workers N [--restarts R] -- python MNIST-optuna.py --storage PATH_OR_URL ...")
 
 
 def serve_proxy(argv=None):
@@ -72,7 +75,9 @@ def check_port_free(host, port):
                                 "or --host") from None
 
 
+COMMANDS = {"proxy": serve_proxy, "workers": launch.main}
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["proxy"]:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(USAGE)
-    run(lambda argv: serve_proxy(sys.argv[2:]))
+    run(lambda argv: COMMANDS[sys.argv[1]](sys.argv[2:]))

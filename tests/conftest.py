@@ -221,3 +221,16 @@ def folder_files(out):
 @pytest.fixture(scope="module")
 def small(data_dir):
     return load_search_data(data_dir, torch.device("cpu"), val_size=500, train_subset=1000, split_seed=0)
+
+
+def trained_networks(storage, name):
+    """{params as a sorted tuple: (state, value)} of the trials that trained a network."""
+    study = optuna.load_study(study_name=name, storage=make_storage(str(storage), None))
+    result = {}
+    for trial in study.trials:
+        if trial.state.name in ("COMPLETE", "PRUNED") and not str(trial.user_attrs.get("reason", "")).startswith(
+                ("over budget", "same configuration")):
+            key = tuple(sorted(trial.params.items()))
+            assert key not in result, f"trial {trial.number} trained the configuration of an earlier trial"
+            result[key] = (trial.state.name, trial.value)
+    return result

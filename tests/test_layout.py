@@ -12,7 +12,7 @@ FLOORS = [
     ["errors"],
     ["models", "data"],
     ["mnist_optuna.rundir", "mnist_optuna.cli", "mnist_optuna.scores", "mnist_optuna.devices", "mnist_optuna.outcome"],
-    ["mnist_optuna.settings"],
+    ["mnist_optuna.settings", "mnist_optuna.launch"],
     ["mnist_optuna.checkpoints"],
     ["mnist_optuna.training"],
     ["mnist_optuna.workers", "mnist_optuna.tracking"],

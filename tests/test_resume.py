@@ -5,23 +5,11 @@ import time
 import optuna
 import pytest
 
-from conftest import GRID, GRID_HEADS, TINY, TINY_ADV, TINY_CNN, finish, kill_inside_a_trial, start
+from conftest import GRID, GRID_HEADS, TINY, TINY_ADV, TINY_CNN, finish, kill_inside_a_trial, start, trained_networks
 from mnist_optuna.storages import make_storage
 
 pytestmark = pytest.mark.timeout(600)
 
-
-def trained(storage, name):
-    """{params as a sorted tuple: (state, value)} of the trials that trained a network."""
-    study = optuna.load_study(study_name=name, storage=make_storage(str(storage), None))
-    result = {}
-    for trial in study.trials:
-        if trial.state.name in ("COMPLETE", "PRUNED") and not str(trial.user_attrs.get("reason", "")).startswith(
-                ("over budget", "same configuration")):
-            key = tuple(sorted(trial.params.items()))
-            assert key not in result, f"trial {trial.number} trained the configuration of an earlier trial"
-            result[key] = (trial.state.name, trial.value)
-    return result
 
 
 def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(tmp_path):
@@ -36,8 +24,8 @@ def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(tmp_path):
     assert code == 0, output
     assert "interrupted trial(s) queued to run again" in output
 
-    whole = trained(tmp_path / "whole" / "study.journal", "mnist-fc-grid")  # (trained asserts: each network once)
-    resumed = trained(killed / "study.journal", "mnist-fc-grid")
+    whole = trained_networks(tmp_path / "whole" / "study.journal", "mnist-fc-grid")  # (trained asserts: each network once)
+    resumed = trained_networks(killed / "study.journal", "mnist-fc-grid")
     assert sorted(dict(key)["fc"] for key in whole) == sorted(GRID_HEADS)  # the whole grid
     assert resumed == whole  # the same networks, states and values, to the last bit
     # a finished grid trains nothing more
@@ -56,7 +44,7 @@ def test_a_resumed_tpe_search_never_trains_a_network_twice(tmp_path):
     code, output = finish(start("MNIST-optuna.py", *args))
     assert code == 0, output
     # the retried trial and the restarted random start-up draw are the same network; it trains once
-    assert len(trained(out / "study.journal", "mnist-cnn-seed0")) == 4
+    assert len(trained_networks(out / "study.journal", "mnist-cnn-seed0")) == 4
 
 
 def test_two_workers_of_one_seed_never_train_a_network_twice(tmp_path):
@@ -66,7 +54,7 @@ def test_two_workers_of_one_seed_never_train_a_network_twice(tmp_path):
     for worker in workers:
         code, output = finish(worker)
         assert code == 0, output
-    assert len(trained(journal, "mnist-cnn-seed0")) == 6
+    assert len(trained_networks(journal, "mnist-cnn-seed0")) == 6
 
 
 QUICK_SEARCH = ["--quick", "--no-final", "--no-plots"]
@@ -77,7 +65,6 @@ def drawn(folder):
     """Each study's trials that count, in order: (parameters, value); lost trials left out (their retries count)."""
     import optuna
 
-    from mnist_optuna.storages import make_storage
     from mnist_optuna.workers import lost_numbers
 
     storage = make_storage(None, folder, must_exist=True)

@@ -52,6 +52,11 @@ def test_mlflow_and_the_artifact_store_hold_every_trial_and_the_final_model(tmp_
         assert run.data.tags["state"] == trial.state.name and run.data.tags["seed"] == str(trial.user_attrs["seed"])
         if trial.state.name == "COMPLETE":
             assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
+        # the trial's validation curve: one value per report, at its step
+        curve = client.get_metric_history(run.info.run_id, "val_accuracy_at_step")
+        assert sorted((m.step, m.value) for m in curve) == \
+            [(step, pytest.approx(value)) for step, value in sorted(trial.intermediate_values.items())]
+        assert trial.state.name != "COMPLETE" or len(curve) >= 1
 
     # the final model: MLflow gives it back and it predicts like model.pt
     final = [r for r in runs if r.data.tags.get("mnist_optuna.role") == "final"]
