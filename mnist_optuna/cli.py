@@ -307,6 +307,20 @@ def interrupted_by_user(error):
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
+def lost_storage(error):
+    """The status of the gRPC call under `error` (or among the errors it was raised from) when the storage proxy
+    stopped answering mid-run, else None. Optuna's own cleanup may then fail with another error (seen: an
+    UnboundLocalError in its trial loop), so the whole chain is read."""
+    grpc = sys.modules.get("grpc")  # a run that never spoke gRPC cannot have lost a proxy
+    seen = set()
+    while grpc is not None and error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, grpc.RpcError):
+            return str(error.code()) if hasattr(error, "code") else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run(main, argv=None):
     """Run a script's main(): user errors become one line and exit 2, Ctrl-C exits 130, SIGTERM 143."""
     # a shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops a search
@@ -322,6 +336,11 @@ def run(main, argv=None):
         if not isinstance(error, SystemExit) and interrupted_by_user(error):
             sys.stderr.write("interrupted\n")
             code = stop_code()
+        elif lost_storage(error):
+            sys.stderr.write(f"error: the storage stopped answering ({lost_storage(error)}): the gRPC proxy (python -m "
+                             "mnist_optuna proxy) or the storage behind it is down or unreachable; start it again, then "
+                             "rerun the same command: finished trials are kept and the stopped one runs again\n")
+            code = 2
         elif isinstance(error, OSError) and error.errno in WRITE_ERRORS:
             # a full disk, a read-only file or folder: no traceback, and nothing finished is lost
             where = f" {error.filename}" if error.filename else " a file"

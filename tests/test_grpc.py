@@ -7,7 +7,17 @@ import time
 import optuna
 import pytest
 
-from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, finish, run_in_process, start
+from conftest import (
+    ROOT,
+    TINY,
+    TINY_CNN,
+    assert_one_line_error,
+    finish,
+    run_in_process,
+    start,
+    trained_networks,
+    wait_for_trial_lines,
+)
 from mnist_optuna.reporting import trained
 
 pytestmark = pytest.mark.timeout(600)
@@ -82,3 +92,36 @@ def test_grpc_urls_take_ipv6_literals_and_refuse_impossible_ports(capsys, tmp_pa
     result = run_in_process(capsys, "MNIST-optuna.py", "--quick", "--storage", url.format(port=free_port()),
                             "--out-dir", tmp_path / "o")
     assert words in assert_one_line_error(result)
+
+
+def test_a_proxy_lost_under_a_worker_is_one_line_and_a_new_proxy_resumes_the_study(tmp_path):
+    journal, out = tmp_path / "behind.journal", tmp_path / "w"
+
+    def serve():
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "mnist_optuna", "proxy", str(journal), "--host", "127.0.0.1",
+                                   "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        assert "storage proxy for" in server.stdout.readline()
+        return server, f"grpc://127.0.0.1:{port}"
+
+    search = [*TINY, *TINY_CNN, "--train-subset", "3000", "--epochs", "2", "--seeds", "0", "--n-trials", "3",
+              "--no-final", "--out-dir", out]
+    server, url = serve()
+    worker = start("MNIST-optuna.py", *search, "--storage", url)
+    seen = wait_for_trial_lines(worker, 1)
+    server.kill()  # the proxy dies under a worker that is training its next trial
+    server.wait(timeout=30)
+    code, output = finish(worker)
+    output = seen + output
+    assert code == 2 and "Traceback" not in output, output
+    assert "error: the storage stopped answering (StatusCode.UNAVAILABLE)" in output
+    # a new proxy in front of the same journal: the same command resumes, the stopped trial runs again
+    server, url = serve()
+    try:
+        code, output = finish(start("MNIST-optuna.py", *search, "--storage", url))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert code == 0, output
+    assert len(trained_networks(journal, "mnist-cnn-seed0")) == 3
