@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import QUICK_MAIN, TINY_NET
+from conftest import DATA_DIR, QUICK_MAIN, TINY_NET
 from mnist_optuna import checkpoints, devices, final, promotion, training
 from mnist_optuna.training import TrainConfig, UserError, train
 from models import build_model
@@ -150,6 +150,20 @@ def test_tta_is_labelled_and_never_changes_the_search(run_here, quick_main_run, 
     evaluated = run_here("MNIST-optuna.py", "--evaluate", tmp_path / "tta" / "model.pt")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"test accuracy: {100 * summary['test_accuracy']:.2f} % (shift TTA)" in evaluated.stdout
+    # the score is the softmax averaged over the image and its four one-pixel shifts, recomputed here by hand
+    from mnist_optuna.checkpoints import load_checkpoint
+    from mnist_optuna.evaluation import load_test
+
+    model, payload = load_checkpoint(tmp_path / "tta" / "model.pt")
+    mean, std = payload["meta"]["mean"], payload["meta"]["std"]
+    images, labels = load_test(DATA_DIR, "cpu", mean, std)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), value=-mean / std)  # a blank pixel, normalised
+    with torch.no_grad():
+        model.eval()
+        averaged = sum(torch.softmax(model(padded[:, :, 1 + dy:29 + dy, 1 + dx:29 + dx]), 1)
+                       for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)))
+    by_hand = (averaged.argmax(1) == labels).float().mean().item()
+    assert abs(by_hand - summary["test_accuracy"]) <= 1 / len(labels)  # a tie in float order may flip one image
 
 
 @QUICK_MAIN
