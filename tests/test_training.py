@@ -84,10 +84,19 @@ def test_checkpoint_round_trip(tmp_path, small):
     assert torch.equal(model(small.val_x[:8]), loaded(small.val_x[:8]))
 
 
-def test_device_choice():
-    assert devices.resolve_device("cpu").type == "cpu"
-    best = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert devices.resolve_device("auto").type == best  # auto takes the accelerator there is
+def test_auto_takes_the_accelerator_there_is_and_a_named_device_is_taken_as_named(monkeypatch):
+    import functools
+
+    def answering(function, value):  # torch's own availability check, answering `value` (wrapped: torch reads it)
+        return functools.wraps(function)(lambda: value)
+
+    # machines without a GPU, with Apple's MPS only: auto takes what there is, in that order
+    monkeypatch.setattr(torch.cuda, "is_available", answering(torch.cuda.is_available, False))
+    monkeypatch.setattr(torch.backends.mps, "is_available", answering(torch.backends.mps.is_available, False))
+    assert devices.resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", answering(torch.backends.mps.is_available, True))
+    assert devices.resolve_device("auto").type == "mps"
+    assert devices.resolve_device("cpu").type == "cpu"  # asked for: even where an accelerator is
 
 
 def test_auto_takes_a_cuda_gpu_when_there_is_one(monkeypatch):
