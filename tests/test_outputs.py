@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
@@ -269,3 +270,50 @@ def test_promise_the_run_records_what_ran(quick_main_run):
     assert meta["command"] == config["command"] and meta["precision"] == config["precision"]
     summary = json.loads((out / "summary.json").read_text())
     assert meta["test_accuracy"] == summary["test_accuracy"] and len(meta["history"]) == script.QUICK["FINAL_EPOCHS"]
+
+
+def test_the_plots_draw_the_runs_studies_and_its_final_training_curves(tmp_path, monkeypatch):
+    from mnist_optuna import plots
+
+    drawn, figures = {}, []
+
+    def spy(name, real):
+        def draw(studies, **kwargs):
+            drawn[name] = (studies, kwargs)
+            return real(studies, **kwargs)
+        return draw
+    monkeypatch.setattr(plots, "SEARCH_PLOTS", {name: spy(name, real) for name, real in plots.SEARCH_PLOTS.items()})
+    subplots = plots.plt.subplots
+    monkeypatch.setattr(plots.plt, "subplots", lambda *a, **k: figures.append(subplots(*a, **k)) or figures[-1])
+
+    def study(objectives, seed):
+        made = optuna.create_study(directions=["maximize"] + ["minimize"] * (objectives - 1),
+                                   sampler=optuna.samplers.RandomSampler(seed))
+        for _ in range(6):
+            trial = made.ask()
+            width = trial.suggest_int("width", 1, 100)
+            rate = trial.suggest_float("rate", 0.0, 1.0)
+            for step in (1, 2) if objectives == 1 else ():  # Optuna takes reports of one objective only
+                trial.report(width / 100 * step / 2, step)
+            made.tell(trial, [width / 100 + rate / 10, float(width)][:objectives])
+        return made
+
+    history = [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.90, "val_accuracy": 0.95},
+               {"epoch": 2, "train_loss": 0.3, "train_accuracy": 0.96, "val_accuracy": 0.97}]
+    searched = [study(1, 0), study(1, 1)]
+    (tmp_path / "one").mkdir(), (tmp_path / "front").mkdir()
+    written = plots.write_plots(tmp_path / "one", searched, searched[1], final_history=history)
+    assert {path.name for path in written} == {f"{name}.png" for name in plots.SEARCH_PLOTS} | {"final_training.png"}
+    assert drawn["optimization_history"][0] == searched  # the history of every study of the run
+    assert all(drawn[name][0] is searched[1] for name in plots.SEARCH_PLOTS if name != "optimization_history")
+    _, (loss, accuracy) = figures[-1]  # the final curves, drawn last: the history's own numbers, per epoch
+    assert list(loss.lines[0].get_xdata()) == [1, 2] and list(loss.lines[0].get_ydata()) == [0.5, 0.3]
+    assert [list(line.get_ydata()) for line in accuracy.lines] == [[90.0, 96.0], [95.0, 97.0]]
+    # a Pareto front: its plot, accuracy as the other plots' target, and no intermediate values (never pruned)
+    drawn.clear()
+    front = study(2, 2)
+    front.set_metric_names(["val_accuracy", "mmac"])  # as the run names them
+    written = plots.write_plots(tmp_path / "front", [front], front, front_study=front)
+    assert "pareto_front.png" in {path.name for path in written} and "intermediate_values" not in drawn
+    trial = front.trials[0]
+    assert drawn["param_importances"][1]["target"](trial) == trial.values[0]
