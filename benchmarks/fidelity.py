@@ -137,7 +137,7 @@ def rho_text(rho, interval):
 
 
 def report(runs, names, n_networks, stored_networks=None):
-    """The table: each fidelity's rho (accuracy, -NLL) with the final validation accuracy, seconds per trial; the
+    """The table: each fidelity's rho (accuracy, -NLL) with the final validation accuracy, CPU seconds per trial; the
     noise ceiling; one summary line naming the fidelity with the most rho per training minute."""
     def got(name, net, seed=0):
         return runs.get(json.dumps([name, net, seed]))
@@ -147,7 +147,7 @@ def report(runs, names, n_networks, stored_networks=None):
     target = [statistics.fmean(r["accuracy"] for r in finals[net]) for net in nets]
     print(f"\n==== fidelity against the final validation accuracy ({len(nets)} of {n_networks} networks with a final "
           f"run; rho with a 90 % bootstrap interval) ====")
-    print(f"{'fidelity':34s} {'rho accuracy':>24s} {'rho -NLL':>24s} {'s/trial':>8s}")
+    print(f"{'fidelity':34s} {'rho accuracy':>24s} {'rho -NLL':>24s} {'CPU s':>8s}")
     best = None
     for name in names:
         if name == FINAL:
@@ -157,7 +157,9 @@ def report(runs, names, n_networks, stored_networks=None):
             print(f"{name:34s} {'(fewer than 3 networks scored)':>50s}")
             continue
         final = [target[nets.index(net)] for net in have]
-        seconds = statistics.median(got(name, net)["seconds"] for net in have)
+        # CPU seconds: the cost of the training itself, whatever else ran beside it or paused it (wall seconds as the
+        # fallback of runs stored before they were recorded)
+        seconds = statistics.median(got(name, net).get("cpu_seconds", got(name, net)["seconds"]) for net in have)
         cells = []
         for key, sign in (("accuracy", 1), ("nll", -1)):
             values = [sign * got(name, net)[key] for net in have]
@@ -184,7 +186,7 @@ def report(runs, names, n_networks, stored_networks=None):
         print("fidelity: not enough networks scored yet")
         return
     ceiling_text = f"noise ceiling {ceiling:+.2f}" if ceiling is not None else "noise ceiling not measured yet"
-    print(f"fidelity: most rank correlation per training second: {best[1]}, rho {best[0]:+.2f} at {best[2]:.0f} s per "
+    print(f"fidelity: most rank correlation per training second: {best[1]}, rho {best[0]:+.2f} at {best[2]:.0f} CPU s per "
           f"trial; {ceiling_text} ({best[3]} networks)")
 
 

@@ -95,7 +95,7 @@ def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(capsys, 
     rho = spearman(trial, final)
     line = next(line for line in output.splitlines() if line.startswith(names[0]))
     assert line.split()[len(names[0].split())] == f"{rho:+.2f}"
-    assert re.search(r"^fidelity: most rank correlation per training second: .+, rho [+-]\d\.\d\d at \d+ s per trial; "
+    assert re.search(r"^fidelity: most rank correlation per training second: .+, rho [+-]\d\.\d\d at \d+ CPU s per trial; "
                      r"noise ceiling [+-]\d\.\d\d \(3 networks\)$", output, re.MULTILINE)
     again = run_main(fidelity_benchmark, *args)  # a rerun trains nothing and prints the same table
     assert " seed 0: val " not in again
