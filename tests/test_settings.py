@@ -31,14 +31,21 @@ def script_copy(tmp_path, name, after, line, tail=""):
     return module
 
 
+def settings_of(script, **resolved):
+    """A function of flags: the search settings a --quick run of `script` (a loaded script module) with those flags
+    records; `resolved`: what --backbone resolved to."""
+    def settings(*flags):
+        args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
+        return search_settings(args, training_data="x", **resolved)
+    return settings
+
+
 @pytest.mark.parametrize("name, block", [("MNIST-optuna.py", "# ---- data of the trials"),
                                          ("MNIST-optuna-adv.py", "# ---- training (optimization")])
 def test_a_constant_added_to_the_search_block_defines_the_study_with_no_other_edit(tmp_path, name, block):
     script = script_copy(tmp_path, name, block, "NEW_KNOB = 7                  # a setting added by the test")
 
-    def settings(*flags):
-        args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
-        return search_settings(args, network=None, training_data="x")
+    settings = settings_of(script, network=None)
 
     assert settings()["new_knob"] == 7
     storage = optuna.storages.InMemoryStorage()
@@ -99,9 +106,7 @@ def test_the_committed_studies_resume_with_their_own_settings_and_refuse_a_chang
 def test_the_grid_study_refuses_a_rerun_with_another_grid_grid_seed_or_head():
     script = load_script("MNIST-optuna-adv.py")
 
-    def settings(*flags):
-        args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
-        return search_settings(args, backbone=[], training_data="x")
+    settings = settings_of(script, backbone=[])
 
     storage = optuna.storages.InMemoryStorage()
     storages.open_study("grid", storage, None, None, settings())
@@ -216,9 +221,7 @@ def test_resume_anyway_with_another_backbone_is_refused_once_heads_were_trained(
 def test_promise_a_study_refuses_a_rerun_that_changes_its_data_or_recipe(tmp_path):
     script = load_script("MNIST-optuna.py")
 
-    def settings(*flags):
-        args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
-        return search_settings(args, network=None, training_data="x")
+    settings = settings_of(script, network=None)
 
     storage = optuna.storages.InMemoryStorage()
     storages.open_study("s", storage, None, None, settings())
@@ -237,9 +240,7 @@ def test_promise_a_grid_study_recorded_under_the_old_dropout_name_resumes_under_
     # "dropout" resume under --head-dropout, and a changed value is still refused under its new name
     script = load_script("MNIST-optuna-adv.py")
 
-    def settings(*flags):
-        args = script.build_parser().parse_with_preset(["--quick", *flags], "--quick", script.QUICK)
-        return search_settings(args, backbone=[], training_data="x")
+    settings = settings_of(script, backbone=[])
 
     storage = optuna.storages.InMemoryStorage()
     study = storages.open_study("grid", storage, None, None, settings())
@@ -252,11 +253,9 @@ def test_promise_a_grid_study_recorded_under_the_old_dropout_name_resumes_under_
     with pytest.raises(UserError, match="--head-dropout 0.2, this run asks for 0.3"):
         storages.open_study("grid", storage, None, None, settings("--head-dropout", "0.3"))
     # the other script's DROPOUT is a range of its own: its studies' "dropout" is never read as --head-dropout
-    main = load_script("MNIST-optuna.py")
-    args = main.build_parser().parse_with_preset(["--quick"], "--quick", main.QUICK)
-    study = storages.open_study("cnn", storage, None, None, search_settings(args, network=None, training_data="x"))
-    storages.open_study("cnn", storage, None, None, search_settings(args, network=None, training_data="x"))
+    main = settings_of(load_script("MNIST-optuna.py"), network=None)
+    study = storages.open_study("cnn", storage, None, None, main())
+    storages.open_study("cnn", storage, None, None, main())
     assert study.user_attrs["search"]["dropout"] == [0.0, 0.5] and "head_dropout" not in study.user_attrs["search"]
-    args.dropout = (0.0, 0.3)
     with pytest.raises(UserError, match="--dropout 0.0 0.5, this run asks for 0.0 0.3"):
-        storages.open_study("cnn", storage, None, None, search_settings(args, network=None, training_data="x"))
+        storages.open_study("cnn", storage, None, None, main("--dropout", "0.0", "0.3"))
