@@ -336,8 +336,8 @@ def run(main, argv=None):
         if not isinstance(error, SystemExit) and interrupted_by_user(error):
             sys.stderr.write("interrupted\n")
             code = stop_code()
-        elif lost_storage(error):
-            sys.stderr.write(f"error: the storage stopped answering ({lost_storage(error)}): the gRPC proxy (python -m "
+        elif status := lost_storage(error):
+            sys.stderr.write(f"error: the storage stopped answering ({status}): the gRPC proxy (python -m "
                              "mnist_optuna proxy) or the storage behind it is down or unreachable; start it again, then "
                              "rerun the same command: finished trials are kept and the stopped one runs again\n")
             code = 2

@@ -13,14 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from data import (
-    final_training_set,
-)
+from data import final_training_set
 from errors import UserError
-from mnist_optuna.checkpoints import (
-    export_onnx,
-    onnx_parity,
-)
+from mnist_optuna.checkpoints import export_onnx, onnx_parity
 from mnist_optuna.cli import stop_code, stop_signals_blocked
 from mnist_optuna.devices import describe_device
 from mnist_optuna.evaluation import labelled, load_test
@@ -41,10 +36,7 @@ from mnist_optuna.rundir import (
     write_json,
 )
 from mnist_optuna.studies import merged_study, rank
-from mnist_optuna.tracking import (
-    publish,
-    published_text,
-)
+from mnist_optuna.tracking import publish, published_text
 from mnist_optuna.training import (
     minutes,
     predict_logits,

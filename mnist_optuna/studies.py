@@ -20,12 +20,7 @@ from errors import UserError
 from mnist_optuna.checkpoints import EpochCheckpoint
 from mnist_optuna.cli import interrupted_by_user
 from mnist_optuna.devices import describe_device, resolve_device, resolve_precision
-from mnist_optuna.reporting import (
-    by_rank,
-    mmac_of,
-    print_trial_lines,
-    progress,
-)
+from mnist_optuna.reporting import by_rank, mmac_of, print_trial_lines, progress
 from mnist_optuna.rundir import finish_publish, hold_run_folder, start_run
 from mnist_optuna.settings import search_settings
 from mnist_optuna.storages import metric_names, open_run_folder, open_study
