@@ -28,44 +28,94 @@ class EpochCheckpoint:
     and dropout, the history so far), written whole or not at all, so a stopped training resumes from its last
     finished epoch instead of its first step. `identity` (JSON-able: network, recipe, seed, images, data) says what
     is trained: a file of another training is never continued. `name` names the training in the line that says it
-    resumes. train() removes the file when the training ends."""
+    resumes. train() removes the file when the training ends.
 
-    def __init__(self, path, identity, name="training", on_resume=None):
-        self.path, self.name = Path(path), name
+    With `store` (an Optuna artifact store the workers share) each epoch's state is also written there, under a
+    name made of the identity, so a worker in another run folder or on another machine that takes the training
+    over continues it. The store's writes need not be atomic (a file system store writes in place): the epochs go
+    to two slots in turn, so a write cut short by a kill leaves the previous epoch whole in the other."""
+
+    STORE_SLOTS = 2
+
+    def __init__(self, path, identity, name="training", on_resume=None, store=None):
+        self.path, self.name, self.store = Path(path), name, store
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         self.resumed_epochs, self.resumed_seconds = 0, 0.0
+        self.source = "its checkpoint"  # where the state resumed from came from, for the line that says so
         self.on_resume = on_resume  # on_resume([(step, val_accuracy), ...]): the reports made before the stop
+        self.store_failed = False
+
+    def _state(self, read):
+        """The state in the bytes `read()` returns when it is of this very training, else None."""
+        try:
+            content = read()
+            if content is None:
+                return None
+            state = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError):
+            return None
+        return state if isinstance(state, dict) and state.get("identity") == self.identity else None
+
+    def store_ids(self):
+        return [f"{self.path.name.lstrip('.').removesuffix('.epoch')}-epoch-slot{k}" for k in range(self.STORE_SLOTS)]
+
+    def _read_store(self, artifact_id):
+        """The slot's bytes, or None: not written (yet), or the store cannot be read (then nothing resumes from it)."""
+        try:
+            with self.store.open_reader(artifact_id) as reader:
+                return reader.read()
+        except Exception:
+            return None
 
     def load(self):
-        """The state saved after the last finished epoch of this very training, or None."""
-        if not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            same = isinstance(state, dict) and state.get("identity") == self.identity
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
-            same = False
-        if not same:
+        """The state saved after the last finished epoch of this very training, or None: this run folder's own,
+        else the latest whole one in the shared store."""
+        if self.path.is_file():
+            state = self._state(self.path.read_bytes)
+            if state is not None:
+                return state
             log.info(f"{self.name}: {self.path.name} is not a checkpoint of this training; starting from its first "
                      "epoch")
+        if self.store is None:
             return None
-        return state
+        found = [self._state(lambda artifact_id=artifact_id: self._read_store(artifact_id))
+                 for artifact_id in self.store_ids()]
+        found = [state for state in found if state is not None]
+        if not found:
+            return None
+        self.source = "its checkpoint in the artifact store (another worker trained those epochs)"
+        return max(found, key=lambda state: len(state["history"]))
 
     @classmethod
-    def keyed(cls, folder, kind, identity, name, on_resume=None):
+    def keyed(cls, folder, kind, identity, name, on_resume=None, store=None):
         """The checkpoint in `folder` of a training known by its identity alone (a promotion, a search trial): its
         file is named by a digest of the identity, so the rerun of the same training finds it."""
         text = json.dumps(identity, sort_keys=True, default=str)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return cls(Path(folder) / f".{kind}-{digest}.epoch", identity, name, on_resume)
+        return cls(Path(folder) / f".{kind}-{digest}.epoch", identity, name, on_resume, store)
 
     def save(self, state):
         buffer = io.BytesIO()
         torch.save({**state, "identity": self.identity}, buffer)
         write_atomic(self.path, buffer.getvalue())
+        if self.store is not None and not self.store_failed:
+            slot = self.store_ids()[len(state["history"]) % self.STORE_SLOTS]
+            try:
+                self.store.write(slot, io.BytesIO(buffer.getvalue()))
+            except Exception as error:  # the training goes on; only a takeover elsewhere would start it over
+                self.store_failed = True
+                log.warning(f"warning: {self.name}: its epoch checkpoint could not be written to the artifact store "
+                            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); another worker "
+                            "that takes it over starts it from its first epoch")
 
     def remove(self):
         self.path.unlink(missing_ok=True)
+        if self.store is not None:
+            for artifact_id in self.store_ids():
+                try:
+                    self.store.remove(artifact_id)
+                except Exception:  # not there (an epoch-one training, an earlier remove), or the store is gone
+                    pass
 
 
 def save_checkpoint(path, model, train_cfg, meta):

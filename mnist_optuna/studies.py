@@ -143,7 +143,7 @@ def trial_seed(study_seed, params):
 
 
 def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoch=1, max_mmac=None,
-              objectives=("accuracy",), checkpoint_dir=None):
+              objectives=("accuracy",), checkpoint_dir=None, checkpoint_store=None):
     """Train the trial's network, report validation accuracy, prune; return the last validation accuracy, or
     with several `objectives` the values of each (accuracy, MMAC, CPU latency in ms per image) in their order.
 
@@ -154,7 +154,9 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
     it. Each keeps its reason in the trial's user attributes; the study goes on. Optuna cannot prune a
     multi-objective trial, so such a trial trains all its epochs and reports nothing on the way.
     With `checkpoint_dir` the training keeps its state there after each epoch: a trial stopped or killed and queued
-    again (same parameters, same seed) continues from its last finished epoch, its earlier reports made again.
+    again (same parameters, same seed) continues from its last finished epoch, its earlier reports made again;
+    with `checkpoint_store` (--artifacts) that state is also in the store, so a worker in another run folder or on
+    another machine that takes the lost trial over continues it too.
     """
     several = len(objectives) > 1
     seed = trial_seed(study_seed, trial.params)
@@ -187,7 +189,8 @@ def run_trial(trial, model_config, train_cfg, data, study_seed, reports_per_epoc
         def replay(reports):  # the retried trial gets the reports its predecessor made before the stop
             for step, value in ([] if several else reports):
                 trial.report(value, step)
-        checkpoint = EpochCheckpoint.keyed(checkpoint_dir, "trial", identity, f"trial {trial.number}", replay)
+        checkpoint = EpochCheckpoint.keyed(checkpoint_dir, "trial", identity, f"trial {trial.number}", replay,
+                                           checkpoint_store)
 
     def on_report(step, val_accuracy):
         # two workers can start one configuration at the same moment, each reading the study before the
@@ -304,7 +307,7 @@ def run_objective(run, suggest, study_seed, reports_per_epoch=1, max_mmac=None, 
             claim(trial, run.run_id)
             model_config, train_cfg = suggest(trial)
             return run_trial(trial, model_config, train_cfg, run.data, study_seed, reports_per_epoch, max_mmac,
-                             objectives, checkpoint_dir=run.out_dir)
+                             objectives, checkpoint_dir=run.out_dir, checkpoint_store=run.artifacts)
         except BaseException as error:
             # Ctrl-C or SIGTERM at any point of the trial, not only in training: Optuna marks it failed, and
             # this reason makes a rerun queue it again (a trial without it would count as a real failure)

@@ -242,7 +242,7 @@ def train(model, x, y, cfg, seed, val=None, on_report=None, reports_per_epoch=1,
         threads = "" if state.get("threads") == torch.get_num_threads() else (
             f"; it trained with {state.get('threads')} torch thread(s), this run has {torch.get_num_threads()}, so "
             "the result is not bit-identical to an uninterrupted run")
-        log.info(f"{checkpoint.name}: resuming after epoch {len(history)} of {cfg.epochs} from its checkpoint"
+        log.info(f"{checkpoint.name}: resuming after epoch {len(history)} of {cfg.epochs} from {checkpoint.source}"
                  f"{threads}")
         if checkpoint.on_resume is not None:
             checkpoint.on_resume([tuple(report) for report in reports])

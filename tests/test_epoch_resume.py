@@ -1,5 +1,6 @@
 """A stop costs an epoch, not a training: the final retrain, an ensemble member and a promotion keep their state after
 each epoch, and a rerun continues from the last finished one, to the last bit of an uninterrupted run."""
+import os
 import signal
 import subprocess
 import sys
@@ -107,7 +108,12 @@ def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_la
     assert not list(out.glob(".*.epoch")) and not staged.exists()
 
 
-def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_reports_and_value(capsys, tmp_path):
+@pytest.mark.parametrize("taken_over", [False, True], ids=["rerun-in-its-folder", "another-worker-through-the-store"])
+def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_reports_and_value(
+        capsys, tmp_path, taken_over):
+    """Killed after an epoch: the same command in the same folder continues the trial from its folder's checkpoint;
+    a worker in another run folder, on the same journal and artifact store (as on another machine), takes the lost
+    trial over and continues it from the checkpoint in the store."""
     import optuna
 
     from mnist_optuna.storages import make_storage
@@ -116,14 +122,17 @@ def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_r
             "--pruner", "none", "--no-final", "--no-plots"]
     whole = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
-    out = tmp_path / "killed"
-    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, "--out-dir", str(out), "--data-dir",
+    out, store, journal = tmp_path / "killed", tmp_path / "store", tmp_path / "shared.journal"
+    shared = ["--storage", str(journal), "--artifacts", str(store)] if taken_over else []
+    store.mkdir()
+    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, *shared, "--out-dir", str(out), "--data-dir",
                str(DATA_DIR)]
-    out.mkdir()
+    written = store / "trial-*-epoch-slot1" if taken_over else out / ".trial-*.epoch"  # after the first epoch
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # as in here
     deadline = time.monotonic() + 240
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.monotonic() < deadline and process.poll() is None and not list(out.glob(".trial-*.epoch")):
+        while time.monotonic() < deadline and process.poll() is None and not list(written.parent.glob(written.name)):
             time.sleep(0.02)
         assert process.poll() is None, "the trial ended before its first epoch checkpoint was seen"
         process.send_signal(signal.SIGKILL)
@@ -131,16 +140,58 @@ def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_r
     finally:
         if process.poll() is None:
             process.kill()
-    rerun = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", out)
+    rerun = run_in_process(capsys, "MNIST-optuna.py", *args, *shared,
+                           "--out-dir", tmp_path / "other-worker" if taken_over else out)
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "resuming after epoch" in line]
     assert len(resumed) == 1 and resumed[0].startswith("trial 1: resuming after epoch "), resumed
+    assert ("in the artifact store" in resumed[0]) == taken_over and "not bit-identical" not in resumed[0], resumed
 
     def finished(folder):
-        study = optuna.load_study(study_name="mnist-cnn-seed0", storage=make_storage(None, folder, must_exist=True))
+        study = optuna.load_study(study_name="mnist-cnn-seed0", storage=make_storage(
+            str(journal) if taken_over and folder == out else None, folder, must_exist=True))
         return [t for t in study.trials if t.state.name == "COMPLETE"]
     [expected], [retried] = finished(tmp_path / "whole"), finished(out)
     assert retried.params == expected.params and retried.number == 1  # trial 0 was lost to the kill
     assert retried.value == expected.value and retried.intermediate_values == expected.intermediate_values
     assert retried.user_attrs["validation"] == expected.user_attrs["validation"]
-    assert not list(out.glob(".trial-*.epoch"))
+    assert not list(out.glob(".trial-*.epoch")) or taken_over  # (the killed worker's own copy stays in its folder)
+    assert not list(store.iterdir())  # the finished training removed its checkpoint from the store
+
+
+def test_an_epoch_checkpoint_in_a_shared_store_is_continued_from_another_folder_even_after_a_torn_write(tmp_path):
+    import optuna
+
+    x, y = toy_data()
+    cfg = TrainConfig(epochs=4, batch_size=50, ema=0.5)
+    store = optuna.artifacts.FileSystemArtifactStore(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+
+    def run(checkpoint=None, stop_after=None):
+        seed_everything(7)
+        model = build_model(CONFIG)
+
+        def on_epoch(record):
+            if record["epoch"] == stop_after:
+                raise Stop()
+        train(model, x, y, cfg, 7, val=(x[:200], y[:200]), on_epoch=on_epoch, checkpoint=checkpoint)
+        return model
+
+    whole = run()
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+    with pytest.raises(Stop):
+        run(EpochCheckpoint(tmp_path / "a" / ".t.epoch", {"what": "t"}, store=store), stop_after=3)
+    slots = EpochCheckpoint(tmp_path / "a" / ".t.epoch", {"what": "t"}, store=store).store_ids()
+    newest = tmp_path / "store" / slots[3 % 2]
+    newest.write_bytes(newest.read_bytes()[:1000])  # the kill cut the write of epoch 3 short
+    elsewhere = EpochCheckpoint(tmp_path / "b" / ".t.epoch", {"what": "t"}, store=store)
+    model = run(elsewhere)
+    assert elsewhere.resumed_epochs == 2 and "artifact store" in elsewhere.source  # epoch 2's slot, still whole
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), model.state_dict().values()))
+    assert not list((tmp_path / "store").iterdir())
+    other = EpochCheckpoint(tmp_path / "c" / ".t.epoch", {"what": "another"}, store=store)
+    with pytest.raises(Stop):
+        run(EpochCheckpoint(tmp_path / "b" / ".t.epoch", {"what": "t"}, store=store), stop_after=2)
+    run(other)  # a training of another identity never continues this one's state
+    assert other.resumed_epochs == 0
