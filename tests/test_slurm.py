@@ -2,7 +2,9 @@
 runs a job array of workers against PostgreSQL; every network trains once and one task runs the final stage."""
 import json
 import os
+import re
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -21,18 +23,38 @@ def slurm_or_skip():
     pytest.skip("no SLURM here: deploy/slurm/local-cluster.sh start DIR, then MNIST_OPTUNA_SLURM=DIR/slurm.conf")
 
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+
+
+def wait_for_array(job, conf, timeout=300):
+    """{task: (state, exit code)} once every task of the array ended (polled here: `sbatch --wait` looks only every
+    so many seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "SLURM_CONF": conf}).stdout
+        tasks = {int(task): (state, code) for task, state, code in re.findall(
+            r"ArrayTaskId=(\d+) .*?JobState=(\w+) .*?ExitCode=(\S+)", shown, re.DOTALL)}
+        if tasks and all(state in FINAL_STATES for state, _ in tasks.values()):
+            return tasks
+        time.sleep(0.2)
+    raise AssertionError(f"the array job {job} did not end within {timeout} s:\n{shown}")
+
+
 def test_a_job_array_of_four_workers_searches_once_and_runs_one_final_stage(tmp_path):
     conf, storage = slurm_or_skip(), postgres_or_skip()
     name, out = f"slurm-{uuid.uuid4().hex[:8]}", tmp_path / "runs"
     env = {"MNIST_OPTUNA_STORAGE": storage, "MNIST_OPTUNA_SCRIPT": "MNIST-optuna-adv.py",
            "MNIST_OPTUNA_OUT": str(out), "MNIST_DATA_DIR": str(DATA_DIR)}
     result = subprocess.run(
-        ["sbatch", "--wait", "--parsable", "--array=0-3", "--cpus-per-task=1", f"--output={tmp_path}/task-%a.log",
-         str(SBATCH), *TINY_ADV, *GRID, "--study-name", name, "--final-epochs", "1", "--no-plots"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "SLURM_CONF": conf, **env})
+        ["sbatch", "--parsable", "--array=0-3", "--cpus-per-task=1", f"--output={tmp_path}/task-%a.log",
+         str(SBATCH), *TINY_ADV, *GRID, "--study-name", name, "--no-plots"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "SLURM_CONF": conf, **env})
+    assert result.returncode == 0, result.stderr
+    tasks = wait_for_array(result.stdout.strip(), conf)
     logs = "\n".join(f"--- task {k}\n" + (tmp_path / f"task-{k}.log").read_text()
                      for k in range(4) if (tmp_path / f"task-{k}.log").exists())
-    assert result.returncode == 0, result.stderr + logs
+    assert tasks == {k: ("COMPLETED", "0:0") for k in range(4)}, logs
     job = result.stdout.strip()
     for k in range(4):  # each task one worker of the array, in its own run folder, with its one CPU's thread
         assert f"worker {k} of array job {job} on " in logs and f"run folder {out}/worker-{k}" in logs
