@@ -239,6 +239,7 @@ def announce(args, run, network):
     estimate = trials and trials * training_seconds(network or suggest_model(studies.MiddleChoice(), args),
                                                     typical_recipe, run.device, len(run.data.train_y),
                                                     len(run.data.val_y) * max_steps)
+    run.phases.estimate("search", estimate, at_most=True)
     log.info(f"stage {args.stage}: searching {what}; train {len(run.data.train_y)} / validation "
              f"{len(run.data.val_y)} images; {len(args.seeds)} seed(s) x {args.n_trials} trials of {max_steps} "
              f"epochs{' (with augmentation)' if args.augment else ''}: about {minutes(estimate)} at most "

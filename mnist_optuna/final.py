@@ -24,6 +24,7 @@ from mnist_optuna.reporting import (
     best_params_payload,
     mean_std,
     mmac_limits,
+    Stopwatch,
     progress,
     summarise,
     trial_accuracy,
@@ -101,6 +102,7 @@ def finish(args, outcome):
         wait_for_others(outcome)
     ranked, front = rank(outcome)
     best, summary = summarise(outcome, ranked, front)
+    outcome.run.phases.took("search", outcome.seconds())
     studies = [study for _, study in outcome.studies]
     plots = PlotStudies(studies, next((study for study in studies
                                        if best is not None and study.study_name == best.user_attrs.get("study")), None),
@@ -161,7 +163,9 @@ def final_stage(cfg, outcome, ranked, summary, plots):
     if cfg.plots:
         from mnist_optuna.plots import write_plots
 
+        clock = Stopwatch()
         written = write_plots(out_dir, *plots, final_history=history)
+        run.phases.took("plots", clock.seconds())
         log.info(f"plots: {len(written)} PNG files in {out_dir / 'plots'}")
     if model is not None:
         files = [out_dir / name for name in ("model.pt", "model.onnx", "best_params.json")
@@ -170,6 +174,7 @@ def final_stage(cfg, outcome, ranked, summary, plots):
         write_json(out_dir / "summary.json", summary)
         if stage:
             stage.release({**summary["published"], "out_dir": str(out_dir), "test_accuracy": summary["test_accuracy"]})
+    print(run.phases.line())
     print(f"results: {out_dir}/  (best_params.json, trials.csv, summary.json"
           f"{'' if cfg.skip else ', model.pt' + (', model.onnx' if cfg.onnx else '')}"
           f"{', plots/' if cfg.plots else ''})")
@@ -249,9 +254,13 @@ def retrain_chosen(cfg, outcome, ranked, summary, staged):
     key_of = {(trial.user_attrs.get("study"), trial.number): key for key, trial in ranked}
     ranking = [trial for _, trial in ranked]
     if cfg.promote > 1:
+        clock = Stopwatch()
         promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, run.out_dir)
+        run.phases.estimate("promotion", promoted["estimate"])
+        run.phases.took("promotion", clock.seconds())
         summary["promotion"] = promoted["record"]
         ranking = promoted["ranking"] + ranking
+    clock = Stopwatch()
     best = ranking[0]  # the chosen network, which model.pt will be: promoted first, not necessarily the search's best
 
     def key(trial):
@@ -284,6 +293,7 @@ def retrain_chosen(cfg, outcome, ranked, summary, staged):
              f"on {describe_device(run.device)}, {cfg.precision}"
              f"{f', weights averaged over {cfg.ema:g} epochs' if cfg.ema else ''}: "
              f"{repeats} training{'s' if repeats > 1 else ''}, about {minutes(estimate)}")
+    run.phases.estimate("final trainings", estimate)
     model, history, test_accuracy, seconds = retrain(best, "model.pt")
     print(f"test accuracy: {100 * test_accuracy:.2f} %{label}   "
           f"(final training {seconds:.0f} s on {len(y)} images)")
@@ -302,6 +312,7 @@ def retrain_chosen(cfg, outcome, ranked, summary, staged):
                                        lambda member, images: predict_logits(member, images, tta=cfg.tta,
                                                                              background=data.background), label)
     write_json(staged.path("summary.json"), summary)
+    run.phases.took("final trainings", clock.seconds())  # (with the test read, ONNX and the ensemble's score)
     return summary, model, history, best
 
 

@@ -134,7 +134,7 @@ def promote(candidates, data, cfg, out_dir):
                         "promoted_val": row["promoted_val"], "promoted_nll": row["promoted_nll"],
                         "mmac": row["mmac"], "seconds": row["seconds"]} for row in rows]}
     record["chosen"] = record["rows"][0]
-    return {"ranking": [row["trial"] for row in rows], "record": record}
+    return {"ranking": [row["trial"] for row in rows], "record": record, "estimate": estimate}
 
 
 def promoted_text(row):

@@ -163,6 +163,33 @@ class Stopwatch:
         return time.perf_counter() - self.started
 
 
+class PhaseTimes:
+    """Each phase's announced estimate beside the time it took, printed as one line at the end of a run: where the
+    time went, and how far the estimates are off on this machine."""
+
+    def __init__(self):
+        self.clock = Stopwatch()
+        self.phases = {}  # name: [estimate in seconds or None, whether the estimate is an upper bound, seconds taken]
+
+    def estimate(self, name, seconds, at_most=False):
+        self.phases.setdefault(name, [None, False, None])[:2] = [seconds, at_most]
+
+    def took(self, name, seconds):
+        row = self.phases.setdefault(name, [None, False, None])
+        row[2] = (row[2] or 0.0) + seconds
+
+    def line(self):
+        parts = [f"{name} {seconds_text(seconds)}" + ("" if estimate is None else
+                                                      f" (estimated {'at most ' if at_most else ''}"
+                                                      f"{seconds_text(estimate)})")
+                 for name, (estimate, at_most, seconds) in self.phases.items() if seconds is not None]
+        return f"time by phase: {', '.join(parts)}; the whole run {seconds_text(self.clock.seconds())}"
+
+
+def seconds_text(seconds):
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def progress(total, description, unit="trial"):
     """A tqdm bar on a terminal at the normal log level; nothing at all in logs, pipes and CI."""
     from tqdm import tqdm

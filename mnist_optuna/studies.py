@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -20,7 +20,7 @@ from errors import UserError
 from mnist_optuna.checkpoints import EpochCheckpoint
 from mnist_optuna.cli import interrupted_by_user
 from mnist_optuna.devices import describe_device, resolve_device, resolve_precision
-from mnist_optuna.reporting import by_rank, mmac_of, print_trial_lines, progress
+from mnist_optuna.reporting import PhaseTimes, by_rank, mmac_of, print_trial_lines, progress
 from mnist_optuna.rundir import finish_publish, hold_run_folder, start_run
 from mnist_optuna.settings import search_settings
 from mnist_optuna.storages import metric_names, open_run_folder, open_study
@@ -270,11 +270,13 @@ class Run:
     artifacts: object = None  # the Optuna artifact store of --artifacts, or None
     precision: str = "fp32"   # what --precision resolved to on this device: fp32 | bf16
     folder_lock: object = None  # rundir.hold_run_folder's lock: one running command per run folder
+    phases: PhaseTimes = field(default_factory=PhaseTimes)  # each phase's estimate and time, for the closing line
 
 
 def open_run(args, split_seed, record=None, experiment=None):
     """Device, MLflow, the artifact store and the data (each checked before any folder is made), run folder, storage
     and config.json, in that order."""
+    phases = PhaseTimes()  # its clock: the run's, from here
     device = resolve_device(args.device, args.deterministic)
     precision, why = resolve_precision(args.precision, device)
     data_dir = resolve_data_dir(args.data_dir)
@@ -288,7 +290,7 @@ def open_run(args, split_seed, record=None, experiment=None):
                  "the move is finished")
     run_id = start_run(out_dir, {**vars(args), **(record or {}), "precision": precision})
     log.info(f"device: {describe_device(device)}   precision: {precision} ({why})   data: {data_dir}   out: {out_dir}")
-    return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision, folder_lock)
+    return Run(device, data_dir, data, out_dir, storage, run_id, tracker, artifacts, precision, folder_lock, phases)
 
 
 def study_for(run, name, sampler, pruner, args, **resolved):

@@ -3,6 +3,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import shutil
 import socket
 import struct
@@ -317,3 +318,34 @@ def test_the_plots_draw_the_runs_studies_and_its_final_training_curves(tmp_path,
     assert "pareto_front.png" in {path.name for path in written} and "intermediate_values" not in drawn
     trial = front.trials[0]
     assert drawn["param_importances"][1]["target"](trial) == trial.values[0]
+
+
+def test_the_closing_time_line_puts_each_phase_beside_its_estimate():
+    from mnist_optuna.reporting import PhaseTimes
+
+    phases = PhaseTimes()
+    phases.estimate("search", 600, at_most=True)
+    phases.took("search", 30)
+    phases.estimate("promotion", 50)
+    phases.took("promotion", 20)
+    phases.took("promotion", 25)  # a phase timed in parts adds up
+    phases.estimate("final trainings", 100)  # announced but never reached (a stop): not listed as if it ran
+    line = phases.line()
+    assert line.startswith("time by phase: search 30 s (estimated at most 10.0 min), promotion 45 s (estimated "
+                           "50 s); the whole run "), line
+
+
+@QUICK_MAIN
+def test_a_run_ends_with_the_time_of_each_phase_beside_its_estimate(quick_main_run):
+    out, output = quick_main_run
+    (line,) = [line for line in output.splitlines() if line.startswith("time by phase: ")]
+    phases = re.findall(r"(\w[\w ]*?) (\d+(?:\.\d)?) (s|min)(?: \(estimated (?:at most )?[\d.]+ (?:s|min)\))?(?:, |;)",
+                        line.split(": ", 1)[1])
+    assert [name for name, _, _ in phases] == ["search", "promotion", "final trainings", "plots"], line
+    assert "search" in line and "(estimated at most " in line and "promotion" in line
+    wall = float(re.search(r"^search wall time: ([\d.]+) s$", output, re.MULTILINE).group(1))
+    search = float(phases[0][1]) * (60 if phases[0][2] == "min" else 1)
+    assert abs(search - wall) <= 0.5 + 0.05 * wall  # the search's own clock, rounded
+    whole = re.search(r"the whole run (\d+(?:\.\d)?) (s|min)$", line)
+    total = float(whole.group(1)) * (60 if whole.group(2) == "min" else 1)
+    assert total >= sum(float(t) * (60 if unit == "min" else 1) for _, t, unit in phases) - 2
