@@ -17,6 +17,20 @@ def test_pipeline_benchmark_prints_a_ratio():
     assert re.search(r"^ratio: \d+\.\dx$", result.stdout, re.MULTILINE)
 
 
+def test_members_benchmark_times_both_ways_and_prints_their_ratio():
+    result = run("benchmarks/members.py", "--network", "adv backbone + FC 512", "--train-images", "1000",
+                 "--data-dir", DATA_DIR)
+    assert result.returncode == 0, result.stderr
+    serial = float(re.search(r"^one after another, \d+ thread\(s\) each: ([\d.]+) s$", result.stdout, re.M).group(1))
+    both = re.search(r"^side by side, \d+ thread\(s\) each: ([\d.]+) s \(their training alone: ([\d.]+) s, ([\d.]+) s;",
+                     result.stdout, re.M)
+    assert both, result.stdout
+    wall, own = float(both.group(1)), [float(both.group(2)), float(both.group(3))]
+    assert max(own) <= wall  # each member's own training lies inside the side-by-side wall time
+    ratio = float(re.search(r"^ratio side by side / one after another: ([\d.]+)x$", result.stdout, re.M).group(1))
+    assert abs(ratio - wall / serial) <= 0.005 + wall / serial * (0.05 / wall + 0.05 / serial)  # (printed to 0.1 s)
+
+
 def test_throughput_benchmark_reports_utilisation():
     # compiling would take minutes: the eager variants only
     result = run("benchmarks/throughput.py", "--device", "cpu", "--batch-sizes", "32", "--images", "64",
