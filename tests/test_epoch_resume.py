@@ -28,22 +28,27 @@ class Stop(Exception):
     pass
 
 
+def toy_training(cfg, checkpoint=None, stop_after=None):
+    """CONFIG trained on the toy data with seed 7, stopped (Stop) after epoch `stop_after`; (model, history)."""
+    x, y = toy_data()
+    seed_everything(7)
+    model = build_model(CONFIG)
+
+    def on_epoch(record):
+        if record["epoch"] == stop_after:
+            raise Stop()
+    history = train(model, x, y, cfg, 7, val=(x[:200], y[:200]), on_epoch=on_epoch, checkpoint=checkpoint)
+    return model, history
+
+
 @pytest.mark.parametrize("recipe", [dict(ema=0.5, augment=True, label_smoothing=0.1),
                                     dict(optimizer="sgd", schedule="cosine"), dict(schedule="none")],
                          ids=["ema-augment-onecycle", "sgd-cosine", "adamw-constant"])
 def test_a_training_stopped_after_an_epoch_resumes_to_the_last_bit(tmp_path, recipe):
-    x, y = toy_data()
     cfg = TrainConfig(epochs=4, batch_size=50, **recipe)
 
     def run(checkpoint=None, stop_after=None):
-        seed_everything(7)
-        model = build_model(CONFIG)
-
-        def on_epoch(record):
-            if record["epoch"] == stop_after:
-                raise Stop()
-        history = train(model, x, y, cfg, 7, val=(x[:200], y[:200]), on_epoch=on_epoch, checkpoint=checkpoint)
-        return model, history
+        return toy_training(cfg, checkpoint, stop_after)
 
     whole, whole_history = run()
     path = tmp_path / ".t.epoch"
@@ -162,20 +167,12 @@ def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_r
 def test_an_epoch_checkpoint_in_a_shared_store_is_continued_from_another_folder_even_after_a_torn_write(tmp_path):
     import optuna
 
-    x, y = toy_data()
     cfg = TrainConfig(epochs=4, batch_size=50, ema=0.5)
     store = optuna.artifacts.FileSystemArtifactStore(tmp_path / "store")
     (tmp_path / "store").mkdir()
 
     def run(checkpoint=None, stop_after=None):
-        seed_everything(7)
-        model = build_model(CONFIG)
-
-        def on_epoch(record):
-            if record["epoch"] == stop_after:
-                raise Stop()
-        train(model, x, y, cfg, 7, val=(x[:200], y[:200]), on_epoch=on_epoch, checkpoint=checkpoint)
-        return model
+        return toy_training(cfg, checkpoint, stop_after)[0]
 
     whole = run()
     for folder in ("a", "b", "c"):
