@@ -57,7 +57,9 @@ class EpochCheckpoint:
         return state if isinstance(state, dict) and state.get("identity") == self.identity else None
 
     def store_ids(self):
-        return [f"{self.path.name.lstrip('.').removesuffix('.epoch')}-epoch-slot{k}" for k in range(self.STORE_SLOTS)]
+        """The store's names of this training's slots: by a digest of its identity, so the same training finds them
+        from any folder and two trainings sharing a store never meet."""
+        return [f"epoch-{identity_digest(self.identity)}-slot{k}" for k in range(self.STORE_SLOTS)]
 
     def _read_store(self, artifact_id):
         """The slot's bytes, or None: not written (yet), or the store cannot be read (then nothing resumes from it)."""
@@ -90,9 +92,7 @@ class EpochCheckpoint:
     def keyed(cls, folder, kind, identity, name, on_resume=None, store=None):
         """The checkpoint in `folder` of a training known by its identity alone (a promotion, a search trial): its
         file is named by a digest of the identity, so the rerun of the same training finds it."""
-        text = json.dumps(identity, sort_keys=True, default=str)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return cls(Path(folder) / f".{kind}-{digest}.epoch", identity, name, on_resume, store)
+        return cls(Path(folder) / f".{kind}-{identity_digest(identity)}.epoch", identity, name, on_resume, store)
 
     def save(self, state):
         buffer = io.BytesIO()
@@ -116,6 +116,10 @@ class EpochCheckpoint:
                     self.store.remove(artifact_id)
                 except Exception:  # not there (an epoch-one training, an earlier remove), or the store is gone
                     pass
+
+
+def identity_digest(identity):
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_checkpoint(path, model, train_cfg, meta):

@@ -255,7 +255,7 @@ def retrain_chosen(cfg, outcome, ranked, summary, staged):
     ranking = [trial for _, trial in ranked]
     if cfg.promote > 1:
         clock = Stopwatch()
-        promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, run.out_dir)
+        promoted = promote(top_distinct(ranking, cfg.promote), data, cfg, run.out_dir, run.artifacts)
         run.phases.estimate("promotion", promoted["estimate"])
         run.phases.took("promotion", clock.seconds())
         summary["promotion"] = promoted["record"]
@@ -282,7 +282,7 @@ def retrain_chosen(cfg, outcome, ranked, summary, staged):
         with progress(cfg.epochs, "final epochs", "epoch") as bar:
             return retrain_and_test(trial.user_attrs["model"], recipe, x, y, repeat_seed(trial, repeat), test,
                                     staged.path(name), info, on_epoch=lambda record: bar.update(1),
-                                    background=data.background, tta=cfg.tta)
+                                    background=data.background, tta=cfg.tta, store=run.artifacts)
 
     x, y = final_training_set(data, cfg.subset, best.user_attrs["seed"])
     others = top_distinct(ranking, cfg.ensemble)[1:]  # the ensemble's members after the chosen network

@@ -56,14 +56,15 @@ def final_recipe(trial, cfg, epochs=None):
                                   "compile": cfg.compile, "precision": cfg.precision, "ema": cfg.ema})
 
 
-def promote(candidates, data, cfg, out_dir):
+def promote(candidates, data, cfg, out_dir, store=None):
     """Retrain each candidate as the final model will be (its recipe, --final-epochs, --augment, its own seed)
     on every training image outside the validation split, score it on validation, and rank by that score.
 
     The cheap search ranks networks after a few epochs on a subset; this ranks the few that matter at the
     fidelity of the final training. Scores are kept in promotion.json in the run folder, keyed by what
-    the training was, so a rerun in the same folder resumes instead of training them again.
-    Returns {"ranking": trials best first, "record": what summary.json keeps}.
+    the training was, so a rerun in the same folder resumes instead of training them again; a training stopped
+    half way resumes from its last epoch (from the shared artifact store `store` in another worker's folder too).
+    Returns {"ranking": trials best first, "record": what summary.json keeps, "estimate": the announced seconds}.
     """
     path = Path(out_dir) / "promotion.json"
     try:
@@ -92,8 +93,9 @@ def promote(candidates, data, cfg, out_dir):
             seed_everything(seed)
             model = build_model(trial.user_attrs["model"]).to(x.device)
             clock = Stopwatch()
-            # epoch by epoch in the run folder, so a stopped promotion resumes from its last finished epoch
-            checkpoint = EpochCheckpoint.keyed(out_dir, "promotion", key, f"promotion {search_rank}")
+            # epoch by epoch in the run folder (and the shared artifact store, `store`), so a stopped promotion resumes
+            # from its last finished epoch, here or in the worker that takes the final stage over
+            checkpoint = EpochCheckpoint.keyed(out_dir, "promotion", key, f"promotion {search_rank}", store=store)
             with progress(recipe.epochs, f"promotion {search_rank}", "epoch") as bar:
                 history = train(model, x, y, recipe, seed, val=(data.val_x, data.val_y),
                                 on_epoch=lambda record: bar.update(1), background=data.background,

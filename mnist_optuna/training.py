@@ -353,13 +353,14 @@ def minutes(seconds):
 
 
 def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta, on_epoch=None, background=0.0,
-                     tta=False):
+                     tta=False, store=None):
     """Retrain a config from scratch on (x, y), evaluate the test set (x, y) once (with shift TTA when `tta`),
     save the checkpoint.
 
     A checkpoint already at `checkpoint` from the same network, recipe, seed and training images (their number,
     and the fingerprint of the training files in `meta`: an earlier, interrupted run of the same command) is
-    evaluated instead of trained again.
+    evaluated instead of trained again. Each epoch's state is kept beside `checkpoint` (and in the shared artifact
+    store `store`, where another worker that takes the training over finds it) until the training ends.
     Returns (model, history, test_accuracy, train_seconds).
     """
     identity = {"model": normalise_config(model_config), "train": train_cfg.to_dict(), "seed": seed,
@@ -373,7 +374,7 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
     started = time.perf_counter()
     # epoch by epoch beside the checkpoint (a dot file: never published with it), so a stop costs an epoch at most
     progress = EpochCheckpoint(Path(checkpoint).with_name(f".{Path(checkpoint).name}.epoch"), identity,
-                               Path(checkpoint).name)
+                               Path(checkpoint).name, store=store)
     history = train(model, x, y, train_cfg, seed, on_epoch=on_epoch, background=background, checkpoint=progress)
     train_seconds = time.perf_counter() - started + progress.resumed_seconds
     test_accuracy = accuracy_on(model, *test, tta=tta, background=background)

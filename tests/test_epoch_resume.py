@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,13 +71,16 @@ def test_a_training_stopped_after_an_epoch_resumes_to_the_last_bit(tmp_path, rec
     assert other.resumed_epochs == 0
 
 
-def killed_when(command, path, timeout=240):
-    """Start `command`, SIGKILL it as soon as `path` exists; True when it was killed so (False: it ended first)."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def killed_when(command, folder, pattern, timeout=240):
+    """Start `command` with this process's torch thread count (what it trains then replays here to the last bit),
+    SIGKILL it as soon as a file matching `pattern` is in `folder`; True when it was killed so (False: it ended
+    first)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if path.exists():
+            if any(Path(folder).glob(pattern)):
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=30)
                 return True
@@ -99,7 +103,7 @@ def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_la
     staged = out / ".final-stage"
     # killed in the ensemble member's training (model.pt is finished by then) right after an epoch's checkpoint;
     # model.pt's own training resumes through the same code (retrain_and_test)
-    assert killed_when(command, staged / ".ensemble-1.pt.epoch")
+    assert killed_when(command, staged, ".ensemble-1.pt.epoch")
     rerun = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", out)
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in rerun.stdout.splitlines() + rerun.stderr.splitlines() if "resuming after epoch" in line]
@@ -132,19 +136,9 @@ def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_r
     store.mkdir()
     command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, *shared, "--out-dir", str(out), "--data-dir",
                str(DATA_DIR)]
-    written = store / "trial-*-epoch-slot1" if taken_over else out / ".trial-*.epoch"  # after the first epoch
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # as in here
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None and not list(written.parent.glob(written.name)):
-            time.sleep(0.02)
-        assert process.poll() is None, "the trial ended before its first epoch checkpoint was seen"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # killed after the trial's first epoch: its checkpoint is in the store, or in its folder
+    assert killed_when(command, *((store, "epoch-*-slot1") if taken_over else (out, ".trial-*.epoch"))), \
+        "the trial ended before its first epoch checkpoint was seen"
     rerun = run_in_process(capsys, "MNIST-optuna.py", *args, *shared,
                            "--out-dir", tmp_path / "other-worker" if taken_over else out)
     assert rerun.returncode == 0, rerun.stderr
@@ -192,3 +186,28 @@ def test_an_epoch_checkpoint_in_a_shared_store_is_continued_from_another_folder_
         run(EpochCheckpoint(tmp_path / "b" / ".t.epoch", {"what": "t"}, store=store), stop_after=2)
     run(other)  # a training of another identity never continues this one's state
     assert other.resumed_epochs == 0
+
+
+def test_a_final_stage_whose_worker_died_is_continued_by_another_worker_from_the_store(capsys, tmp_path):
+    """Worker A runs the final stage on a shared journal and artifact store and is killed after model.pt's first
+    epoch; worker B, in another run folder (as on another machine), takes the final stage over and continues
+    model.pt's training from the store, to the weights of an uninterrupted run."""
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "4000",
+            "--promote", "0", "--no-plots"]
+    whole = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    store, journal = tmp_path / "store", tmp_path / "shared.journal"
+    store.mkdir()
+    shared = ["--storage", str(journal), "--artifacts", str(store)]
+    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, *shared, "--out-dir", str(tmp_path / "a"),
+               "--data-dir", str(DATA_DIR)]
+    assert killed_when(command, store, "epoch-*-slot1"), "the final training ended before its first epoch was stored"
+    other = run_in_process(capsys, "MNIST-optuna.py", *args, *shared, "--retrain-only", "--out-dir", tmp_path / "b")
+    assert other.returncode == 0, other.stderr
+    resumed = [line for line in (other.stdout + other.stderr).splitlines() if "resuming after epoch" in line]
+    assert len(resumed) == 1 and resumed[0].startswith("model.pt: resuming after epoch "), resumed
+    assert "in the artifact store" in resumed[0] and "not bit-identical" not in resumed[0]
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(store.glob("epoch-*"))  # the finished training removed its checkpoint from the store
