@@ -1,12 +1,15 @@
 """Promotion, the choice at the final fidelity: the best distinct trials of the search retrained as the final model
 will be, scored on validation, and chosen by a stated rule (the cheapest in MACs among those within noise of the
 most accurate); the scores are kept so a rerun resumes. It reads no test image."""
+import hashlib
+import io
 import json
 import logging
 import statistics
 from pathlib import Path
 
 from data import CANONICAL_FINGERPRINT, promotion_training_set
+from errors import first_line
 from mnist_optuna.checkpoints import EpochCheckpoint
 from mnist_optuna.reporting import (
     Stopwatch,
@@ -89,6 +92,12 @@ def promote(candidates, data, cfg, out_dir, store=None):
         other_data = [] if data.fingerprint == CANONICAL_FINGERPRINT else [data.fingerprint]
         key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else [])
                          + other_data, sort_keys=True)
+        shared, source = store_score_id(key, data, y), ""
+        if key not in done and store is not None:  # scored already by another worker sharing the store
+            found = read_stored_score(store, shared)
+            if found is not None:
+                done[key], source = found, "  (scored by another worker: from the artifact store)"
+                write_json(path, done)
         if key not in done:
             seed_everything(seed)
             model = build_model(trial.user_attrs["model"]).to(x.device)
@@ -106,6 +115,7 @@ def promote(candidates, data, cfg, out_dir, store=None):
                          "val_correct": scores["correct"], "seconds": clock.seconds() + checkpoint.resumed_seconds,
                          "val_curve": [record["val_accuracy"] for record in history]}
             write_json(path, done)
+            write_stored_score(store, shared, done[key])
             del model
             release_memory()
         result = done[key]
@@ -115,7 +125,7 @@ def promote(candidates, data, cfg, out_dir, store=None):
                      "mmac": mmac_of(trial), "seconds": result["seconds"]})
         log.info(f"promotion {search_rank}/{len(candidates)}: {trial.user_attrs.get('study', '')} trial "
                  f"{trial.number}  search val {100 * trial_accuracy(trial):.2f} %  promoted val "
-                 f"{promoted_text(rows[-1])}  {result['seconds']:.0f} s")
+                 f"{promoted_text(rows[-1])}  {result['seconds']:.0f} s{source}")
     rows.sort(key=lambda row: (-row["promoted_val"], row["search_rank"]))
     correlation = spearman([row["search_val"] for row in rows], [row["promoted_val"] for row in rows])
     rows, rule, comparisons = choose_within_noise(rows)
@@ -137,6 +147,31 @@ def promote(candidates, data, cfg, out_dir, store=None):
                         "mmac": row["mmac"], "seconds": row["seconds"]} for row in rows]}
     record["chosen"] = record["rows"][0]
     return {"ranking": [row["trial"] for row in rows], "record": record, "estimate": estimate}
+
+
+def store_score_id(key, data, y):
+    """The artifact store's name of a promotion score: the training's key and the validation split it was scored on
+    (the labels of both sets, in order, tell splits apart), so a score is read back only for the same question."""
+    split = hashlib.sha256(data.val_y.cpu().numpy().tobytes() + y.cpu().numpy().tobytes()).hexdigest()
+    return f"promotion-{hashlib.sha256((key + split).encode()).hexdigest()[:24]}.json"
+
+
+def read_stored_score(store, artifact_id):
+    try:
+        with store.open_reader(artifact_id) as reader:
+            score = json.loads(reader.read())
+    except Exception:  # not there, unreadable or torn: trained here
+        return None
+    return score if isinstance(score, dict) and "val_accuracy" in score and "val_correct" in score else None
+
+
+def write_stored_score(store, artifact_id, score):
+    if store is None:
+        return
+    try:
+        store.write(artifact_id, io.BytesIO(json.dumps(score).encode()))
+    except Exception as error:  # the score is in the run folder; only another worker would train it again
+        log.warning(f"warning: a promotion score could not be written to the artifact store ({first_line(error)})")
 
 
 def promoted_text(row):

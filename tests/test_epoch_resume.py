@@ -1,11 +1,11 @@
 """A stop costs an epoch, not a training: the final retrain, an ensemble member and a promotion keep their state after
 each epoch, and a rerun continues from the last finished one, to the last bit of an uninterrupted run."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -71,16 +71,15 @@ def test_a_training_stopped_after_an_epoch_resumes_to_the_last_bit(tmp_path, rec
     assert other.resumed_epochs == 0
 
 
-def killed_when(command, folder, pattern, timeout=240):
+def killed_when(command, ready, timeout=240):
     """Start `command` with this process's torch thread count (what it trains then replays here to the last bit),
-    SIGKILL it as soon as a file matching `pattern` is in `folder`; True when it was killed so (False: it ended
-    first)."""
+    SIGKILL it as soon as `ready()`; True when it was killed so (False: it ended first)."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if any(Path(folder).glob(pattern)):
+            if ready():
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=30)
                 return True
@@ -103,7 +102,7 @@ def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_la
     staged = out / ".final-stage"
     # killed in the ensemble member's training (model.pt is finished by then) right after an epoch's checkpoint;
     # model.pt's own training resumes through the same code (retrain_and_test)
-    assert killed_when(command, staged, ".ensemble-1.pt.epoch")
+    assert killed_when(command, lambda: (staged / ".ensemble-1.pt.epoch").exists())
     rerun = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", out)
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in rerun.stdout.splitlines() + rerun.stderr.splitlines() if "resuming after epoch" in line]
@@ -137,7 +136,8 @@ def test_a_search_trial_killed_mid_training_resumes_in_its_retry_with_the_same_r
     command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, *shared, "--out-dir", str(out), "--data-dir",
                str(DATA_DIR)]
     # killed after the trial's first epoch: its checkpoint is in the store, or in its folder
-    assert killed_when(command, *((store, "epoch-*-slot1") if taken_over else (out, ".trial-*.epoch"))), \
+    written = (store, "epoch-*-slot1") if taken_over else (out, ".trial-*.epoch")
+    assert killed_when(command, lambda: any(written[0].glob(written[1]))), \
         "the trial ended before its first epoch checkpoint was seen"
     rerun = run_in_process(capsys, "MNIST-optuna.py", *args, *shared,
                            "--out-dir", tmp_path / "other-worker" if taken_over else out)
@@ -189,11 +189,12 @@ def test_an_epoch_checkpoint_in_a_shared_store_is_continued_from_another_folder_
 
 
 def test_a_final_stage_whose_worker_died_is_continued_by_another_worker_from_the_store(capsys, tmp_path):
-    """Worker A runs the final stage on a shared journal and artifact store and is killed after model.pt's first
-    epoch; worker B, in another run folder (as on another machine), takes the final stage over and continues
-    model.pt's training from the store, to the weights of an uninterrupted run."""
+    """Worker A runs the final stage on a shared journal and artifact store and is killed after its promotion and
+    model.pt's first epoch; worker B, in another run folder (as on another machine), takes the final stage over,
+    reads the promotion's scores from the store instead of training the candidates again, and continues model.pt's
+    training from the store, to the weights of an uninterrupted run."""
     args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "4000",
-            "--promote", "0", "--no-plots"]
+            "--promote", "2", "--promote-epochs", "2", "--no-plots"]
     whole = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     store, journal = tmp_path / "store", tmp_path / "shared.journal"
@@ -201,12 +202,19 @@ def test_a_final_stage_whose_worker_died_is_continued_by_another_worker_from_the
     shared = ["--storage", str(journal), "--artifacts", str(store)]
     command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *args, *shared, "--out-dir", str(tmp_path / "a"),
                "--data-dir", str(DATA_DIR)]
-    assert killed_when(command, store, "epoch-*-slot1"), "the final training ended before its first epoch was stored"
+    # both promotion scores stored (their own epoch slots are gone by then), then model.pt's first epoch
+    assert killed_when(command, lambda: len(list(store.glob("promotion-*.json"))) == 2
+                       and any(store.glob("epoch-*-slot1"))), "the final training ended before its first epoch"
     other = run_in_process(capsys, "MNIST-optuna.py", *args, *shared, "--retrain-only", "--out-dir", tmp_path / "b")
     assert other.returncode == 0, other.stderr
-    resumed = [line for line in (other.stdout + other.stderr).splitlines() if "resuming after epoch" in line]
+    lines = (other.stdout + other.stderr).splitlines()
+    assert sum(line.startswith("promotion ") and line.endswith("(scored by another worker: from the artifact store)")
+               for line in lines) == 2
+    resumed = [line for line in lines if "resuming after epoch" in line]
     assert len(resumed) == 1 and resumed[0].startswith("model.pt: resuming after epoch "), resumed
     assert "in the artifact store" in resumed[0] and "not bit-identical" not in resumed[0]
+    scores = [json.loads((tmp_path / folder / "promotion.json").read_text()) for folder in ("whole", "b")]
+    assert scores[0] == {key: {**value, "seconds": scores[0][key]["seconds"]} for key, value in scores[1].items()}
     a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

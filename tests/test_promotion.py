@@ -138,3 +138,20 @@ def test_the_promoted_choice_is_the_retrained_model_and_evaluate_averages_the_en
         line = rf"{re.escape(str(path))}: test accuracy: {100 * accuracy:.2f} %.*MMAC/image: \d"
         assert re.search(line, evaluated.stdout)
     assert f"ensemble test accuracy: {100 * ensemble:.2f} %" in evaluated.stdout
+
+
+def test_a_promotion_score_in_the_shared_store_is_named_by_its_training_and_its_validation_split():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mnist_optuna.promotion import store_score_id
+
+    labels = torch.arange(100) % 10
+    split = SimpleNamespace(val_y=labels[:40])
+    other_split = SimpleNamespace(val_y=labels[:40].flip(0))  # the same labels, another split's order
+    train = labels[40:]
+    assert store_score_id('["a"]', split, train) == store_score_id('["a"]', SimpleNamespace(val_y=labels[:40]), train)
+    assert store_score_id('["a"]', split, train) != store_score_id('["b"]', split, train)
+    assert store_score_id('["a"]', split, train) != store_score_id('["a"]', other_split, train)
+    assert store_score_id('["a"]', split, train) != store_score_id('["a"]', split, train.flip(0))
