@@ -54,7 +54,7 @@ def test_quick_run_end_to_end(quick_main_run):
 
 
 @pytest.mark.parametrize("search", [[], ["--objectives", "accuracy", "mmac"]], ids=["accuracy", "front"])
-def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_dir, tmp_path, search):
+def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(capsys, data_dir, tmp_path, search):
     # two runs of one seed, the second with the test labels shuffled and the test images noise: every trial (TPE's proposals after its
     # two random ones included), value and validation choice must be the same, and only the test accuracy moves
     shuffled = tmp_path / "shuffled"
@@ -76,8 +76,9 @@ def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_d
     images_path.write_bytes(bytes(pixels))
 
     args = [*TINY, *TINY_CNN, "--n-trials", "3", "--n-startup-trials", "2", "--promote", "2", "--no-plots", *search]
-    real = run_script("MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "real")
-    fake = run_script("MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "fake", data_dir=shuffled)
+    real = run_in_process(capsys, "MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "real")
+    fake = run_in_process(capsys, "MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "fake",
+                          "--data-dir", shuffled)
     assert real.returncode == 0 and fake.returncode == 0, real.stderr + fake.stderr
     pd.testing.assert_frame_equal(trials(tmp_path / "real"), trials(tmp_path / "fake"))
     summary_real = json.loads((tmp_path / "real" / "summary.json").read_text())
@@ -89,7 +90,8 @@ def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(data_d
     assert summary_real.get("front") == summary_fake.get("front") and summary_real["best"] == summary_fake["best"]
     assert summary_fake["test_accuracy"] < 0.3 < summary_real["test_accuracy"]  # read once, after the choice
     if not search:  # and another seed gives other trials
-        other = run_script("MNIST-optuna.py", *args, "--seeds", "6", "--no-final", "--out-dir", tmp_path / "other")
+        other = run_in_process(capsys, "MNIST-optuna.py", *args, "--seeds", "6", "--no-final", "--out-dir",
+                               tmp_path / "other")
         assert other.returncode == 0, other.stderr
         params = [c for c in trials(tmp_path / "real").columns if c.startswith("params_")]
         assert not trials(tmp_path / "real")[params].equals(trials(tmp_path / "other")[params])
