@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data import CANONICAL_FINGERPRINT
-from errors import UserError
+from errors import UserError, first_line
 from mnist_optuna.rundir import write_atomic
 from models import INPUT_SHAPE, build_model, normalise_config
 
@@ -105,7 +105,7 @@ class EpochCheckpoint:
             except Exception as error:  # the training goes on; only a takeover elsewhere would start it over
                 self.store_failed = True
                 log.warning(f"warning: {self.name}: its epoch checkpoint could not be written to the artifact store "
-                            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); another worker "
+                            f"({first_line(error)}); another worker "
                             "that takes it over starts it from its first epoch")
 
     def remove(self):

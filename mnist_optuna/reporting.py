@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from mnist_optuna.rundir import command_line, write_atomic
 from mnist_optuna.scores import compare, comparison_text, score_text
+from mnist_optuna.training import minutes
 from mnist_optuna.workers import NOT_TRAINED
 from models import describe
 
@@ -179,15 +180,11 @@ class PhaseTimes:
         row[2] = (row[2] or 0.0) + seconds
 
     def line(self):
-        parts = [f"{name} {seconds_text(seconds)}" + ("" if estimate is None else
+        parts = [f"{name} {minutes(seconds)}" + ("" if estimate is None else
                                                       f" (estimated {'at most ' if at_most else ''}"
-                                                      f"{seconds_text(estimate)})")
+                                                      f"{minutes(estimate)})")
                  for name, (estimate, at_most, seconds) in self.phases.items() if seconds is not None]
-        return f"time by phase: {', '.join(parts)}; the whole run {seconds_text(self.clock.seconds())}"
-
-
-def seconds_text(seconds):
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+        return f"time by phase: {', '.join(parts)}; the whole run {minutes(self.clock.seconds())}"
 
 
 def progress(total, description, unit="trial"):

@@ -331,7 +331,7 @@ def test_the_closing_time_line_puts_each_phase_beside_its_estimate():
     phases.took("promotion", 25)  # a phase timed in parts adds up
     phases.estimate("final trainings", 100)  # announced but never reached (a stop): not listed as if it ran
     line = phases.line()
-    assert line.startswith("time by phase: search 30 s (estimated at most 10.0 min), promotion 45 s (estimated "
+    assert line.startswith("time by phase: search 30 s (estimated at most 10 min), promotion 45 s (estimated "
                            "50 s); the whole run "), line
 
 
