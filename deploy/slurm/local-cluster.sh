@@ -47,7 +47,7 @@ fi
 mkdir -p "$dir/state" "$dir/spool"
 cat > "$dir/slurm.conf" <<EOF
 ClusterName=local
-SlurmctldHost=$node
+SlurmctldHost=$node(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -67,7 +67,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 SlurmdParameters=config_overrides
-NodeName=$node CPUs=$slots RealMemory=4000 State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$slots RealMemory=4000 State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=60 State=UP
 EOF
 
