@@ -367,8 +367,11 @@ def retrain_and_test(model_config, train_cfg, x, y, seed, test, checkpoint, meta
                 "train_images": len(y), "training_data": meta.get("training_data", CANONICAL_FINGERPRINT)}
     earlier = finished_checkpoint(checkpoint, identity, x.device)
     if earlier is not None:
-        model, meta = earlier
-        return model, meta["history"], accuracy_on(model, *test, tta=tta, background=background), meta["train_seconds"]
+        model, saved = earlier
+        test_accuracy = accuracy_on(model, *test, tta=tta, background=background)
+        if bool(saved.get("tta")) != tta:  # scored another way this time: the file says how, and what it scored
+            save_checkpoint(checkpoint, model, train_cfg, {**saved, "tta": tta, "test_accuracy": test_accuracy})
+        return model, saved["history"], test_accuracy, saved["train_seconds"]
     seed_everything(seed)
     model = build_model(model_config).to(x.device)
     started = time.perf_counter()

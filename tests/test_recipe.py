@@ -189,3 +189,22 @@ def test_final_recipe_takes_the_runs_precision_and_average():
     recipe = promotion.final_recipe(trial, cfg)
     assert (recipe.epochs, recipe.precision, recipe.ema) == (7, "bf16", 0.5)
     assert promotion.final_recipe(trial, cfg, cfg.promote_epochs).epochs == 2
+
+
+def test_a_finished_model_scored_with_tta_on_a_rerun_records_how_it_was_scored(small, tmp_path):
+    # a rerun with --tta (a final-stage flag, free to change) reuses the finished model.pt instead of training it
+    # again; the file must then say TTA and carry the accuracy the run reports, or --evaluate of it disagrees
+    from mnist_optuna.checkpoints import load_checkpoint
+    from mnist_optuna.training import retrain_and_test
+
+    cfg, path = TrainConfig(epochs=1, batch_size=50), tmp_path / "model.pt"
+    args = (TINY_NET, cfg, small.train_x, small.train_y, 3, (small.val_x, small.val_y), path,
+            {"mean": small.mean, "std": small.std})
+    retrain_and_test(*args, background=small.background)
+    before = load_checkpoint(path)[1]
+    assert before["meta"]["tta"] is False
+    _, _, shifted, _ = retrain_and_test(*args, background=small.background, tta=True)
+    after = load_checkpoint(path)[1]
+    assert after["meta"]["tta"] is True and after["meta"]["test_accuracy"] == shifted
+    assert after["meta"]["history"] == before["meta"]["history"]  # the same training, not another
+    assert all(torch.equal(a, b) for a, b in zip(before["state_dict"].values(), after["state_dict"].values()))
