@@ -61,14 +61,6 @@ class EpochCheckpoint:
         from any folder and two trainings sharing a store never meet."""
         return [f"epoch-{identity_digest(self.identity)}-slot{k}" for k in range(self.STORE_SLOTS)]
 
-    def _read_store(self, artifact_id):
-        """The slot's bytes, or None: not written (yet), or the store cannot be read (then nothing resumes from it)."""
-        try:
-            with self.store.open_reader(artifact_id) as reader:
-                return reader.read()
-        except Exception:
-            return None
-
     def load(self):
         """The state saved after the last finished epoch of this very training, or None: this run folder's own,
         else the latest whole one in the shared store."""
@@ -80,7 +72,7 @@ class EpochCheckpoint:
                      "epoch")
         if self.store is None:
             return None
-        found = [self._state(lambda artifact_id=artifact_id: self._read_store(artifact_id))
+        found = [self._state(lambda artifact_id=artifact_id: stored_bytes(self.store, artifact_id))
                  for artifact_id in self.store_ids()]
         found = [state for state in found if state is not None]
         if not found:
@@ -116,6 +108,16 @@ class EpochCheckpoint:
                     self.store.remove(artifact_id)
                 except Exception:  # not there (an epoch-one training, an earlier remove), or the store is gone
                     pass
+
+
+def stored_bytes(store, artifact_id):
+    """The bytes of an artifact of an Optuna artifact store, or None: not written (yet), or the store cannot be read
+    (then nothing is taken from it)."""
+    try:
+        with store.open_reader(artifact_id) as reader:
+            return reader.read()
+    except Exception:
+        return None
 
 
 def identity_digest(identity):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from data import CANONICAL_FINGERPRINT, promotion_training_set
 from errors import first_line
-from mnist_optuna.checkpoints import EpochCheckpoint
+from mnist_optuna.checkpoints import EpochCheckpoint, stored_bytes
 from mnist_optuna.reporting import (
     Stopwatch,
     config_key,
@@ -79,6 +79,7 @@ def promote(candidates, data, cfg, out_dir, store=None):
         log.warning(f"warning: {path} is not a record of promotion scores; scoring the candidates again")
         done = {}
     x, y = promotion_training_set(data, cfg.subset)  # the same images for every candidate
+    split = split_digest(data, y) if store is not None else None  # names the scores shared in the store
     epochs = cfg.promote_epochs or cfg.epochs
     estimate = sum(training_seconds(trial.user_attrs["model"], final_recipe(trial, cfg, epochs), data.val_x.device,
                                     len(y), len(data.val_y) * epochs) for trial in candidates)
@@ -92,7 +93,7 @@ def promote(candidates, data, cfg, out_dir, store=None):
         other_data = [] if data.fingerprint == CANONICAL_FINGERPRINT else [data.fingerprint]
         key = json.dumps([trial.user_attrs["model"], recipe.to_dict(), seed, len(y)] + ([True] if cfg.tta else [])
                          + other_data, sort_keys=True)
-        shared, source = store_score_id(key, data, y), ""
+        shared, source = store_score_id(key, split) if store is not None else None, ""
         if key not in done and store is not None:  # scored already by another worker sharing the store
             found = read_stored_score(store, shared)
             if found is not None:
@@ -149,18 +150,23 @@ def promote(candidates, data, cfg, out_dir, store=None):
     return {"ranking": [row["trial"] for row in rows], "record": record, "estimate": estimate}
 
 
-def store_score_id(key, data, y):
-    """The artifact store's name of a promotion score: the training's key and the validation split it was scored on
-    (the labels of both sets, in order, tell splits apart), so a score is read back only for the same question."""
-    split = hashlib.sha256(data.val_y.cpu().numpy().tobytes() + y.cpu().numpy().tobytes()).hexdigest()
+def split_digest(data, y):
+    """The validation split a promotion is scored on and the images it trains on: the labels of both sets, in order,
+    tell splits apart."""
+    return hashlib.sha256(data.val_y.cpu().numpy().tobytes() + y.cpu().numpy().tobytes()).hexdigest()
+
+
+def store_score_id(key, split):
+    """The artifact store's name of a promotion score: the training's key and its split (split_digest), so a score
+    is read back only for the same question."""
     return f"promotion-{hashlib.sha256((key + split).encode()).hexdigest()[:24]}.json"
 
 
 def read_stored_score(store, artifact_id):
+    content = stored_bytes(store, artifact_id)
     try:
-        with store.open_reader(artifact_id) as reader:
-            score = json.loads(reader.read())
-    except Exception:  # not there, unreadable or torn: trained here
+        score = json.loads(content) if content is not None else None
+    except ValueError:  # torn: trained here
         return None
     return score if isinstance(score, dict) and "val_accuracy" in score and "val_correct" in score else None
 

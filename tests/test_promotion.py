@@ -145,13 +145,16 @@ def test_a_promotion_score_in_the_shared_store_is_named_by_its_training_and_its_
 
     import torch
 
-    from mnist_optuna.promotion import store_score_id
+    from mnist_optuna.promotion import split_digest, store_score_id
+
+    def name(key, data, y):
+        return store_score_id(key, split_digest(data, y))
 
     labels = torch.arange(100) % 10
     split = SimpleNamespace(val_y=labels[:40])
     other_split = SimpleNamespace(val_y=labels[:40].flip(0))  # the same labels, another split's order
     train = labels[40:]
-    assert store_score_id('["a"]', split, train) == store_score_id('["a"]', SimpleNamespace(val_y=labels[:40]), train)
-    assert store_score_id('["a"]', split, train) != store_score_id('["b"]', split, train)
-    assert store_score_id('["a"]', split, train) != store_score_id('["a"]', other_split, train)
-    assert store_score_id('["a"]', split, train) != store_score_id('["a"]', split, train.flip(0))
+    assert name('["a"]', split, train) == name('["a"]', SimpleNamespace(val_y=labels[:40]), train)
+    assert name('["a"]', split, train) != name('["b"]', split, train)
+    assert name('["a"]', split, train) != name('["a"]', other_split, train)
+    assert name('["a"]', split, train) != name('["a"]', split, train.flip(0))
