@@ -3,6 +3,7 @@ block define a study), presets, one-line errors, logging and the stop signals. N
 import argparse
 import contextlib
 import errno
+import gc
 import logging
 import math
 import re
@@ -327,6 +328,9 @@ def run(main, argv=None):
     # as Ctrl-C does (trial recorded, summary printed) even when it runs under nohup ... &
     signal.signal(signal.SIGINT, _on_stop_signal)
     signal.signal(signal.SIGTERM, _on_stop_signal)
+    # what the imports made (torch's and Optuna's modules, about 190,000 objects) lives as long as the process:
+    # moved out of the garbage collector's sight, each collection between trials takes microseconds, not 0.1 s
+    gc.freeze()
     try:
         code = main(argv)
     except UserError as error:
