@@ -84,8 +84,8 @@ MLFLOW = None                 # MLflow tracking URI (sqlite:///mlflow.db, http:/
 ARTIFACTS = None              # folder shared by the workers, or s3://bucket: final files in Optuna's artifact store
 # ==== end of the settings: what follows are no flags ==========================
 
-QUICK = dict(FC_DEPTHS=[1, 2], FC_WIDTHS=[[32, 64], [32, 64]], TRAIN_SUBSET=4000, VAL_SIZE=1000, EPOCHS=1,
-             BATCH_SIZE=64, MEDIAN_STARTUP_TRIALS=2, FINAL_EPOCHS=1, FINAL_SUBSET=6000)
+QUICK = dict(FC_DEPTHS=[1, 2], FC_WIDTHS=[[32, 64], [32, 64]], TRAIN_SUBSET=2000, VAL_SIZE=1000, EPOCHS=1,
+             BATCH_SIZE=64, MEDIAN_STARTUP_TRIALS=2, FINAL_EPOCHS=1, FINAL_SUBSET=3000)
 
 
 def head_grid(depths, widths):

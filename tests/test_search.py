@@ -17,7 +17,6 @@ from conftest import (
     load_script,
     model_test_accuracy,
     run_in_process,
-    run_script,
 )
 from mnist_optuna import studies, training
 from mnist_optuna.training import TrainConfig
@@ -75,7 +74,7 @@ def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(capsys
     images_path.chmod(0o644)
     images_path.write_bytes(bytes(pixels))
 
-    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--n-startup-trials", "2", "--promote", "2", "--no-plots", *search]
+    args = [*TINY, *TINY_CNN, "--n-trials", "3", "--n-startup-trials", "2", "--promote", "2", *search]
     real = run_in_process(capsys, "MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "real")
     fake = run_in_process(capsys, "MNIST-optuna.py", *args, "--seeds", "5", "--out-dir", tmp_path / "fake",
                           "--data-dir", shuffled)
@@ -114,9 +113,9 @@ def test_bad_flags_get_one_line_and_exit_2(capsys, tmp_path, flags, says):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unrelated_folder_is_never_overwritten(tmp_path):
+def test_an_unrelated_folder_is_never_overwritten(run_here, tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
-    result = run_script("MNIST-optuna.py", "--quick", "--out-dir", tmp_path)
+    result = run_here("MNIST-optuna.py", "--quick", "--out-dir", tmp_path)
     assert "--out-dir" in assert_one_line_error(result)
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
@@ -151,9 +150,10 @@ def test_quick_run_shows_each_score_with_its_noise_and_tests_the_best_against_th
     first = trials[(best["trial"], f"mnist-cnn-seed{best['seed']}")].user_attrs["validation"]
     second = trials[(other["runner_up"]["trial"], f"mnist-cnn-seed{other['runner_up']['seed']}")].user_attrs[
         "validation"]
-    assert first["images"] == second["images"] == 2000
-    only_best, only_other, p_value = mcnemar(unpack_correct(first["correct"], 2000),
-                                             unpack_correct(second["correct"], 2000))
+    images = load_script("MNIST-optuna.py").QUICK["VAL_SIZE"]  # every validation image of the --quick run
+    assert first["images"] == second["images"] == images
+    only_best, only_other, p_value = mcnemar(unpack_correct(first["correct"], images),
+                                             unpack_correct(second["correct"], images))
     assert (only_best, only_other) == (other["only_best"], other["only_other"]) == tuple(map(int, verdict.group(4, 5)))
     assert p_value == other["p_value"] and f"{p_value:.2g}" == verdict.group(6)
     assert (verdict.group(2) == "within noise of") == (not other["beyond_noise"])
