@@ -19,10 +19,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
 
-# a tiny search: seconds per trial on 2 cores, still real MNIST; no model.onnx (5 s of each final stage: the --quick
-# runs and their tests check the ONNX file)
+# a tiny search: seconds per trial on 2 cores, still real MNIST; no model.onnx and no plots (5 s and 2.5 s of a run:
+# the --quick runs and their tests check both)
 TINY = ["--train-subset", "1000", "--val-size", "500", "--epochs", "1", "--batch-size", "50",
-        "--final-epochs", "1", "--final-subset", "1000", "--no-onnx"]
+        "--final-epochs", "1", "--final-subset", "1000", "--no-onnx", "--no-plots"]
 TINY_CNN = ["--conv-layers", "2", "--pool-after", "1", "2", "--conv-filters", "4", "8", "4",
             "--kernel-sizes", "3", "--fc-width", "16", "32", "16"]
 TINY_ADV = TINY + ["--backbone", str(ROOT / "tests" / "tiny_backbone.json")]
@@ -170,7 +170,7 @@ def kill_inside_a_trial(worker, journal, name, after, signal_number=signal.SIGKI
     worker.wait(timeout=60)
 
 
-SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots"]
+SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2"]
 
 
 def journal_storage(path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-from conftest import TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
+from conftest import TINY, TINY_CNN, assert_one_line_error, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,13 @@ def copy_data(data_dir, tmp_path):
     return target
 
 
-def test_truncated_file_is_one_line_exit_2(data_dir, tmp_path):
+def test_truncated_file_is_one_line_exit_2(data_dir, tmp_path, capsys):
     target = copy_data(data_dir, tmp_path)
     images = target / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:1_000_000])
     with pytest.raises(data.DataError, match="truncated or corrupt"):
         data.ensure_files(target)
-    result = run_script("MNIST-optuna.py", "--quick", "--out-dir", tmp_path / "out", data_dir=target)
+    result = run_in_process(capsys, "MNIST-optuna.py", "--quick", "--out-dir", tmp_path / "out", "--data-dir", target)
     assert "train-images-idx3-ubyte" in assert_one_line_error(result)
 
 
@@ -88,13 +88,13 @@ def test_other_mnist_format_data_only_warns(data_dir, tmp_path, capsys):
     assert len(warning) == 1 and "not the canonical MNIST file" in warning[0]
 
 
-def test_missing_data_folder_is_one_line_exit_2(tmp_path, monkeypatch):
+def test_missing_data_folder_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     # a named folder is never downloaded into: no network is touched and no folder is created
     monkeypatch.setattr(data, "_download", lambda folder: pytest.fail("a named --data-dir was downloaded into"))
     missing = tmp_path / "nowhere"
     with pytest.raises(data.DataError, match="train-images-idx3-ubyte"):
         data.ensure_files(missing)
-    result = run_script("MNIST-optuna.py", "--quick", "--out-dir", tmp_path / "out", data_dir=missing)
+    result = run_in_process(capsys, "MNIST-optuna.py", "--quick", "--out-dir", tmp_path / "out", "--data-dir", missing)
     line = assert_one_line_error(result)
     assert str(missing) in line and "train-images-idx3-ubyte" in line and "t10k-labels-idx1-ubyte" in line
     assert not missing.exists() and not (tmp_path / "out").exists()

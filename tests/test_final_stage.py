@@ -172,7 +172,7 @@ def test_a_final_stage_stopped_anywhere_leaves_the_previous_files_all_of_one_net
     assert not (out / "seed-1.pt").exists() and not (out / ".final-stage").exists()
 
 
-def test_a_lowered_budget_applies_to_the_answer(tmp_path):
+def test_a_lowered_budget_applies_to_the_answer(run_here, tmp_path):
     out = tmp_path / "it's a run"  # a name the printed reproduce line must quote for a shell
     # a process of its own: its printed command line is read
     first = run_script("MNIST-optuna.py", *SEARCH, "--n-trials", "3", "--promote", "0", "--out-dir", out)
@@ -183,8 +183,8 @@ def test_a_lowered_budget_applies_to_the_answer(tmp_path):
     budget = models.mmac(chosen) * 0.999  # just below the answer's network
     cheaper = [t for t in study_trials(out / "study.journal")
                if t.state.name == "COMPLETE" and t.user_attrs["mmac"] <= budget]
-    lowered = run_script("MNIST-optuna.py", *SEARCH, "--n-trials", "3", "--promote", "0", "--retrain-only",
-                         "--max-mmac", str(budget), "--out-dir", out)
+    lowered = run_here("MNIST-optuna.py", *SEARCH, "--n-trials", "3", "--promote", "0", "--retrain-only",
+                       "--max-mmac", str(budget), "--out-dir", out)
     if cheaper:  # the best of the cheaper networks is retrained
         assert lowered.returncode == 0, lowered.stderr
         assert models.mmac(torch.load(out / "model.pt", weights_only=True)["config"]) <= budget
@@ -224,21 +224,19 @@ def test_an_ensemble_of_checkpoints_of_different_tasks_is_one_line(capsys, tmp_p
     assert "one set of classes" in assert_one_line_error(result)
 
 
-def test_a_stopped_final_stage_leaves_nothing_that_the_next_stage_publishes(tmp_path):
+def test_a_stopped_final_stage_leaves_nothing_that_the_next_stage_publishes(run_here, tmp_path):
     import json
 
     import torch
 
-    from conftest import run_script
-
     out = tmp_path / "run"
     first = [*SEARCH, "--promote", "0", "--out-dir", out]
-    assert run_script("MNIST-optuna.py", *first).returncode == 0
+    assert run_here("MNIST-optuna.py", *first).returncode == 0
     # another final stage (3 seeds, 2 epochs) stopped once its repeat 1 is made: seed-1.pt waits in the staging folder
     code, output = stop_after(out, "final recipe, repeat 1", *first, "--retrain-only", "--final-seeds", "3",
                               "--final-epochs", "2")
     assert code == 130, output
-    again = run_script("MNIST-optuna.py", *first, "--retrain-only")
+    again = run_here("MNIST-optuna.py", *first, "--retrain-only")
     assert again.returncode == 0, again.stderr
     names = {path.name for path in out.iterdir()}
     assert "seed-1.pt" not in names and not (out / ".final-stage").exists()
@@ -282,11 +280,10 @@ def test_promise_a_checkpoint_is_reused_only_for_the_same_training(small, tmp_pa
         assert path.read_bytes() != reused, f"a checkpoint of another {what} was reused"
 
 
-def test_promise_the_ensemble_is_the_averaged_softmax_of_its_members(tmp_path, data_dir):
+def test_promise_the_ensemble_is_the_averaged_softmax_of_its_members(run_here, tmp_path, data_dir):
     out = tmp_path / "run"
-    result = run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "0",
-                        "--ensemble", "3", "--final-seeds", "2", "--final-subset", "1500", "--no-plots",
-                        "--out-dir", out)
+    result = run_here("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "0",
+                      "--ensemble", "3", "--final-seeds", "2", "--final-subset", "1500", "--out-dir", out)
     assert result.returncode == 0, result.stderr
     paths = [out / "model.pt", out / "ensemble-1.pt", out / "ensemble-2.pt"]
     probabilities, accuracies = 0, []

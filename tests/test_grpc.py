@@ -50,7 +50,7 @@ def proxy(tmp_path):
 
 def test_two_workers_through_the_grpc_proxy_share_one_study(proxy, tmp_path):
     url, journal = proxy
-    common = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--promote", "0", "--no-plots", "--storage", url]
+    common = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--promote", "0", "--storage", url]
     workers = [start("MNIST-optuna.py", *common, "--out-dir", tmp_path / f"w{i}") for i in range(2)]
     outputs = [finish(worker) for worker in workers]
     assert all(code == 0 for code, _ in outputs), outputs

@@ -30,7 +30,6 @@ from conftest import (
     TINY_CNN,
     load_script,
     run_in_process,
-    run_script,
 )
 from mnist_optuna import checkpoints
 from mnist_optuna.evaluation import load_test
@@ -73,10 +72,10 @@ def test_onnx_model_matches_pytorch(quick_adv_run, data_dir):
 
 
 @QUICK_ADV
-def test_backbone_accepts_a_checkpoint(quick_adv_run, tmp_path):
+def test_backbone_accepts_a_checkpoint(quick_adv_run, run_here, tmp_path):
     out, _ = quick_adv_run
-    result = run_script("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", out / "model.pt", "--fc-depths", "1",
-                        "--fc-widths", "8", "--no-final", "--no-plots", "--out-dir", tmp_path / "chained")
+    result = run_here("MNIST-optuna-adv.py", *TINY_ADV[:-2], "--backbone", out / "model.pt", "--fc-depths", "1",
+                      "--fc-widths", "8", "--no-final", "--out-dir", tmp_path / "chained")
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "chained" / "best_params.json").read_text())
     assert config["model"]["conv"] == json.loads((out / "best_params.json").read_text())["model"]["conv"]
@@ -103,15 +102,15 @@ def run_in_terminal(args, timeout=300):
     return worker.returncode, b"".join(chunks).decode(errors="replace")
 
 
-def test_progress_bars_only_on_a_terminal(tmp_path):
-    args = [*TINY_ADV, "--fc-depths", "1", "--fc-widths", "8,16", "--final-epochs", "2", "--no-plots",
-            "--data-dir", DATA_DIR]
+def test_progress_bars_only_on_a_terminal(run_here, tmp_path):
+    args = [*TINY_ADV, "--fc-depths", "1", "--fc-widths", "8,16", "--final-epochs", "2", "--data-dir", DATA_DIR]
     code, screen = run_in_terminal([*args, "--out-dir", tmp_path / "tty"])
     assert code == 0, screen
     assert "grid seed 0 trials:" in screen and "final epochs:" in screen
-    piped = run_script("MNIST-optuna-adv.py", *args, "--out-dir", tmp_path / "pipe")
+    piped = run_here("MNIST-optuna-adv.py", *args, "--out-dir", tmp_path / "pipe")  # output not to a terminal
     assert piped.returncode == 0
-    assert "grid seed 0 trials:" not in piped.stdout and "final epochs:" not in piped.stdout and "\r" not in piped.stdout
+    written = piped.stdout + piped.stderr
+    assert "grid seed 0 trials:" not in written and "final epochs:" not in written and "\r" not in written
 
 
 def free_port():
@@ -165,11 +164,11 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"old": 1} and list(tmp_path.iterdir()) == [path]
 
 
-def test_the_same_command_twice_at_once_in_one_folder_runs_once(tmp_path):
+def test_the_same_command_twice_at_once_in_one_folder_runs_once(run_here, tmp_path):
     import subprocess
     import sys
 
-    from conftest import DATA_DIR, ROOT, run_script
+    from conftest import DATA_DIR, ROOT
 
     out = tmp_path / "twice"
     command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2",
@@ -188,8 +187,8 @@ def test_the_same_command_twice_at_once_in_one_folder_runs_once(tmp_path):
     rows = (out / "trials.csv").read_text().strip().splitlines()[1:]
     assert len(rows) == 2  # --n-trials 2, trained once
     # and once the first has ended, the same command in the folder resumes as always
-    assert run_script("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots",
-                      "--out-dir", out).returncode == 0
+    again = run_here("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--out-dir", out)
+    assert again.returncode == 0, again.stderr
 
 
 def test_a_publish_killed_half_way_is_finished_by_the_next_run_before_it_reads_the_folder(capsys, tmp_path):
@@ -198,7 +197,7 @@ def test_a_publish_killed_half_way_is_finished_by_the_next_run_before_it_reads_t
     from mnist_optuna.rundir import PUBLISHING, STAGING
 
     out = tmp_path / "run"
-    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--no-plots", "--promote", "0", "--out-dir", out]
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--promote", "0", "--out-dir", out]
     assert run_in_process(capsys, "MNIST-optuna.py", *args, "--final-seeds", "2").returncode == 0
     # a later stage (one seed) killed while its files moved: model.pt is already the new one, the rest is not
     staging = out / STAGING

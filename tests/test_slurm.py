@@ -50,7 +50,7 @@ def test_a_job_array_of_four_workers_searches_once_and_runs_one_final_stage(tmp_
            "MNIST_OPTUNA_OUT": str(out), "MNIST_DATA_DIR": str(DATA_DIR)}
     result = subprocess.run(
         ["sbatch", "--parsable", "--array=0-3", "--cpus-per-task=1", f"--output={tmp_path}/task-%a.log",
-         str(SBATCH), *TINY_ADV, *GRID, "--study-name", name, "--no-plots"],
+         str(SBATCH), *TINY_ADV, *GRID, "--study-name", name],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "SLURM_CONF": conf, **env})
     assert result.returncode == 0, result.stderr
     tasks = wait_for_array(result.stdout.strip(), conf)

@@ -153,7 +153,7 @@ def test_a_recipe_outside_the_stage_two_space_is_not_enqueued():
 
 def test_the_same_command_gives_the_same_weights_with_augmentation(tmp_path):
     """What the README promises for the shipped model: rerun its command, get its weights, bit for bit."""
-    args = [*TINY, *TINY_CNN, "--n-trials", "2", "--seeds", "3", "--augment", "--no-plots"]
+    args = [*TINY, *TINY_CNN, "--n-trials", "2", "--seeds", "3", "--augment"]
     states = []
     for name in ("a", "b"):
         result = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / name)

@@ -84,7 +84,7 @@ def test_mlflow_and_the_artifact_store_hold_every_trial_and_the_final_model(tmp_
 
 
 
-def test_an_unusable_tracker_or_store_is_one_line_before_any_work(tmp_path):
+def test_an_unusable_tracker_or_store_is_one_line_before_any_work(run_here, tmp_path):
     # checked before the run folder, the storage or the data are touched
     with pytest.raises(UserError, match="MLflow"):
         tracking.Tracker("bogus://nowhere", "x")
@@ -93,7 +93,7 @@ def test_an_unusable_tracker_or_store_is_one_line_before_any_work(tmp_path):
     with pytest.raises(UserError, match="create it first"):  # a mistyped folder is not made
         tracking.open_artifact_store(str(tmp_path / "typo"))
     assert not (tmp_path / "typo").exists()
-    fresh = run_script("MNIST-optuna.py", *SEARCH, "--out-dir", tmp_path / "new", "--mlflow", "http://127.0.0.1:9")
+    fresh = run_here("MNIST-optuna.py", *SEARCH, "--out-dir", tmp_path / "new", "--mlflow", "http://127.0.0.1:9")
     assert "MLflow" in assert_one_line_error(fresh)
     assert not (tmp_path / "new").exists()
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
 
-SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--no-plots", "--promote", "2", "--final-seeds", "2"]
+SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "2", "--final-seeds", "2"]
 
 
 def verify(path):
