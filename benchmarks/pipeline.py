@@ -62,7 +62,7 @@ def train_step_fn(device):
     return step
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--data-images", type=int, default=60_000, help="images per data-only measurement")
     parser.add_argument("--model-images", type=int, default=6_400, help="images per with-model measurement")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the numbers are their medians")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data_dir = resolve_data_dir(args.data_dir)
     device = resolve_device(args.device)
     ensure_files(data_dir)

@@ -107,7 +107,7 @@ def report(network, names, done, seeds):
               f"(/ {names[0]} time to the target: {times[name] / times[names[0]]:.2f}x)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", nargs="+", default=["hand recipe"], choices=list(NETWORKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -120,7 +120,7 @@ def main():
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--results", default=str(ROOT / "bench-out" / "time_to_accuracy.json"),
                         help="JSON file of finished runs; a rerun skips them")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     data_dir = resolve_data_dir(args.data_dir)
     print(f"device: {device}, torch threads: {torch.get_num_threads()}, seeds {args.seeds}")

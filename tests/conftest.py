@@ -6,15 +6,17 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
-import pytest
-import torch
-
-from data import load_search_data
-from mnist_optuna.storages import make_storage
-
-# one torch thread per test process and per script it starts: pytest runs two workers on two cores
+# one torch thread per test process and per script it starts: pytest runs two workers on two cores. Set before torch
+# is imported (its thread pool reads it then), so a run in the test's process and one in a child train alike, bit for
+# bit, whatever pytest's -n
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import optuna  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from data import load_search_data  # noqa: E402
+from mnist_optuna.storages import make_storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()

@@ -10,11 +10,12 @@ def run(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_pipeline_benchmark_prints_a_ratio():
-    result = run("benchmarks/pipeline.py", "--data-dir", DATA_DIR, "--device", "cpu", "--data-images", "3200",
-                 "--model-images", "320", "--repeats", "2")
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"^ratio: \d+\.\dx$", result.stdout, re.MULTILINE)
+def test_pipeline_benchmark_prints_a_ratio(capsys):
+    import pipeline  # in this process (its main()): no new Python to start
+
+    pipeline.main(["--data-dir", str(DATA_DIR), "--device", "cpu", "--data-images", "3200", "--model-images", "320",
+                   "--repeats", "2"])
+    assert re.search(r"^ratio: \d+\.\dx$", capsys.readouterr().out, re.MULTILINE)
 
 
 def test_members_benchmark_times_both_ways_and_prints_their_ratio(capsys):
@@ -53,25 +54,27 @@ def test_throughput_benchmark_reports_utilisation():
                      result.stdout, re.MULTILINE)
 
 
-def test_time_to_accuracy_benchmark_compares_the_recipes(tmp_path):
+def test_time_to_accuracy_benchmark_compares_the_recipes(capsys, tmp_path):
+    import time_to_accuracy  # in this process (its main())
+
     results = tmp_path / "runs.json"
     # the adv script's backbone (1.8 MMAC) rather than the 22-MMAC hand recipe: the same code, a fraction of the time
-    args = ["benchmarks/time_to_accuracy.py", "--networks", "adv backbone + FC 512", "--data-dir", DATA_DIR,
-            "--device", "cpu", "--seeds", "0",
+    args = ["--networks", "adv backbone + FC 512", "--data-dir", str(DATA_DIR), "--device", "cpu", "--seeds", "0",
             "--train-images", "1500", "--val-size", "300", "--old-epochs", "2", "--new-epochs", "1",
-            "--results", results]
-    result = run(*args)
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"^old fp32 +\(1 seed\(s\)\): +\d+\.\d s/epoch, 2 epochs", result.stdout, re.MULTILINE)
-    assert re.search(r"^new fp32 +\(1 seed\(s\)\): +\d+\.\d s/epoch, 1 epochs", result.stdout, re.MULTILINE)
-    assert re.search(r"^ratio new fp32 time to the target / old fp32 training: (\d+\.\d\dx|n/a)", result.stdout,
+            "--results", str(results)]
+    time_to_accuracy.main(args)
+    output = capsys.readouterr().out
+    assert re.search(r"^old fp32 +\(1 seed\(s\)\): +\d+\.\d s/epoch, 2 epochs", output, re.MULTILINE)
+    assert re.search(r"^new fp32 +\(1 seed\(s\)\): +\d+\.\d s/epoch, 1 epochs", output, re.MULTILINE)
+    assert re.search(r"^ratio new fp32 time to the target / old fp32 training: (\d+\.\d\dx|n/a)", output,
                      re.MULTILINE)
-    assert "test accuracy" in result.stdout and "shift TTA" in result.stdout
+    assert "test accuracy" in output and "shift TTA" in output
     # a rerun with the same results file trains nothing again and reports the same
-    again = run(*args)
-    assert again.returncode == 0 and " seed 0: val " not in again.stdout
+    time_to_accuracy.main(args)
+    again = capsys.readouterr().out
+    assert " seed 0: val " not in again
     header = "==== adv backbone + FC 512 ===="
-    assert header in result.stdout and again.stdout.split(header)[1] == result.stdout.split(header)[1]
+    assert header in output and again.split(header)[1] == output.split(header)[1]
 
 
 def test_coordination_benchmark_runs_the_projects_calls_and_prints_the_ratio():

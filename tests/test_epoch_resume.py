@@ -92,7 +92,7 @@ def killed_when(command, ready, timeout=240):
 
 
 def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_last_bit(capsys, tmp_path):
-    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "4000",
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "2000",
             "--ensemble", "2", "--no-plots"]
     whole = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
@@ -198,7 +198,7 @@ def test_a_final_stage_whose_worker_died_is_continued_by_another_worker_from_the
     model.pt's first epoch; worker B, in another run folder (as on another machine), takes the final stage over,
     reads the promotion's scores from the store instead of training the candidates again, and continues model.pt's
     training from the store, to the weights of an uninterrupted run."""
-    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "4000",
+    args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "2000",
             "--promote", "2", "--promote-epochs", "2", "--no-plots"]
     whole = run_in_process(capsys, "MNIST-optuna.py", *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr

@@ -12,17 +12,18 @@ pytestmark = pytest.mark.timeout(600)
 
 
 
-def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(tmp_path):
+def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(run_here, tmp_path):
+    # only the killed run needs a process of its own; the others run in the test's (one torch thread, as the child)
     args = [*TINY_ADV, *GRID, "--train-subset", "3000", "--epochs", "2", "--no-final"]
-    code, output = finish(start("MNIST-optuna-adv.py", *args, "--out-dir", tmp_path / "whole"))
-    assert code == 0, output
+    whole = run_here("MNIST-optuna-adv.py", *args, "--out-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
 
     killed = tmp_path / "killed"
     victim = start("MNIST-optuna-adv.py", *args, "--out-dir", killed)
     kill_inside_a_trial(victim, killed / "study.journal", "mnist-fc-grid", after=2)
-    code, output = finish(start("MNIST-optuna-adv.py", *args, "--out-dir", killed))
-    assert code == 0, output
-    assert "interrupted trial(s) queued to run again" in output
+    resumed = run_here("MNIST-optuna-adv.py", *args, "--out-dir", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "interrupted trial(s) queued to run again" in resumed.stdout + resumed.stderr
 
     whole = trained_networks(tmp_path / "whole" / "study.journal", "mnist-fc-grid")  # (trained asserts: each network once)
     resumed = trained_networks(killed / "study.journal", "mnist-fc-grid")
@@ -30,8 +31,8 @@ def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(tmp_path):
     assert resumed == whole  # the same networks, states and values, to the last bit
     # a finished grid trains nothing more
     rows = len((killed / "trials.csv").read_text().splitlines())
-    code, output = finish(start("MNIST-optuna-adv.py", *args, "--out-dir", killed))
-    assert code == 0 and "grid is finished already" in output, output
+    again = run_here("MNIST-optuna-adv.py", *args, "--out-dir", killed)
+    assert again.returncode == 0 and "grid is finished already" in again.stdout + again.stderr, again.stdout
     assert len((killed / "trials.csv").read_text().splitlines()) == rows
 
 
@@ -94,11 +95,12 @@ def test_a_tpe_search_stopped_anywhere_and_resumed_draws_and_trains_what_an_unin
                                 "--data-dir", str(DATA_DIR)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     journal, deadline = out / "study.journal", time.monotonic() + 120
+    lock = out / "study.journal.lock"  # held while a record is written: a kill then costs the rerun Optuna's 30 s grace
     # inside: seed 0's first trial has claimed its worker and trains; between: it has finished, the next not begun
     mark = b'"claimed"' if when == "inside" else b'"state":1,'
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if journal.is_file() and mark in journal.read_bytes():
+            if journal.is_file() and mark in journal.read_bytes() and not lock.exists():
                 if when == "inside":  # into the training, past the journal writes that start the trial (a kill
                     time.sleep(0.2)   # holding the journal's lock costs the rerun Optuna's 30 s grace period)
                 process.send_signal(getattr(signal, signal_name))
