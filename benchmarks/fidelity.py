@@ -209,7 +209,7 @@ def prepare(args):
     script = load_script("MNIST-optuna.py")
     space = script.build_parser().parse_with_preset(["--quick"] if args.quick else [], "--quick", script.QUICK)
     if args.quick:
-        args.train_images = args.train_images or 2000
+        args.train_images = args.train_images or 1000
     device = resolve_device(args.device)
     precision, why = resolve_precision(space.precision, device)
     data_dir = resolve_data_dir(args.data_dir or space.data_dir)

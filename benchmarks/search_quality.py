@@ -49,7 +49,7 @@ def search_choice(script, space, pair, folder, data, quick):
     search runs through the script (a rerun in the same folder resumes it); the promotion is the script's own."""
     started = time.perf_counter()
     # a smoke run also promotes on a small subset
-    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *(["--quick", "--final-subset", "2000"] if quick else []),
+    command = [sys.executable, str(ROOT / "MNIST-optuna.py"), *(["--quick", "--final-subset", "1000"] if quick else []),
                "--seeds",
                *map(str, pair), "--out-dir", str(folder), "--no-final", "--no-plots", "--quiet",
                "--data-dir", str(data["dir"])]
