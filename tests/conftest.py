@@ -59,6 +59,15 @@ def quick_run(script, out_dir):
     return result.stdout
 
 
+# an end-to-end test of 15 s or more (on the 2-core CI machine): such tests start first, so that the two workers take
+# the short ones as they free up and end together, instead of one starting a long test when the other has finished
+LONG = pytest.mark.long
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: otherwise in collection order
+
+
 # each script's --quick run is made once and read by several tests; a test that reads one carries its
 # xdist group, so pytest-xdist (--dist loadgroup) runs all of them on one worker and the run happens once
 QUICK_MAIN = pytest.mark.xdist_group("quick-main")

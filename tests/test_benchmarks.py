@@ -3,7 +3,7 @@ import re
 import subprocess
 import sys
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, LONG, ROOT
 
 
 def run(*args):
@@ -85,6 +85,7 @@ def test_coordination_benchmark_runs_the_projects_calls_and_prints_the_ratio():
                      r"trials: \d+\.\d\dx; per trial: \d+\.\d\dx\)$", result.stdout, re.MULTILINE)
 
 
+@LONG
 def test_fidelity_and_search_quality_benchmarks_measure_what_they_print(capsys, tmp_path):
     # in this process (the benchmarks' main()), which spares a new Python per run
     import json

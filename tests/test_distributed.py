@@ -11,6 +11,7 @@ import pytest
 from conftest import (
     GRID,
     GRID_HEADS,
+    LONG,
     TINY,
     TINY_ADV,
     TINY_CNN,
@@ -46,6 +47,7 @@ def states(study):
     return [t.state.name for t in study.trials if trained(t)]
 
 
+@LONG
 def test_two_adv_workers_share_one_grid(storage, tmp_path):
     name = f"grid-{uuid.uuid4().hex[:8]}"
     common = [*TINY_ADV, *GRID, "--storage", storage, "--study-name", name, "--no-final"]
@@ -72,6 +74,7 @@ def test_two_tpe_workers_add_up(tmp_path):
 
 
 
+@LONG
 def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
     storage = postgres_or_skip()
     name = f"kill-{uuid.uuid4().hex[:8]}"
@@ -103,6 +106,7 @@ def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
     assert sorted(done) == sorted(GRID_HEADS)
 
 
+@LONG
 def test_ctrl_c_and_sigterm_keep_the_study_and_a_rerun_completes_it(tmp_path):
     out = tmp_path / "run"
     journal, name = out / "study.journal", "mnist-cnn-seed0"

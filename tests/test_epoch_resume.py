@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import DATA_DIR, ROOT, TINY, TINY_CNN, run_in_process
+from conftest import DATA_DIR, LONG, ROOT, TINY, TINY_CNN, run_in_process
 from mnist_optuna.checkpoints import EpochCheckpoint
 from mnist_optuna.training import TrainConfig, seed_everything, train
 from models import build_model
@@ -91,6 +91,7 @@ def killed_when(command, ready, timeout=240):
             process.wait()
 
 
+@LONG
 def test_a_final_stage_killed_mid_training_resumes_from_the_last_epoch_to_the_last_bit(capsys, tmp_path):
     args = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--final-epochs", "4", "--final-subset", "2000",
             "--ensemble", "2", "--no-plots"]
@@ -193,6 +194,7 @@ def test_an_epoch_checkpoint_in_a_shared_store_is_continued_from_another_folder_
     assert other.resumed_epochs == 0
 
 
+@LONG
 def test_a_final_stage_whose_worker_died_is_continued_by_another_worker_from_the_store(capsys, tmp_path):
     """Worker A runs the final stage on a shared journal and artifact store and is killed after its promotion and
     model.pt's first epoch; worker B, in another run folder (as on another machine), takes the final stage over,

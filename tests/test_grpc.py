@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from conftest import (
+    LONG,
     ROOT,
     TINY,
     TINY_CNN,
@@ -94,6 +95,7 @@ def test_grpc_urls_take_ipv6_literals_and_refuse_impossible_ports(capsys, tmp_pa
     assert words in assert_one_line_error(result)
 
 
+@LONG
 def test_a_proxy_lost_under_a_worker_is_one_line_and_a_new_proxy_resumes_the_study(tmp_path):
     journal, out = tmp_path / "behind.journal", tmp_path / "w"
 

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import DATA_DIR, ROOT, SEARCH, postgres_or_skip, trained_networks
+from conftest import DATA_DIR, LONG, ROOT, SEARCH, postgres_or_skip, trained_networks
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 # the oldest Kubernetes release the manifests are written for (indexed Jobs and the completion-index annotation are
@@ -104,6 +104,7 @@ def on_volume(command, container, runs):
     return [part.replace(mount["mountPath"], str(runs)) for part in command]
 
 
+@LONG
 def test_the_worker_command_of_the_job_runs_a_study_from_the_image_files_against_postgres(tmp_path):
     storage, prefix = postgres_or_skip(), f"k8s-{uuid.uuid4().hex[:8]}"
     app, runs = image_files(tmp_path / "app"), tmp_path / "runs"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, ROOT, TINY, TINY_CNN, assert_one_line_error, study_trials, trained_networks
+from conftest import DATA_DIR, LONG, ROOT, TINY, TINY_CNN, assert_one_line_error, study_trials, trained_networks
 from mnist_optuna import launch
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,6 +49,7 @@ def test_a_launch_without_a_shared_storage_or_a_command_is_one_line(argv, says):
     assert says in assert_one_line_error(result)
 
 
+@LONG
 def test_workers_share_one_search_a_dead_one_is_restarted_each_network_trains_once_and_one_runs_the_final_stage(
         tmp_path):
     journal, out = tmp_path / "study.journal", tmp_path / "runs"
@@ -81,6 +82,7 @@ def test_workers_share_one_search_a_dead_one_is_restarted_each_network_trains_on
         assert "device: cpu (1 threads)" in (out / f"worker-{k}.log").read_text()
 
 
+@LONG
 def test_ctrl_c_stops_every_worker_and_the_same_command_resumes(tmp_path):
     journal, out = tmp_path / "study.journal", tmp_path / "runs"
     command = [*TINY, *TINY_CNN, "--train-subset", "3000", "--epochs", "2", "--seeds", "0", "--n-trials", "2",

@@ -5,13 +5,25 @@ import time
 import optuna
 import pytest
 
-from conftest import GRID, GRID_HEADS, TINY, TINY_ADV, TINY_CNN, finish, kill_inside_a_trial, start, trained_networks
+from conftest import (
+    GRID,
+    GRID_HEADS,
+    LONG,
+    TINY,
+    TINY_ADV,
+    TINY_CNN,
+    finish,
+    kill_inside_a_trial,
+    start,
+    trained_networks,
+)
 from mnist_optuna.storages import make_storage
 
 pytestmark = pytest.mark.timeout(600)
 
 
 
+@LONG
 def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(run_here, tmp_path):
     # only the killed run needs a process of its own; the others run in the test's (one torch thread, as the child)
     args = [*TINY_ADV, *GRID, "--train-subset", "3000", "--epochs", "2", "--no-final"]

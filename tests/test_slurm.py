@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from conftest import DATA_DIR, GRID, GRID_HEADS, ROOT, TINY_ADV, postgres_or_skip, trained_networks
+from conftest import DATA_DIR, GRID, GRID_HEADS, LONG, ROOT, TINY_ADV, postgres_or_skip, trained_networks
 
 SBATCH = ROOT / "deploy" / "slurm" / "workers.sbatch"
 
@@ -43,6 +43,7 @@ def wait_for_array(job, conf, timeout=300):
     raise AssertionError(f"the array job {job} did not end within {timeout} s:\n{shown}")
 
 
+@LONG
 def test_a_job_array_of_four_workers_searches_once_and_runs_one_final_stage(tmp_path):
     conf, storage = slurm_or_skip(), postgres_or_skip()
     name, out = f"slurm-{uuid.uuid4().hex[:8]}", tmp_path / "runs"

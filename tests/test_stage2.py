@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import (
+    LONG,
     ROOT,
     SEARCH,
     TINY,
@@ -151,6 +152,7 @@ def test_a_recipe_outside_the_stage_two_space_is_not_enqueued():
     assert "optimizer" not in main.recipe_params(RECIPE, fixed)[0]  # a fixed choice is not a parameter
 
 
+@LONG
 def test_the_same_command_gives_the_same_weights_with_augmentation(tmp_path):
     """What the README promises for the shipped model: rerun its command, get its weights, bit for bit."""
     args = [*TINY, *TINY_CNN, "--n-trials", "2", "--seeds", "3", "--augment"]

@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import DATA_DIR, POSTGRES, TINY, TINY_CNN, assert_one_line_error, finish, run_script, start
+from conftest import DATA_DIR, LONG, POSTGRES, TINY, TINY_CNN, assert_one_line_error, finish, run_script, start
 from errors import UserError
 from mnist_optuna import tracking, workers
 from mnist_optuna.backbone import read_backbone
@@ -29,6 +29,7 @@ def journal_study(out, name="mnist-cnn-seed0"):
     return optuna.load_study(study_name=name, storage=make_storage(None, out))
 
 
+@LONG
 def test_mlflow_and_the_artifact_store_hold_every_trial_and_the_final_model(tmp_path):
     import mlflow
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
+from conftest import LONG, ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
 
 SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "2", "--final-seeds", "2"]
 
@@ -31,6 +31,7 @@ def verify(capsys, path):
     return subprocess.CompletedProcess(["results/verify.py", str(path)], code, out, err)
 
 
+@LONG
 def test_verify_reproduces_a_seed_repeat_and_catches_one_changed_weight(capsys, tmp_path, data_dir):
     out, journal = tmp_path / "run", tmp_path / "study.journal"
     first = run_script("MNIST-optuna.py", *SEARCH, "--storage", journal, "--out-dir", out)
