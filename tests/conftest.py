@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-# one torch thread per test process and per script it starts: pytest runs two workers on two cores. Set before torch
+# one torch thread per test process and per script it starts: pytest runs three workers on two cores. Set before torch
 # is imported (its thread pool reads it then), so a run in the test's process and one in a child train alike, bit for
 # bit, whatever pytest's -n
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -153,12 +153,13 @@ def test_a_recipe_outside_the_stage_two_space_is_not_enqueued():
 
 
 @LONG
-def test_the_same_command_gives_the_same_weights_with_augmentation(tmp_path):
-    """What the README promises for the shipped model: rerun its command, get its weights, bit for bit."""
+def test_the_same_command_gives_the_same_weights_with_augmentation(run_here, tmp_path):
+    """What the README promises for the shipped model: rerun its command, get its weights, bit for bit (once in a
+    process of its own, once in this one, where other tests may have trained before)."""
     args = [*TINY, *TINY_CNN, "--n-trials", "2", "--seeds", "3", "--augment"]
     states = []
-    for name in ("a", "b"):
-        result = run_script("MNIST-optuna.py", *args, "--out-dir", tmp_path / name)
+    for name, run in (("a", run_script), ("b", run_here)):
+        result = run("MNIST-optuna.py", *args, "--out-dir", tmp_path / name)
         assert result.returncode == 0, result.stderr
         states.append(torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"])
     assert states[0].keys() == states[1].keys()
