@@ -75,7 +75,7 @@ def test_two_tpe_workers_add_up(tmp_path):
 
 
 @LONG
-def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
+def test_killed_worker_trial_is_retried_by_another_worker(run_here, tmp_path):
     storage = postgres_or_skip()
     name = f"kill-{uuid.uuid4().hex[:8]}"
     # trials of a second or so on 2,000 images: a kill right after a trial is seen training lands inside it (with
@@ -93,8 +93,8 @@ def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
     killed = [t for t in load(storage, name).trials if t.state.name == "RUNNING"]
     assert len(killed) == 1
 
-    code, output = finish(start("MNIST-optuna-adv.py", *common, "--out-dir", tmp_path / "rescuer"))
-    assert code == 0, output
+    rescuer = run_here("MNIST-optuna-adv.py", *common, "--out-dir", tmp_path / "rescuer")  # needs no process of its own
+    assert rescuer.returncode == 0, rescuer.stderr
     study = load(storage, name)
     lost = study.trials[killed[0].number]
     assert lost.state.name == "FAIL"  # failed by the heartbeat or by the next worker on this host
@@ -107,7 +107,7 @@ def test_killed_worker_trial_is_retried_by_another_worker(tmp_path):
 
 
 @LONG
-def test_ctrl_c_and_sigterm_keep_the_study_and_a_rerun_completes_it(tmp_path):
+def test_ctrl_c_and_sigterm_keep_the_study_and_a_rerun_completes_it(run_here, tmp_path):
     out = tmp_path / "run"
     journal, name = out / "study.journal", "mnist-cnn-seed0"
     # trials of a few seconds, so each signal lands inside the search
@@ -128,8 +128,8 @@ def test_ctrl_c_and_sigterm_keep_the_study_and_a_rerun_completes_it(tmp_path):
         assert finished < now < 4
         finished = now
 
-    code, output = finish(start("MNIST-optuna.py", *args))
-    assert code == 0, output
+    rerun = run_here("MNIST-optuna.py", *args)
+    assert rerun.returncode == 0, rerun.stderr
     study = load(str(journal), name)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") and trained(t) for t in study.trials) == 4
     summary = json.loads((out / "summary.json").read_text())
