@@ -59,8 +59,8 @@ def quick_run(script, out_dir):
     return result.stdout
 
 
-# an end-to-end test of 10 s or more (on the 2-core CI machine): such tests start first, so that the workers take the
-# short ones as they free up and end together, instead of one starting a long test when the others have finished
+# an end-to-end test of 15 s or more (on the 2-core CI machine): such tests start first, so that the two workers take
+# the short ones as they free up and end together, instead of one starting a long test when the other has finished
 LONG = pytest.mark.long
 
 

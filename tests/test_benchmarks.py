@@ -18,7 +18,6 @@ def test_pipeline_benchmark_prints_a_ratio(capsys):
     assert re.search(r"^ratio: \d+\.\dx$", capsys.readouterr().out, re.MULTILINE)
 
 
-@LONG
 def test_members_benchmark_times_both_ways_and_prints_their_ratio(capsys):
     import torch
 
@@ -41,7 +40,6 @@ def test_members_benchmark_times_both_ways_and_prints_their_ratio(capsys):
     assert abs(ratio - wall / serial) <= 0.005 + wall / serial * (0.05 / wall + 0.05 / serial)  # (printed to 0.1 s)
 
 
-@LONG
 def test_throughput_benchmark_reports_utilisation():
     # compiling would take minutes: the eager variants only
     result = run("benchmarks/throughput.py", "--device", "cpu", "--batch-sizes", "32", "--images", "64",
@@ -56,7 +54,6 @@ def test_throughput_benchmark_reports_utilisation():
                      result.stdout, re.MULTILINE)
 
 
-@LONG
 def test_time_to_accuracy_benchmark_compares_the_recipes(capsys, tmp_path):
     import time_to_accuracy  # in this process (its main())
 

@@ -61,7 +61,6 @@ def test_two_adv_workers_share_one_grid(storage, tmp_path):
     assert sorted(done) == sorted(GRID_HEADS)  # every network once: none lost, none twice
 
 
-@LONG
 def test_two_tpe_workers_add_up(tmp_path):
     # on PostgreSQL; two TPE workers on one journal: tests/test_resume.py
     storage = postgres_or_skip()

@@ -16,7 +16,6 @@ import torch
 
 import models
 from conftest import (
-    LONG,
     SEARCH,
     TINY,
     TINY_CNN,
@@ -148,7 +147,6 @@ def test_the_onnx_check_compares_onnx_runtime_with_pytorch(tmp_path, small):
     assert other_diff > 1e-2  # the file against another network's PyTorch logits: the check sees it
 
 
-@LONG
 def test_a_final_stage_stopped_anywhere_leaves_the_previous_files_all_of_one_network(run_here, tmp_path):
     out = tmp_path / "run"
     assert run_here("MNIST-optuna.py", *SEARCH, "--promote", "0", "--final-seeds", "2", "--out-dir", out).returncode == 0
@@ -226,7 +224,6 @@ def test_an_ensemble_of_checkpoints_of_different_tasks_is_one_line(capsys, tmp_p
     assert "one set of classes" in assert_one_line_error(result)
 
 
-@LONG
 def test_a_stopped_final_stage_leaves_nothing_that_the_next_stage_publishes(run_here, tmp_path):
     import json
 

@@ -49,7 +49,6 @@ def proxy(tmp_path):
     server.wait(timeout=30)
 
 
-@LONG
 def test_two_workers_through_the_grpc_proxy_share_one_study(proxy, tmp_path):
     url, journal = proxy
     common = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "2", "--promote", "0", "--storage", url]

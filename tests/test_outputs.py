@@ -21,7 +21,6 @@ import torch
 
 from conftest import (
     DATA_DIR,
-    LONG,
     QUICK_ADV,
     QUICK_MAIN,
     ROOT,
@@ -103,7 +102,6 @@ def run_in_terminal(args, timeout=300):
     return worker.returncode, b"".join(chunks).decode(errors="replace")
 
 
-@LONG
 def test_progress_bars_only_on_a_terminal(run_here, tmp_path):
     args = [*TINY_ADV, "--fc-depths", "1", "--fc-widths", "8,16", "--final-epochs", "2", "--data-dir", DATA_DIR]
     code, screen = run_in_terminal([*args, "--out-dir", tmp_path / "tty"])
@@ -166,7 +164,6 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"old": 1} and list(tmp_path.iterdir()) == [path]
 
 
-@LONG
 def test_the_same_command_twice_at_once_in_one_folder_runs_once(run_here, tmp_path):
     import subprocess
     import sys

@@ -6,7 +6,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import DATA_DIR, LONG, TINY, TINY_CNN, assert_one_line_error, frozen, run_in_process
+from conftest import DATA_DIR, TINY, TINY_CNN, assert_one_line_error, frozen, run_in_process
 from data import load_search_data, promotion_training_set
 from mnist_optuna import final, promotion
 from mnist_optuna.checkpoints import load_checkpoint
@@ -91,7 +91,6 @@ def test_promotion_ranks_by_validation_after_the_final_training(tmp_path):
     assert again["ranking"][0] is candidates[0]
 
 
-@LONG
 def test_the_promoted_choice_is_the_retrained_model_and_evaluate_averages_the_ensemble(run_here, tmp_path):
     out = tmp_path / "run"
     result = run_here("MNIST-optuna.py", *TINY, *TINY_CNN, "--seeds", "0", "1", "--n-trials", "2",

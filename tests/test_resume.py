@@ -48,7 +48,6 @@ def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(run_here, tmp_pat
     assert len((killed / "trials.csv").read_text().splitlines()) == rows
 
 
-@LONG
 def test_a_resumed_tpe_search_never_trains_a_network_twice(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, *TINY_CNN, "--train-subset", "3000", "--epochs", "2", "--seeds", "0", "--n-trials", "4",
@@ -61,7 +60,6 @@ def test_a_resumed_tpe_search_never_trains_a_network_twice(tmp_path):
     assert len(trained_networks(out / "study.journal", "mnist-cnn-seed0")) == 4
 
 
-@LONG
 def test_two_workers_of_one_seed_never_train_a_network_twice(tmp_path):
     journal = tmp_path / "shared.journal"
     common = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--storage", journal, "--no-final"]
@@ -91,7 +89,6 @@ def drawn(folder):
     return found
 
 
-@LONG
 @pytest.mark.parametrize("signal_name, when", [("SIGKILL", "inside"), ("SIGINT", "inside"), ("SIGKILL", "between")])
 def test_a_tpe_search_stopped_anywhere_and_resumed_draws_and_trains_what_an_uninterrupted_one_does(
         capsys, tmp_path, signal_name, when):

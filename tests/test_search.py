@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import (
-    LONG,
     QUICK_MAIN,
     TINY,
     TINY_CNN,
@@ -53,7 +52,6 @@ def test_quick_run_end_to_end(quick_main_run):
     assert (meta["study_seed"], meta["trial"]) == (best["study_seed"], best["trial"])
 
 
-@LONG
 @pytest.mark.parametrize("search", [[], ["--objectives", "accuracy", "mmac"]], ids=["accuracy", "front"])
 def test_the_seed_alone_decides_the_trials_and_the_test_set_is_never_read(capsys, data_dir, tmp_path, search):
     # two runs of one seed, the second with the test labels shuffled and the test images noise: every trial (TPE's proposals after its

@@ -8,7 +8,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import LONG, ROOT, SEARCH, TINY_ADV, assert_one_line_error, journal_storage, load_script, study_trials
+from conftest import ROOT, SEARCH, TINY_ADV, assert_one_line_error, journal_storage, load_script, study_trials
 from data import CANONICAL_FINGERPRINT
 from errors import UserError
 from mnist_optuna import storages
@@ -165,7 +165,6 @@ def test_an_adv_rerun_with_another_backbone_is_refused(run_here, tmp_path):
     assert "--backbone" in assert_one_line_error(result)
 
 
-@LONG
 def test_other_training_data_in_a_finished_folder_is_never_answered_with_the_old_results(run_here, tmp_path, data_dir):
     mnist, labels = own_mnist(tmp_path, data_dir)
     out = tmp_path / "run"

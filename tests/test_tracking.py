@@ -105,7 +105,6 @@ def shared_storage(tmp_path):
     return POSTGRES or str(tmp_path / "shared.journal")
 
 
-@LONG
 def test_two_workers_run_one_final_stage_and_a_third_finds_the_model(shared_storage, tmp_path):
     storage = shared_storage
     name = f"final-{uuid.uuid4().hex[:8]}"
