@@ -110,8 +110,8 @@ def test_killed_worker_trial_is_retried_by_another_worker(run_here, tmp_path):
 def test_ctrl_c_and_sigterm_keep_the_study_and_a_rerun_completes_it(run_here, tmp_path):
     out = tmp_path / "run"
     journal, name = out / "study.journal", "mnist-cnn-seed0"
-    # trials of a few seconds, so each signal lands inside the search
-    args = [*TINY, *TINY_CNN, "--train-subset", "5000", "--epochs", "2", "--seeds", "0", "--n-trials", "4",
+    # trials of a second or more, so each signal lands inside the search
+    args = [*TINY, *TINY_CNN, "--train-subset", "3000", "--epochs", "2", "--seeds", "0", "--n-trials", "4",
             "--no-final", "--out-dir", out]
     finished = 0
     for stop, code_expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):

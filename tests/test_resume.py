@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(600)
 @LONG
 def test_kill_and_resume_gives_what_an_uninterrupted_run_gives(run_here, tmp_path):
     # only the killed run needs a process of its own; the others run in the test's (one torch thread, as the child)
-    args = [*TINY_ADV, *GRID, "--train-subset", "3000", "--epochs", "2", "--no-final"]
+    # trials of a second or so on 2,000 images: the kill after a trial is seen training lands inside it
+    args = [*TINY_ADV, *GRID, "--train-subset", "2000", "--epochs", "2", "--no-final"]
     whole = run_here("MNIST-optuna-adv.py", *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
 
