@@ -169,12 +169,20 @@ def wait_for_trial_lines(worker, count):
     raise AssertionError("the worker ended before it finished enough trials:\n" + "".join(seen))
 
 
+def journal_lock_held(journal):
+    """Whether a process holds the journal's lock (Optuna's lock file beside it): a SIGKILL then would cost the next
+    run Optuna's 30 s grace before it takes the lock over."""
+    return Path(f"{journal}.lock").exists()
+
+
 def kill_inside_a_trial(worker, journal, name, after, signal_number=signal.SIGKILL):
-    """Send the signal (SIGKILL: no warning) while the worker trains the trial after its first `after` lines."""
+    """Send the signal (SIGKILL: no warning) while the worker trains the trial after its first `after` lines, with
+    the journal's lock free."""
     wait_for_trial_lines(worker, after)
     for _ in range(400):
         study = optuna.load_study(study_name=name, storage=make_storage(str(journal), None))
-        if any(t.state.name == "RUNNING" and "model" in t.user_attrs for t in study.trials):
+        if any(t.state.name == "RUNNING" and "model" in t.user_attrs for t in study.trials) \
+                and not journal_lock_held(journal):
             break
         time.sleep(0.05)
     worker.send_signal(signal_number)

@@ -13,6 +13,7 @@ from conftest import (
     TINY_ADV,
     TINY_CNN,
     finish,
+    journal_lock_held,
     kill_inside_a_trial,
     start,
     trained_networks,
@@ -108,12 +109,11 @@ def test_a_tpe_search_stopped_anywhere_and_resumed_draws_and_trains_what_an_unin
                                 "--data-dir", str(DATA_DIR)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     journal, deadline = out / "study.journal", time.monotonic() + 120
-    lock = out / "study.journal.lock"  # held while a record is written: a kill then costs the rerun Optuna's 30 s grace
     # inside: seed 0's first trial has claimed its worker and trains; between: it has finished, the next not begun
     mark = b'"claimed"' if when == "inside" else b'"state":1,'
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if journal.is_file() and mark in journal.read_bytes() and not lock.exists():
+            if journal.is_file() and mark in journal.read_bytes() and not journal_lock_held(journal):
                 if when == "inside":  # into the training, past the journal writes that start the trial (a kill
                     time.sleep(0.2)   # holding the journal's lock costs the rerun Optuna's 30 s grace period)
                 process.send_signal(getattr(signal, signal_name))

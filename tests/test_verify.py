@@ -6,25 +6,16 @@ import subprocess
 import pytest
 import torch
 
-from conftest import LONG, ROOT, TINY, TINY_CNN, assert_one_line_error, run_in_process, run_script
+from conftest import LONG, TINY, TINY_CNN, assert_one_line_error, load_script, run_in_process, run_script
 
 SEARCH = [*TINY, *TINY_CNN, "--seeds", "0", "--n-trials", "3", "--promote", "2", "--final-seeds", "2"]
-
-
-def verify_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("verify", ROOT / "results" / "verify.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def verify(capsys, path):
     """`python results/verify.py path` in this process (its replay is a process of its own, as always): its exit
     code and what it printed."""
     try:
-        code = verify_module().main(str(path))
+        code = load_script("results/verify.py").main(str(path))
     except SystemExit as exited:
         code = exited.code
     out, err = capsys.readouterr()
@@ -94,7 +85,7 @@ def test_verify_runs_this_projects_script_never_the_one_a_checkpoint_names(capsy
 
 
 def test_a_replay_publishes_nowhere():
-    module = verify_module()
+    module = load_script("results/verify.py")
     words = ["python", "MNIST-optuna.py", "--mlflow", "sqlite:///m.db", "--artifacts=/team/store", "--epochs", "3",
              "--out-dir", "a", "--ensemble", "3"]
     replay = module.replay_command(words, "scratch", "scratch/s.journal", 1)
